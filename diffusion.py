@@ -1,0 +1,146 @@
+"""All diffusion math of Ho, Jain, Abbeel 2020 ("DDPM"), in one place.
+
+Notation follows the paper: beta_t, alpha_t = 1 - beta_t, alphabar_t = prod_{s<=t} alpha_s.
+Timesteps are 0-indexed here: t in {0, ..., T-1} is the paper's t+1 in {1, ..., T}.
+The schedule is computed in float64 and cast to float32 only when it meets a batch (`extract`).
+Data live in [-1, 1] (paper section 3.3): `to_model_range` / `from_model_range` are the only
+place where pixels are scaled.
+"""
+import torch
+from tqdm.auto import tqdm
+
+
+def to_model_range(x01):
+    """Images in [0, 1] -> [-1, 1], the range the reverse process is defined on."""
+    return x01 * 2.0 - 1.0
+
+
+def from_model_range(x):
+    """[-1, 1] -> [0, 1], clamped."""
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def to_uint8(x):
+    """[-1, 1] float batch (B, 1, H, W) -> uint8 (B, H, W), rounding to the nearest pixel value."""
+    return (from_model_range(x) * 255.0).round().to(torch.uint8)[:, 0]
+
+
+def extract(arr, t, shape):
+    """Gather arr[t] (float64 schedule) for a batch of timesteps, as float32 shaped (B, 1, 1, 1)."""
+    out = arr.to(t.device)[t].float()
+    return out.reshape(t.shape[0], *([1] * (len(shape) - 1)))
+
+
+def linear_betas(T, beta_start, beta_end):
+    return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+class GaussianDiffusion:
+    """The forward process q, the L_simple loss and the ancestral sampler of Algorithm 2.
+
+    var_type: the reverse-process variance sigma_t^2 (section 3.2): "fixed_large" = beta_t
+    (the paper's CIFAR-10 setting, our default) or "fixed_small" = beta-tilde_t (eq. 7).
+    """
+
+    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02, var_type="fixed_large"):
+        if var_type not in ("fixed_large", "fixed_small"):
+            raise ValueError(f"var_type must be fixed_large or fixed_small, got {var_type!r}")
+        self.args = dict(T=T, beta_start=beta_start, beta_end=beta_end, var_type=var_type)
+        self.T, self.var_type = T, var_type
+        b = self.betas = linear_betas(T, beta_start, beta_end)
+        assert ((b > 0) & (b <= 1)).all(), "betas must lie in (0, 1]"
+        self.alphas = 1.0 - b
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()
+        self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
+        # Posterior q(x_{t-1} | x_t, x_0) = N(mean, beta-tilde_t I), eqs. 6-7.
+        self.posterior_variance = b * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+        # beta-tilde_0 = 0; clip the log as the authors' code does, so fixed_small stays finite.
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        self.posterior_mean_coef1 = b * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
+        self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        # sigma_t^2 of the reverse process. For fixed_large the authors use beta-tilde_1 at
+        # t = 1 (our index 0) so that the last step's log-variance is well defined.
+        if var_type == "fixed_large":
+            self.model_variance = torch.cat([self.posterior_variance[1:2], b[1:]])
+        else:
+            self.model_variance = self.posterior_variance
+
+    # ---- forward process --------------------------------------------------------------
+    def q_mean_variance(self, x0, t):
+        """q(x_t | x_0) = N(sqrt(alphabar_t) x_0, (1 - alphabar_t) I), eq. 4."""
+        mean = extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
+        var = extract(1.0 - self.alphas_cumprod, t, x0.shape)
+        return mean, var
+
+    def q_sample(self, x0, t, noise):
+        """Draw x_t ~ q(x_t | x_0) by reparameterisation (eq. 4)."""
+        return (extract(self.sqrt_alphas_cumprod, t, x0.shape) * x0
+                + extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * noise)
+
+    def q_posterior_mean_variance(self, x0, xt, t):
+        """Mean and variance of q(x_{t-1} | x_t, x_0), eqs. 6-7."""
+        mean = extract(self.posterior_mean_coef1, t, xt.shape) * x0 + extract(self.posterior_mean_coef2, t, xt.shape) * xt
+        return mean, extract(self.posterior_variance, t, xt.shape)
+
+    def predict_x0_from_eps(self, xt, t, eps):
+        """x_0 = (x_t - sqrt(1 - alphabar_t) eps) / sqrt(alphabar_t), inverting eq. 4."""
+        return extract(self.sqrt_recip_alphas_cumprod, t, xt.shape) * xt - extract(self.sqrt_recipm1_alphas_cumprod, t, xt.shape) * eps
+
+    # ---- training -----------------------------------------------------------------------
+    def training_losses(self, model, x0, generator=None):
+        """L_simple (eq. 14): E_{t, eps} || eps - eps_theta(sqrt(ab_t) x0 + sqrt(1-ab_t) eps, t) ||^2,
+        t uniform in {0, ..., T-1} (the paper's {1, ..., T}). x0: (B, C, H, W) in [-1, 1].
+        Returns the per-example loss, (B,)."""
+        B = x0.shape[0]
+        t = torch.randint(0, self.T, (B,), device=x0.device, generator=generator)
+        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        eps = model(self.q_sample(x0, t, noise), t)
+        return (noise - eps.float()).pow(2).mean(dim=(1, 2, 3))
+
+    # ---- reverse process ------------------------------------------------------------------
+    def p_mean_variance(self, model, xt, t, clip_denoised=True):
+        """Mean and variance of p_theta(x_{t-1} | x_t).
+
+        The mean is mu_theta = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alphabar_t) eps_theta)
+        (eq. 11). We compute it, as the authors' code does, through the predicted x_0 and the
+        posterior mean of eq. 7, which is algebraically identical; with clip_denoised the
+        predicted x_0 is first clipped to the data range [-1, 1] (authors' code, default on),
+        which keeps rare samples from blowing up to saturated squares.
+        """
+        eps = model(xt, t).float()
+        x0 = self.predict_x0_from_eps(xt, t, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+        mean, _ = self.q_posterior_mean_variance(x0, xt, t)
+        return mean, extract(self.model_variance, t, xt.shape), x0
+
+    def p_sample(self, model, xt, t, generator=None, clip_denoised=True):
+        """One step of Algorithm 2: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at the last step."""
+        mean, var, _ = self.p_mean_variance(model, xt, t, clip_denoised)
+        z = torch.randn(xt.shape, device=xt.device, dtype=xt.dtype, generator=generator)
+        nonzero = (t != 0).float().reshape(-1, *([1] * (xt.dim() - 1)))
+        return mean + nonzero * var.sqrt() * z
+
+    @torch.no_grad()
+    def p_sample_loop(self, model, shape, generator=None, device="cpu", clip_denoised=True,
+                      return_steps=(), progress=True):
+        """Algorithm 2: x_T ~ N(0, I), then T reverse steps down to x_0.
+
+        return_steps: the paper's t in {0, ..., T} whose x_t are returned: T is the initial
+        noise x_T, 0 the final sample x_0 (the step with index i produces x_i).
+        Returns (x_0, {t: x_t}).
+        """
+        x = torch.randn(shape, device=device, generator=generator)
+        keep = set(return_steps)
+        steps = {self.T: x.clone()} if self.T in keep else {}
+        for i in tqdm(reversed(range(self.T)), total=self.T, desc="sampling", disable=not progress, leave=False):
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            x = self.p_sample(model, x, t, generator, clip_denoised)
+            if i in keep:
+                steps[i] = x.clone()
+        return x, steps

@@ -1,0 +1,210 @@
+"""Train a DDPM on MNIST, then sample from it.
+
+    python run.py --n_epochs 100            # the paper's model and recipe (a GPU job)
+    python run.py --preset cpu              # a small model and recipe for ~15 min on 2 CPU cores
+    python run.py --resume                  # continue the run saved at --checkpoint
+
+Explicit flags override the preset. Writes the checkpoint (--checkpoint), generated_samples.jpg
+and train_loss.png (in --out_dir).
+"""
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, fields
+
+import torch
+
+from dataloader import mnist_tensors
+from diffusion import GaussianDiffusion, from_model_range
+from model import UNet, count_parameters
+from sample import sample_func
+from train import TrainConfig, TrainingInterrupted, load_checkpoint, train_func
+from utils import (OneLineArgumentParser, UserError, check_writable, plot_loss, resolve_device,
+                   run_main, save_image_grid)
+
+# Presets: model and recipe. "paper" is Ho et al. 2020's CIFAR-10 setup on 28x28 MNIST.
+# "cpu" was chosen by measuring short runs on a 2-core CPU (see README, "The cpu preset").
+PRESETS = {
+    "paper": dict(ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_res=(14,), dropout=0.1,
+                  n_epochs=100, batch_size=128, lr=2e-4, warmup=5000, lr_decay="none", ema_decay=0.9999),
+    "cpu": dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_res=(7,), dropout=0.0,
+                n_epochs=3, batch_size=64, lr=1e-3, warmup=200, lr_decay="cosine", ema_decay=0.999),
+}
+MODEL_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "dropout")
+
+
+def int_list(s):
+    """'1,2,2' -> (1, 2, 2); '' -> ()."""
+    try:
+        return tuple(int(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {s!r}") from None
+
+
+int_list.__name__ = "comma-separated integer list"
+
+
+def get_parser():
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="model and recipe defaults")
+    p.add_argument("--n_epochs", type=int, help="passes over the 60k training images")
+    p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
+    p.add_argument("--batch_size", type=int, help="training batch size")
+    p.add_argument("--lr", type=float, help="Adam learning rate after warm-up")
+    p.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps")
+    p.add_argument("--lr_decay", choices=["none", "cosine"], help="after warm-up: constant, or cosine to 0")
+    p.add_argument("--ema_decay", type=float, help="EMA decay of the weights used for sampling")
+    p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
+    p.add_argument("--ch", type=int, help="UNet base width")
+    p.add_argument("--ch_mult", type=int_list, help="width multipliers per resolution, e.g. 1,2,2")
+    p.add_argument("--num_res_blocks", type=int, help="residual blocks per resolution")
+    p.add_argument("--attn_res", type=int_list, help="resolutions with self-attention, e.g. 14 ('' = none)")
+    p.add_argument("--dropout", type=float, help="dropout in the residual blocks")
+    p.add_argument("--var_type", default="fixed_large", choices=["fixed_large", "fixed_small"],
+                   help="reverse variance sigma_t^2: beta_t (paper's CIFAR) or beta-tilde_t")
+    p.add_argument("--n_samples", type=int, default=10, help="digits to sample after training")
+    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    p.add_argument("--seed", type=int, default=0, help="seed for init, data order, noise and sampling")
+    p.add_argument("--data_dir", default="./data", help="where MNIST is (or is put)")
+    p.add_argument("--checkpoint", default="ddpm_trained.pt", help="checkpoint path (written; read by --resume)")
+    p.add_argument("--save_every", type=int, default=1000, help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue the run saved at --checkpoint")
+    p.add_argument("--out_dir", default=".", help="where generated_samples.jpg and train_loss.png go")
+    p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--dry_run", action="store_true", help="print the resolved configuration and exit")
+    return p
+
+
+def resolve_config(args):
+    """Preset values, overridden by every flag given explicitly. Returns (model_args, TrainConfig)."""
+    preset = PRESETS[args.preset]
+    val = {k: getattr(args, k) if getattr(args, k) is not None else preset[k] for k in preset}
+    model_args = dict(ch=val["ch"], ch_mult=tuple(val["ch_mult"]), num_res_blocks=val["num_res_blocks"],
+                      attn_resolutions=tuple(val["attn_res"]), dropout=val["dropout"])
+    cfg = TrainConfig(n_epochs=val["n_epochs"], max_steps=args.max_steps, batch_size=val["batch_size"],
+                      lr=val["lr"], warmup=val["warmup"], lr_decay=val["lr_decay"], grad_clip=args.grad_clip,
+                      ema_decay=val["ema_decay"], save_every=args.save_every, seed=args.seed)
+    return model_args, cfg
+
+
+def validate(args, model_args, cfg):
+    checks = [(cfg.n_epochs >= 1, f"--n_epochs must be >= 1, got {cfg.n_epochs}"),
+              (args.n_samples >= 1, f"--n_samples must be >= 1, got {args.n_samples}"),
+              (cfg.batch_size >= 1, f"--batch_size must be >= 1, got {cfg.batch_size}"),
+              (cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}"),
+              (cfg.max_steps >= 0, f"--max_steps must be >= 0, got {cfg.max_steps}"),
+              (cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
+              (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}"),
+              (cfg.save_every >= 1, f"--save_every must be >= 1, got {cfg.save_every}"),
+              (model_args["ch"] >= 1, f"--ch must be >= 1, got {model_args['ch']}"),
+              (len(model_args["ch_mult"]) >= 1 and min(model_args["ch_mult"]) >= 1,
+               f"--ch_mult needs positive integers, got {model_args['ch_mult']}"),
+              (model_args["num_res_blocks"] >= 1, f"--num_res_blocks must be >= 1, got {model_args['num_res_blocks']}"),
+              (0 <= model_args["dropout"] < 1, f"--dropout must be in [0, 1), got {model_args['dropout']}")]
+    for ok, msg in checks:
+        if not ok:
+            raise UserError(msg)
+    if 28 % 2 ** (len(model_args["ch_mult"]) - 1):
+        raise UserError(f"--ch_mult {model_args['ch_mult']}: 28x28 can be halved at most twice (3 levels)")
+    resolutions = [28 // 2 ** i for i in range(len(model_args["ch_mult"]))]
+    for r in model_args["attn_resolutions"]:
+        if r not in resolutions:
+            raise UserError(f"--attn_res {r} is not a resolution of this model {resolutions}")
+
+
+def check_resume_args(args, ckpt):
+    """--resume: the model comes from the checkpoint; explicit model flags must agree with it."""
+    saved = ckpt["model_args"]
+    diffs = []
+    for flag, key in zip(MODEL_FLAGS, ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")):
+        given = getattr(args, flag)
+        if given is not None and _norm(given) != _norm(saved[key]):
+            diffs.append(f"--{flag} {_norm(given)} but the checkpoint has {_norm(saved[key])}")
+    if diffs:
+        raise UserError("cannot resume with a different model: " + "; ".join(diffs))
+
+
+def _norm(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
+def train_config_for_resume(args, ckpt):
+    """The checkpoint's training settings, with any flag given explicitly taking precedence."""
+    saved = dict(ckpt["train_config"])
+    explicit = {k: getattr(args, k) for k in ("n_epochs", "batch_size", "lr", "warmup", "lr_decay", "ema_decay")
+                if getattr(args, k) is not None}
+    for k in ("max_steps", "save_every", "grad_clip", "seed"):
+        if getattr(args, k) != get_parser().get_default(k):
+            explicit[k] = getattr(args, k)
+    saved.update(explicit)
+    return TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    model_args, cfg = resolve_config(args)
+    validate(args, model_args, cfg)
+    device = resolve_device(args.device)
+    ckpt = None
+    if args.resume:
+        if not os.path.exists(args.checkpoint):
+            raise UserError(f"--resume: no checkpoint at {args.checkpoint}; drop --resume to start a new run")
+        ckpt = load_checkpoint(args.checkpoint)
+        if "optimizer" not in ckpt:
+            raise UserError(f"--resume: {args.checkpoint} holds weights only (no optimizer state); it cannot be resumed")
+        check_resume_args(args, ckpt)
+        model_args = dict(ckpt["model_args"])
+        cfg = train_config_for_resume(args, ckpt)
+    samples_path = os.path.join(args.out_dir, "generated_samples.jpg")
+    loss_path = os.path.join(args.out_dir, "train_loss.png")
+    for path in (args.checkpoint, samples_path, loss_path):
+        check_writable(path)
+
+    print("configuration:", json.dumps({"preset": args.preset, "device": str(device), "model": model_args,
+                                         "train": asdict(cfg), "var_type": args.var_type,
+                                         "n_samples": args.n_samples, "checkpoint": args.checkpoint,
+                                         "resume": args.resume, "data_dir": args.data_dir}, indent=1))
+    if args.dry_run:
+        return
+
+    images, _ = mnist_tensors(args.data_dir, train=True)
+    torch.manual_seed(cfg.seed)
+    model = UNet(**model_args)
+    diffusion = GaussianDiffusion(**ckpt["diffusion_args"]) if ckpt else GaussianDiffusion(var_type=args.var_type)
+    print(f"UNet with {count_parameters(model) / 1e6:.2f}M parameters; {len(images)} training images")
+    if not args.resume and os.path.exists(args.checkpoint):
+        backup = args.checkpoint + ".prev"
+        shutil.copy2(args.checkpoint, backup)
+        print(f"{args.checkpoint} exists and --resume was not given: starting a new run; the old file is kept as {backup}")
+
+    t0 = time.time()
+    try:
+        state = train_func(model, diffusion, images, cfg, args.checkpoint, device=device, resume=ckpt,
+                           model_meta={"preset": args.preset}, progress=not args.no_progress)
+    except TrainingInterrupted as e:
+        print(f"\n{e}. Resume with: python {' '.join([os.path.basename(sys.argv[0])] + _resume_argv(args))}")
+        sys.exit(130)
+    print(f"trained to step {state['step']} in {time.time() - t0:.0f} s; final loss "
+          f"{state["loss_history"][-100:].mean():.4f} (mean of the last {min(100, len(state["loss_history"]))} steps); saved {args.checkpoint}")
+    plot_loss(state["loss_history"], loss_path)
+
+    model.load_state_dict(state["ema"])  # sample from the EMA weights
+    t0 = time.time()
+    samples, _ = sample_func(model, args.n_samples, diffusion, seed=args.seed, device=device,
+                             progress=not args.no_progress)
+    save_image_grid(from_model_range(samples), samples_path, nrow=5)
+    print(f"sampled {args.n_samples} digits in {time.time() - t0:.1f} s; wrote {samples_path} and {loss_path}")
+
+
+def _resume_argv(args):
+    out = ["--resume", "--checkpoint", args.checkpoint]
+    for k in ("data_dir", "out_dir", "device"):
+        if getattr(args, k) != get_parser().get_default(k):
+            out += [f"--{k}", str(getattr(args, k))]
+    return out
+
+
+if __name__ == "__main__":
+    run_main(main)

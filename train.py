@@ -1,0 +1,270 @@
+"""Training (Algorithm 1 of Ho et al. 2020) and the self-describing checkpoint format.
+
+The loop reads straight down: draw a batch by index, L_simple, Adam step with warm-up and
+gradient clipping, EMA update, and every `save_every` steps an atomic checkpoint that holds
+everything resume needs (weights, EMA, optimizer, step, RNG states, loss history). The data
+order is a function of (seed, epoch), so a resumed run sees exactly the batches it would have.
+"""
+import copy
+import math
+import os
+import random
+import signal
+import threading
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dataloader import epoch_permutation
+from diffusion import GaussianDiffusion, to_model_range
+from model import UNet
+from utils import UserError, atomic_write
+
+CHECKPOINT_FORMAT = "ddpm-mnist/1"
+
+
+@dataclass
+class TrainConfig:
+    n_epochs: int = 100         # passes over the 60k training images
+    max_steps: int = 0          # stop after this many optimizer steps (0 = no limit)
+    batch_size: int = 128       # paper: 128
+    lr: float = 2e-4            # paper: 2e-4 (CIFAR-10), Adam
+    warmup: int = 5000          # linear learning-rate warm-up steps (paper: 5000)
+    lr_decay: str = "none"      # "none" (paper: constant after warm-up) or "cosine" (to 0 at the last step)
+    grad_clip: float = 1.0      # clip the global gradient norm (paper's code: 1.0)
+    ema_decay: float = 0.9999   # paper: 0.9999; warmed up as min(decay, (1+n)/(10+n))
+    save_every: int = 1000      # checkpoint every N steps (and at the end)
+    log_every: int = 25         # move the loss to the host and check it is finite every N steps
+    seed: int = 0               # model init, data order, noise, dropout
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved at `step`."""
+
+    def __init__(self, step, path):
+        super().__init__(f"interrupted at step {step}; checkpoint saved to {path}")
+        self.step, self.path = step, path
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+# ---- checkpoints ----------------------------------------------------------------------------
+def rng_state():
+    state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _numpy_state():  # as tensors and numbers, so that torch.load(weights_only=True) accepts it
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+
+
+def _python_state():
+    version, internal, gauss_next = random.getstate()
+    return [version, list(internal), gauss_next]
+
+
+def save_checkpoint(path, state):
+    """Atomically write a checkpoint dict (temporary file, fsync, rename)."""
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """Load a checkpoint with weights_only=True (no pickled code can run), with one-line errors.
+
+    Returns a dict with at least model_args, diffusion_args and model (and ema if present).
+    A bare UNet state dict is accepted and given the default arguments.
+    """
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist; train one with 'python run.py' or pass --checkpoint PATH")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a folder, not a file")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure here is the file's fault
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+            raise UserError(f"{path} holds pickled Python objects, not only tensors; refusing to load it "
+                            f"(it could run code). Only load checkpoints you trust") from None
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {msg}") from None
+    if isinstance(ckpt, dict) and "model" in ckpt and "model_args" in ckpt:
+        return ckpt
+    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        return {"model_args": UNet().model_args, "diffusion_args": GaussianDiffusion().args, "model": ckpt}
+    raise UserError(f"{path} is not a DDPM checkpoint (no model weights and arguments found)")
+
+
+def load_weights(model, state_dict, source):
+    """load_state_dict that names the mismatching keys and shapes in a one-line UserError."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        for name, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
+            if items:
+                parts.append(f"{name} ({len(items)}): " + ", ".join(items[:5]) + (", ..." if len(items) > 5 else ""))
+        raise UserError(f"{source} does not match the model architecture: " + "; ".join(parts))
+    model.load_state_dict(state_dict)
+
+
+def build_model(ckpt, use_ema=True, device="cpu"):
+    """Rebuild (UNet, GaussianDiffusion) from a checkpoint dict, with EMA weights if present."""
+    try:
+        model = UNet(**ckpt["model_args"])
+        diffusion = GaussianDiffusion(**ckpt["diffusion_args"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"checkpoint arguments are invalid: {e}") from None
+    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    load_weights(model, weights, "checkpoint")
+    return model.to(device).eval(), diffusion
+
+
+# ---- the training loop ---------------------------------------------------------------------
+def lr_at(step, cfg, total_steps):
+    """Learning rate for optimizer step `step` (0-indexed): linear warm-up, then constant or cosine."""
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) if cfg.warmup > 0 else cfg.lr
+    if cfg.lr_decay == "cosine" and step >= cfg.warmup:
+        progress = (step - cfg.warmup) / max(1, total_steps - cfg.warmup)
+        lr *= 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return lr
+
+
+@torch.no_grad()
+def ema_update(ema, model, decay, step):
+    """ema <- d * ema + (1 - d) * model, with d = min(decay, (1 + step) / (10 + step)) so that the
+    average forgets its random initialisation quickly in short runs."""
+    d = min(decay, (1.0 + step) / (10.0 + step))
+    ema_p, model_p = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_p, model_p, 1.0 - d)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the current step."""
+
+    def __init__(self):
+        self.signum, self._old = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", resume=None,
+               model_meta=None, progress=True):
+    """Train `model` (eps-prediction) with L_simple on uint8 images (N, 28, 28).
+
+    resume: a checkpoint dict to continue from (see load_checkpoint), or None.
+    model_meta: extra entries stored in every checkpoint (e.g. the preset name).
+    Returns the final checkpoint dict. Raises TrainingInterrupted or TrainingDiverged.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":  # bitwise-reproducible resume on CPU (issue: kill-safe training)
+        torch.use_deterministic_algorithms(True)
+    model.to(device).train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    noise_gen = torch.Generator(device=device)
+    images = images.to(device)
+    n, B = images.shape[0], cfg.batch_size
+    steps_per_epoch = n // B  # the last partial batch of each epoch is dropped: constant batch size
+    if steps_per_epoch < 1:
+        raise UserError(f"batch size {B} is larger than the {n} training images")
+    total = cfg.n_epochs * steps_per_epoch
+    total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+
+    step, losses = 0, []
+    if resume is None:
+        torch.manual_seed(cfg.seed)  # the dropout stream; the model was initialised by the caller
+        noise_gen.manual_seed(cfg.seed + 1)
+    else:
+        load_weights(model, resume["model"], "checkpoint")
+        load_weights(ema, resume["ema"], "checkpoint EMA")
+        opt.load_state_dict(resume["optimizer"])
+        step, losses = resume["step"], resume["loss_history"].tolist()
+        set_rng_state(resume["rng"])
+        noise_gen.set_state(resume["rng"]["noise"].cpu())
+
+    def state():
+        return {"format": CHECKPOINT_FORMAT, "model_args": model.model_args, "diffusion_args": diffusion.args,
+                "train_config": asdict(cfg), "meta": model_meta or {},
+                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                "step": step, "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+                "loss_history": torch.tensor(losses, dtype=torch.float32),
+                "rng": {**rng_state(), "noise": noise_gen.get_state()}}
+
+    pending = []  # per-step losses still on the device (one host sync per log_every steps)
+
+    def flush():
+        if not pending:
+            return
+        vals = torch.stack(pending).cpu().tolist()
+        for i, v in enumerate(vals):
+            if not math.isfinite(v):
+                bad = step - len(vals) + i + 1
+                raise TrainingDiverged(f"loss became {v} at step {bad}; stopped. The last good checkpoint "
+                                       f"({checkpoint_path}) was kept; lower --lr or check the data")
+        losses.extend(vals)
+        pending.clear()
+
+    bar = tqdm(total=total, initial=step, desc="training", disable=not progress, dynamic_ncols=True)
+    perm, perm_epoch = None, -1
+    with _StopFlag() as stop:
+        while step < total:
+            epoch, pos = divmod(step, steps_per_epoch)
+            if epoch != perm_epoch:
+                perm, perm_epoch = epoch_permutation(cfg.seed, epoch, n).to(device), epoch
+            x0 = to_model_range(images[perm[pos * B:(pos + 1) * B]].float() / 255.0).unsqueeze(1)  # (B, 1, 28, 28)
+
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg, total)
+            loss = diffusion.training_losses(model, x0, noise_gen).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            ema_update(ema, model, cfg.ema_decay, step)
+            pending.append(loss.detach())
+            step += 1
+
+            if step % cfg.log_every == 0 or step == total or stop.signum is not None:
+                flush()
+                bar.set_postfix(epoch=step // steps_per_epoch, loss=f"{losses[-1]:.4f}", refresh=False)
+            bar.update(1)
+            if step % cfg.save_every == 0 or step == total or stop.signum is not None:
+                flush()
+                save_checkpoint(checkpoint_path, state())
+            if stop.signum is not None:
+                bar.close()
+                raise TrainingInterrupted(step, checkpoint_path)
+    bar.close()
+    flush()
+    return state()

@@ -1,0 +1,124 @@
+"""Small shared helpers: user-facing errors, device choice, atomic file writes, pictures."""
+import argparse
+import os
+import sys
+import tempfile
+
+import torch
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing file). Scripts print it on one line and exit 2."""
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag gives one line on stderr (and exit code 2), not the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def run_main(main):
+    """Call main(); turn a UserError into a one-line message and exit code 2."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def resolve_device(name):
+    """'auto' -> cuda, then mps, then cpu. Explicit names are checked, not silently replaced."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asked for, but CUDA is not available here; use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise UserError(f"--device {name} asked for, but MPS is not available here; use --device cpu or auto")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def check_writable(path):
+    """Fail early (before any training) if `path` cannot be written: missing or read-only folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"cannot write {path}: folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"cannot write {path}: folder {folder} is not writable")
+    if os.path.isdir(path):
+        raise UserError(f"cannot write {path}: it is a folder")
+
+
+def atomic_write(path, write_fn):
+    """Write a file so that readers only ever see the old or the complete new version.
+
+    write_fn(f) writes to an open binary file in the same folder; it is flushed and fsynced,
+    then renamed over `path` with os.replace (atomic on POSIX and Windows).
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_image_grid(images01, path, nrow=5):
+    """images01: (N, 1, H, W) floats in [0, 1] -> a JPEG/PNG grid with `nrow` images per row."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images01.float().cpu(), nrow=nrow, padding=2, pad_value=1.0)  # (3, H', W')
+    arr = (grid[0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    fmt = "JPEG" if path.lower().endswith((".jpg", ".jpeg")) else "PNG"
+    img = Image.fromarray(arr, mode="L")
+    if fmt == "JPEG":  # small digits: upscale so the grid is viewable and JPEG artefacts stay small
+        img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
+    atomic_write(path, lambda f: img.save(f, format=fmt, quality=95))
+
+
+def plot_loss(loss_history, path, smooth=100):
+    """Per-step training loss (light) and its running mean over `smooth` steps, log scale."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    losses = torch.as_tensor(loss_history, dtype=torch.float64)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps = torch.arange(1, len(losses) + 1)
+    ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.5, label="per step")
+    if len(losses) >= smooth:
+        kernel = torch.ones(smooth, dtype=torch.float64) / smooth
+        ma = torch.nn.functional.conv1d(losses[None, None], kernel[None, None])[0, 0]
+        ax.plot(steps[smooth - 1:], ma, color="tab:blue", label=f"mean of {smooth} steps")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("L_simple (MSE on eps)")
+    ax.set_title("DDPM training loss")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fmt = os.path.splitext(path)[1].lstrip(".") or "png"
+    atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=120))
+    plt.close(fig)
