@@ -50,6 +50,9 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
             return np.ndarray
         if (module, name) == ("numpy", "dtype"):
             return np.dtype
+        if (module, name) == ("_codecs", "encode"):  # how protocol 2 stores bytes; a pure data transform
+            import codecs
+            return codecs.encode
         if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
             return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct, either version
         raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")

@@ -35,8 +35,9 @@ def timestep_embedding(t, dim, max_period=10000):
 
 
 def group_norm(channels):
-    # The paper uses 32 groups; narrower (test-sized) layers use the largest divisor of 32.
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    """GroupNorm with 32 groups as in the paper, but at least 2 channels per group in narrow
+    layers (32 groups of 1 channel would subtract each channel's time-embedding bias and erase t)."""
+    return nn.GroupNorm(math.gcd(32, max(1, channels // 2)), channels)
 
 
 def zero_init(module):

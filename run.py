@@ -187,7 +187,7 @@ def main(argv=None):
         print(f"\n{e}. Resume with: python {' '.join([os.path.basename(sys.argv[0])] + _resume_argv(args))}")
         sys.exit(130)
     print(f"trained to step {state['step']} in {time.time() - t0:.0f} s; final loss "
-          f"{state["loss_history"][-100:].mean():.4f} (mean of the last {min(100, len(state["loss_history"]))} steps); saved {args.checkpoint}")
+          f"{state['loss_history'][-100:].mean():.4f} (mean of the last {min(100, len(state['loss_history']))} steps); saved {args.checkpoint}")
     plot_loss(state["loss_history"], loss_path)
 
     model.load_state_dict(state["ema"])  # sample from the EMA weights
