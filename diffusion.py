@@ -6,6 +6,8 @@ The schedule is computed in float64 and cast to float32 only when it meets a bat
 Data live in [-1, 1] (paper section 3.3): `to_model_range` / `from_model_range` are the only
 place where pixels are scaled.
 """
+import math
+
 import torch
 from tqdm.auto import tqdm
 
@@ -29,6 +31,28 @@ def extract(arr, t, shape):
     """Gather arr[t] (float64 schedule) for a batch of timesteps, as float32 shaped (B, 1, 1, 1)."""
     out = arr.to(t.device)[t].float()
     return out.reshape(t.shape[0], *([1] * (len(shape) - 1)))
+
+
+def normal_kl(mean1, logvar1, mean2, logvar2):
+    """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))), elementwise, in nats."""
+    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2)
+                  + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def discretized_gaussian_log_likelihood(x, mean, log_scale):
+    """log p(x) of the discretised Gaussian decoder (paper section 3.3, eq. 13), elementwise.
+
+    x holds pixel values 2u/255 - 1 for u in {0..255}; each is given the Gaussian mass of its bin
+    [x - 1/255, x + 1/255], the edge bins extended to -inf and +inf so the 256 masses sum to 1.
+    The exact normal CDF is used (the authors' code uses a tanh approximation).
+    """
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = torch.special.ndtr(inv_std * (x - mean + 1.0 / 255.0))
+    cdf_min = torch.special.ndtr(inv_std * (x - mean - 1.0 / 255.0))
+    log_cdf_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_min, log_delta))
 
 
 def linear_betas(T, beta_start, beta_end):
@@ -102,6 +126,29 @@ class GaussianDiffusion:
         eps = model(self.q_sample(x0, t, noise), t)
         return (noise - eps.float()).pow(2).mean(dim=(1, 2, 3))
 
+    # ---- the variational bound (eq. 5), in bits per dimension ----------------------------
+    def prior_bpd(self, x0):
+        """L_T = KL(q(x_T | x_0) || N(0, I)) per image, in bits/dim. (B,)"""
+        t = torch.full((x0.shape[0],), self.T - 1, device=x0.device, dtype=torch.long)
+        mean, var = self.q_mean_variance(x0, t)
+        kl = normal_kl(mean, torch.log(var), torch.zeros_like(mean), torch.zeros_like(mean))
+        return kl.flatten(1).mean(1) / math.log(2.0)
+
+    def vb_term_bpd(self, model, x0, t, noise, clip_denoised=True):
+        """The bound's term at (0-indexed) t, per image, in bits/dim. (B,)
+
+        t >= 1: L_{t} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) (the paper's L_{t-1} at its t+1);
+        t == 0: L_0 = -log p_theta(x_0 | x_1) with the discretised decoder.
+        x_t is drawn from q(x_t | x_0) with the given noise.
+        """
+        xt = self.q_sample(x0, t, noise)
+        true_mean, _ = self.q_posterior_mean_variance(x0, xt, t)
+        true_logvar = extract(self.posterior_log_variance_clipped, t, xt.shape)
+        mean, var, _ = self.p_mean_variance(model, xt, t, clip_denoised)
+        kl = normal_kl(true_mean, true_logvar, mean, torch.log(var)).flatten(1).mean(1)
+        nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * torch.log(var)).flatten(1).mean(1)
+        return torch.where(t == 0, nll, kl) / math.log(2.0)
+
     # ---- reverse process ------------------------------------------------------------------
     def p_mean_variance(self, model, xt, t, clip_denoised=True):
         """Mean and variance of p_theta(x_{t-1} | x_t).
@@ -125,6 +172,63 @@ class GaussianDiffusion:
         z = torch.randn(xt.shape, device=xt.device, dtype=xt.dtype, generator=generator)
         nonzero = (t != 0).float().reshape(-1, *([1] * (xt.dim() - 1)))
         return mean + nonzero * var.sqrt() * z
+
+    # ---- DDIM (Song, Meng, Ermon 2021) ------------------------------------------------------------
+    def ddim_timesteps(self, S, spacing="uniform"):
+        """S increasing 0-indexed timesteps from 0 to T-1: evenly spaced, or quadratic (denser near 0,
+        as in the DDIM paper's CIFAR runs)."""
+        if not 1 <= S <= self.T:
+            raise ValueError(f"sampling steps must be in [1, {self.T}], got {S}")
+        if spacing == "uniform":
+            ts = torch.linspace(0, self.T - 1, S, dtype=torch.float64)
+        elif spacing == "quadratic":
+            ts = torch.linspace(0, math.sqrt(self.T - 1), S, dtype=torch.float64) ** 2
+        else:
+            raise ValueError(f"spacing must be uniform or quadratic, got {spacing!r}")
+        ts = torch.unique(ts.round().long())  # quadratic spacing can repeat small t for large S
+        return ts
+
+    def ddim_mean_variance(self, model, xt, t, t_prev, eta=0.0, clip_denoised=True):
+        """Mean and variance of one DDIM step x_t -> x_{t_prev} (eq. 12 of Song et al. 2021):
+        x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z, with
+        sigma^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev). t_prev = -1 means x_0 (ab = 1).
+        eta = 1 with consecutive steps is the ancestral sampler with sigma_t^2 = beta-tilde_t."""
+        eps = model(xt, t).float()
+        x0 = self.predict_x0_from_eps(xt, t, eps)
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+        # With eps re-derived from the (clipped) x0, eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab), the mean is
+        # a combination of x0 and x_t whose coefficients are computed in float64 (1 - ab/ab_prev cancels).
+        ab = self.alphas_cumprod.to(t.device)[t]
+        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod]).to(t.device)[t_prev + 1]
+        var = eta ** 2 * (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
+        c_eps = (1 - ab_prev - var).clamp(min=0).sqrt() / (1 - ab).sqrt()
+        c_x0, c_xt = ab_prev.sqrt() - c_eps * ab.sqrt(), c_eps
+
+        def b(c):  # (B,) float64 -> (B, 1, 1, 1) float32
+            return c.float().reshape(-1, *([1] * (xt.dim() - 1)))
+
+        return b(c_x0) * x0 + b(c_xt) * xt, b(var)
+
+    @torch.no_grad()
+    def ddim_sample_loop(self, model, shape, generator=None, device="cpu", clip_denoised=True,
+                         return_steps=(), progress=True, sampling_steps=50, eta=0.0, spacing="uniform"):
+        """DDIM sampling over `sampling_steps` timesteps; eta = 0 is deterministic given x_T.
+        Same signature and return value as p_sample_loop (return_steps are matched to the nearest
+        visited timestep)."""
+        ts = self.ddim_timesteps(sampling_steps, spacing).tolist()
+        x = torch.randn(shape, device=device, generator=generator)
+        keep = set(return_steps)
+        steps = {self.T: x.clone()} if self.T in keep else {}
+        prevs = [-1] + ts[:-1]
+        for i, (t_cur, t_prev) in enumerate(tqdm(list(zip(ts, prevs))[::-1], desc="sampling (ddim)",
+                                                 disable=not progress, leave=False)):
+            t = torch.full((shape[0],), t_cur, device=device, dtype=torch.long)
+            mean, var = self.ddim_mean_variance(model, x, t, t.new_full(t.shape, t_prev), eta, clip_denoised)
+            x = mean + var.sqrt() * torch.randn(shape, device=device, generator=generator) if eta > 0 else mean
+            for k in [k for k in keep if t_prev < k <= t_cur and k != self.T]:
+                steps[k] = x.clone()  # x_{t_prev + 1} in the paper's 1-indexed terms covers this range
+        return x, steps
 
     @torch.no_grad()
     def p_sample_loop(self, model, shape, generator=None, device="cpu", clip_denoised=True,

@@ -7,16 +7,17 @@ The checkpoint is self-describing (model and diffusion arguments inside); a bare
 dict is also accepted and built with the default arguments. Sampling uses the EMA weights.
 """
 import io
-import os
+import json
 import time
 
 import numpy as np
 import torch
 
 from diffusion import from_model_range, to_uint8
-from sample import sample_func
+from sample import add_sampler_args, sample_func, sampler_kwargs
 from train import build_model, load_checkpoint
-from utils import OneLineArgumentParser, UserError, atomic_write, check_writable, resolve_device, run_main, save_image_grid
+from utils import (OneLineArgumentParser, UserError, atomic_write, check_amp, check_writable, resolve_device,
+                   run_main, save_image_grid)
 
 
 def get_parser():
@@ -30,6 +31,14 @@ def get_parser():
     p.add_argument("--save_samples", metavar="PATH.npz", help="also write the samples as uint8 (N, 28, 28), key 'samples'")
     p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_sampler_args(p)
+    p.add_argument("--metrics", action="store_true", help="judge the samples (feature-FID, precision/recall, "
+                   "classifier confidence) and compute the bits/dim bound on MNIST test images")
+    p.add_argument("--metrics_out", default="metrics.json", help="with --metrics: the numbers as JSON")
+    p.add_argument("--data_dir", default="./data", help="where MNIST is (or is put), as in run.py")
+    p.add_argument("--bpd_images", type=int, default=128, help="test images for bits/dim (0 = skip it)")
+    p.add_argument("--bpd_timesteps", type=int, default=100,
+                   help="timesteps per image for bits/dim (T-1 = the exact sum; fewer = stratified estimate)")
     return p
 
 
@@ -45,26 +54,73 @@ def main(argv=None):
         raise UserError(f"--n_samples must be >= 1, got {args.n_samples}")
     if args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.bpd_images < 0 or args.bpd_timesteps < 1:
+        raise UserError("--bpd_images must be >= 0 and --bpd_timesteps >= 1")
     if args.save_samples and not args.save_samples.endswith(".npz"):
         raise UserError(f"--save_samples must name a .npz file, got {args.save_samples}")
     device = resolve_device(args.device)
-    for path in filter(None, (args.out, args.save_samples)):
+    check_amp(device, args.amp)
+    for path in filter(None, (args.out, args.save_samples, args.metrics_out if args.metrics else None)):
         check_writable(path)
     ckpt = load_checkpoint(args.checkpoint)
     model, diffusion = build_model(ckpt, use_ema=not args.no_ema, device=device)
+    skw = sampler_kwargs(args, diffusion.T)
     weights = "EMA" if not args.no_ema and ckpt.get("ema") is not None else "raw"
     print(f"loaded {args.checkpoint} (step {ckpt.get('step', '?')}, {weights} weights); "
-          f"sampling {args.n_samples} with {diffusion.T} steps on {device}")
+          f"sampling {args.n_samples} with {skw['sampler']} ({skw.get('sampling_steps', diffusion.T)} steps) on {device}")
 
     t0 = time.time()
-    samples, _ = sample_func(model, args.n_samples, diffusion, seed=args.seed, device=device,
-                             batch_size=args.batch_size, progress=not args.no_progress)
+    net = torch.compile(model) if args.compile else model
+    samples, _ = sample_func(net, args.n_samples, diffusion, seed=args.seed, device=device,
+                             batch_size=args.batch_size, progress=not args.no_progress, amp=args.amp, **skw)
     save_image_grid(from_model_range(samples), args.out, nrow=5)
     msg = f"wrote {args.out}"
     if args.save_samples:
         save_npz(args.save_samples, samples=to_uint8(samples).numpy())
         msg += f" and {args.save_samples}"
     print(f"{msg} in {time.time() - t0:.1f} s")
+    if args.metrics:
+        results = compute_metrics(model, diffusion, to_uint8(samples), args)
+        print_table(results)
+        atomic_write(args.metrics_out, lambda f: f.write(json.dumps(results, indent=1).encode()))
+        print(f"wrote {args.metrics_out}")
+
+
+def compute_metrics(model, diffusion, samples_u8, args):
+    from dataloader import mnist_tensors
+    from metrics import nll_bpd, sample_metrics
+
+    t0 = time.time()
+    res = sample_metrics(samples_u8, args.data_dir, seed=args.seed, progress=not args.no_progress)
+    res["checkpoint"] = args.checkpoint
+    if args.bpd_images > 0:
+        x_test, _ = mnist_tensors(args.data_dir, train=False, verbose=False)
+        res["bits_per_dim"] = nll_bpd(model, diffusion, x_test[:args.bpd_images], args.bpd_timesteps,
+                                      batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress)
+    res["metrics_seconds"] = time.time() - t0
+    return res
+
+
+def print_table(r):
+    n = r["n_samples"]
+    rows = [("feature-FID (vs MNIST test)", f"{r['fid']:.2f}", f"{r['fid_floor']:.2f}"),
+            ("precision (k=3)", f"{r['precision']:.3f}", f"{r['precision_floor']:.3f}"),
+            ("recall (k=3)", f"{r['recall']:.3f}", f"{r['recall_floor']:.3f}"),
+            ("confident (max softmax >= 0.9)", f"{r['confidence']:.3f}", f"{r['confidence_floor']:.3f}"),
+            ("KL(predicted classes || uniform)", f"{r['kl_to_uniform']:.4f}", f"{r['kl_to_uniform_floor']:.4f}")]
+    print(f"\n{'metric':<34} {'samples':>10} {'real (floor)':>13}   [n = {n}; floor = {n} real training images]")
+    for name, val, floor in rows:
+        print(f"{name:<34} {val:>10} {floor:>13}")
+    print(f"{'predicted-class histogram':<34} {r['class_histogram']}")
+    if "bits_per_dim" in r:
+        b = r["bits_per_dim"]
+        how = "exact sum over t" if b["exact_sum"] else f"stratified, {b['n_timesteps']} t per image"
+        print(f"{'NLL bound, bits/dim':<34} {b['bpd']:>10.4f}  +- {b['bpd_se']:.4f} (SE; {b['n_images']} test images, {how})")
+        print(f"{'  L_T (prior) / L_0 (decoder)':<34} {b['prior']:>10.5f}  / {b['decoder']:.4f}")
+        print(f"{'  sum of L_1..L_(T-1)':<34} {b['terms']:>10.4f}")
+        for k, v in b["breakdown"].items():
+            print(f"{'    ' + k:<34} {v:>10.4f}")
+    print(f"{'classifier test accuracy':<34} {r['classifier_test_accuracy']:>10.4f}")
 
 
 if __name__ == "__main__":

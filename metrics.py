@@ -8,6 +8,7 @@ matters for digits. Its 128-d penultimate layer is the feature space for feature
     python metrics.py --train_classifier      # (re)train and cache the judge
 """
 import hashlib
+import math
 import os
 import time
 
@@ -141,6 +142,138 @@ def classifier_scores(model, images, threshold=0.9):
     p = hist / hist.sum()
     kl = (p[p > 0] * (p[p > 0] * 10).log()).sum().item()
     return {"confidence": conf, "class_histogram": hist.long().tolist(), "kl_to_uniform": kl}
+
+
+# ---- feature-space FID and precision / recall -------------------------------------------
+def feature_stats(feats):
+    f = feats.double()
+    return f.mean(0), torch.cov(f.T)
+
+
+def fid_from_stats(a, b):
+    """Frechet distance between Gaussians N(mu1, S1) and N(mu2, S2):
+    |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)) (Heusel et al. 2017)."""
+    from scipy import linalg
+
+    (m1, s1), (m2, s2) = a, b
+    covmean = linalg.sqrtm(s1.numpy() @ s2.numpy())
+    covmean = np.real(covmean)  # tiny imaginary parts from numerical error
+    return float((m1 - m2).pow(2).sum() + torch.trace(s1 + s2) - 2 * np.trace(covmean))
+
+
+def fid(feats_a, feats_b):
+    return fid_from_stats(feature_stats(feats_a), feature_stats(feats_b))
+
+
+def precision_recall(real, fake, k=3, batch=1000):
+    """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union
+    of balls around its points with radius the distance to the k-th nearest neighbour. Precision:
+    share of fake points inside the real manifold; recall: share of real points inside the fake one."""
+    def radii(x):
+        d = torch.cat([torch.cdist(x[i:i + batch], x) for i in range(0, len(x), batch)])
+        return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+
+    def inside(points, centres, r):
+        return torch.cat([(torch.cdist(points[i:i + batch], centres) <= r[None]).any(1)
+                          for i in range(0, len(points), batch)]).float().mean().item()
+
+    real, fake = real.double(), fake.double()
+    return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
+
+
+# ---- negative log-likelihood bound in bits/dim -----------------------------------------------
+@torch.no_grad()
+def nll_bpd(model, diffusion, images, n_timesteps=None, batch_size=128, seed=0, progress=True):
+    """The variational bound L_T + sum_{t>=1} L_t + L_0 (eq. 5, section 3.3) in bits/dim, per image.
+
+    images: uint8 (N, 28, 28). With n_timesteps < T, the T-1 KL terms are estimated by stratified
+    sampling: {1..T-1} is cut into n_timesteps equal strata, one t drawn uniformly in each and
+    weighted by the stratum's size, independently per image. That is unbiased for the sum;
+    the standard error is taken over images, so it covers both the images and the t draws.
+    Returns a dict: bpd, bpd_se, prior (L_T), decoder (L_0), terms (the KL sum), n_images,
+    n_timesteps, and breakdown (bits/dim in 10 equal ranges of t).
+    """
+    from tqdm.auto import tqdm
+
+    from diffusion import to_model_range
+
+    T = diffusion.T
+    k = T - 1 if not n_timesteps or n_timesteps >= T - 1 else n_timesteps
+    edges = torch.linspace(1, T, k + 1).round().long()  # strata [edges[j], edges[j+1])
+    sizes = (edges[1:] - edges[:-1]).double()
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
+    gcpu = torch.Generator().manual_seed(seed)
+    model.eval()
+    prior, decoder, terms, ranges = [], [], [], []
+    n_batches = (len(images) + batch_size - 1) // batch_size
+    bar = tqdm(total=n_batches * (k + 1), desc="bits/dim", disable=not progress)
+    for i in range(0, len(images), batch_size):
+        x0 = to_model_range(images[i:i + batch_size].to(device).float() / 255.0).unsqueeze(1)
+        B = x0.shape[0]
+        prior.append(diffusion.prior_bpd(x0).double().cpu())
+        t0 = torch.zeros(B, dtype=torch.long, device=device)
+        decoder.append(diffusion.vb_term_bpd(model, x0, t0, torch.randn(x0.shape, generator=g, device=device)).double().cpu())
+        total, by_range = torch.zeros(B, dtype=torch.float64), torch.zeros(B, 10, dtype=torch.float64)
+        bar.update(1)
+        for j in range(k):
+            lo, hi = edges[j].item(), edges[j + 1].item()
+            t = torch.randint(lo, hi, (B,), generator=gcpu)
+            term = diffusion.vb_term_bpd(model, x0, t.to(device), torch.randn(x0.shape, generator=g, device=device))
+            w = term.double().cpu() * sizes[j]
+            total += w
+            by_range.index_add_(1, torch.tensor([min(9, (lo * 10) // T)]), w[:, None])
+            bar.update(1)
+        terms.append(total)
+        ranges.append(by_range)
+    bar.close()
+    prior, decoder, terms, ranges = map(torch.cat, (prior, decoder, terms, ranges))
+    per_image = prior + decoder + terms
+    n = len(per_image)
+    return {"bpd": per_image.mean().item(),
+            "bpd_se": (per_image.std().item() / math.sqrt(n)) if n > 1 else float("nan"),
+            "prior": prior.mean().item(), "decoder": decoder.mean().item(), "terms": terms.mean().item(),
+            "n_images": n, "n_timesteps": k, "exact_sum": k == T - 1,
+            "breakdown": {f"t in [{max(1, r * T // 10)}, {(r + 1) * T // 10})": ranges[:, r].mean().item()
+                          for r in range(10)}}
+
+
+def reference_stats(clf, data_dir, digest):
+    """Feature mean and covariance of the 10,000 MNIST test images, cached beside the classifier."""
+    path = os.path.join(data_dir, "mnist_test_feature_stats.pt")
+    if os.path.exists(path):
+        cached = torch.load(path, weights_only=True)
+        if cached.get("classifier_sha256") == digest:
+            return cached["mean"], cached["cov"]
+    xt, _ = mnist_tensors(data_dir, train=False, verbose=False)
+    mean, cov = feature_stats(features(clf, xt))
+    atomic_write(path, lambda f: torch.save({"mean": mean, "cov": cov, "classifier_sha256": digest}, f))
+    return mean, cov
+
+
+def sample_metrics(samples, data_dir="./data", seed=0, progress=True):
+    """All sample-quality numbers for uint8 samples (N, 28, 28), with their real-data floors."""
+    clf, acc = load_classifier(data_dir, progress=progress)
+    digest = _sha256(os.path.join(data_dir, CLASSIFIER_FILE))
+    n = len(samples)
+    g = torch.Generator().manual_seed(seed)
+    x_train, _ = mnist_tensors(data_dir, train=True, verbose=False)
+    x_test, _ = mnist_tensors(data_dir, train=False, verbose=False)
+    real_train = x_train[torch.randperm(len(x_train), generator=g)[:n]]
+    real_test = x_test[torch.randperm(len(x_test), generator=g)[:n]]
+    ref = reference_stats(clf, data_dir, digest)
+    f_fake, f_train, f_test = features(clf, samples), features(clf, real_train), features(clf, real_test)
+    precision, recall = precision_recall(f_test, f_fake)
+    floor_p, floor_r = precision_recall(f_test, f_train)
+    out = {"n_samples": n, "classifier_test_accuracy": acc,
+           "fid": fid_from_stats(feature_stats(f_fake), ref),
+           "fid_floor": fid_from_stats(feature_stats(f_train), ref),
+           "precision": precision, "recall": recall,
+           "precision_floor": floor_p, "recall_floor": floor_r}
+    out.update(classifier_scores(clf, samples))
+    real_scores = classifier_scores(clf, real_train)
+    out["confidence_floor"], out["kl_to_uniform_floor"] = real_scores["confidence"], real_scores["kl_to_uniform"]
+    return out
 
 
 def main(argv=None):

@@ -19,9 +19,9 @@ import torch
 from dataloader import mnist_tensors
 from diffusion import GaussianDiffusion, from_model_range
 from model import UNet, count_parameters
-from sample import sample_func
+from sample import add_sampler_args, sample_func, sampler_kwargs
 from train import TrainConfig, TrainingInterrupted, load_checkpoint, train_func
-from utils import (OneLineArgumentParser, UserError, check_writable, plot_loss, resolve_device,
+from utils import (OneLineArgumentParser, UserError, check_amp, check_writable, plot_loss, resolve_device,
                    run_main, save_image_grid)
 
 # Presets: model and recipe. "paper" is Ho et al. 2020's CIFAR-10 setup on 28x28 MNIST.
@@ -65,6 +65,7 @@ def get_parser():
     p.add_argument("--var_type", default="fixed_large", choices=["fixed_large", "fixed_small"],
                    help="reverse variance sigma_t^2: beta_t (paper's CIFAR) or beta-tilde_t")
     p.add_argument("--n_samples", type=int, default=10, help="digits to sample after training")
+    add_sampler_args(p)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--seed", type=int, default=0, help="seed for init, data order, noise and sampling")
     p.add_argument("--data_dir", default="./data", help="where MNIST is (or is put)")
@@ -85,7 +86,8 @@ def resolve_config(args):
                       attn_resolutions=tuple(val["attn_res"]), dropout=val["dropout"])
     cfg = TrainConfig(n_epochs=val["n_epochs"], max_steps=args.max_steps, batch_size=val["batch_size"],
                       lr=val["lr"], warmup=val["warmup"], lr_decay=val["lr_decay"], grad_clip=args.grad_clip,
-                      ema_decay=val["ema_decay"], save_every=args.save_every, seed=args.seed)
+                      ema_decay=val["ema_decay"], save_every=args.save_every, seed=args.seed,
+                      amp=args.amp, compile=args.compile)
     return model_args, cfg
 
 
@@ -147,6 +149,8 @@ def main(argv=None):
     model_args, cfg = resolve_config(args)
     validate(args, model_args, cfg)
     device = resolve_device(args.device)
+    skw = sampler_kwargs(args)
+    check_amp(device, args.amp)
     ckpt = None
     if args.resume:
         if not os.path.exists(args.checkpoint):
@@ -157,6 +161,7 @@ def main(argv=None):
         check_resume_args(args, ckpt)
         model_args = dict(ckpt["model_args"])
         cfg = train_config_for_resume(args, ckpt)
+        cfg.amp, cfg.compile = args.amp, args.compile  # how to run, not what to train: taken from the flags
     samples_path = os.path.join(args.out_dir, "generated_samples.jpg")
     loss_path = os.path.join(args.out_dir, "train_loss.png")
     for path in (args.checkpoint, samples_path, loss_path):
@@ -164,7 +169,7 @@ def main(argv=None):
 
     print("configuration:", json.dumps({"preset": args.preset, "device": str(device), "model": model_args,
                                          "train": asdict(cfg), "var_type": args.var_type,
-                                         "n_samples": args.n_samples, "checkpoint": args.checkpoint,
+                                         "n_samples": args.n_samples, "sampler": skw, "checkpoint": args.checkpoint,
                                          "resume": args.resume, "data_dir": args.data_dir}, indent=1))
     if args.dry_run:
         return
@@ -185,15 +190,16 @@ def main(argv=None):
                            model_meta={"preset": args.preset}, progress=not args.no_progress)
     except TrainingInterrupted as e:
         print(f"\n{e}. Resume with: python {' '.join([os.path.basename(sys.argv[0])] + _resume_argv(args))}")
-        sys.exit(130)
+        sys.exit(128 + e.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
     print(f"trained to step {state['step']} in {time.time() - t0:.0f} s; final loss "
           f"{state['loss_history'][-100:].mean():.4f} (mean of the last {min(100, len(state['loss_history']))} steps); saved {args.checkpoint}")
     plot_loss(state["loss_history"], loss_path)
 
     model.load_state_dict(state["ema"])  # sample from the EMA weights
     t0 = time.time()
-    samples, _ = sample_func(model, args.n_samples, diffusion, seed=args.seed, device=device,
-                             progress=not args.no_progress)
+    net = torch.compile(model) if args.compile else model
+    samples, _ = sample_func(net, args.n_samples, diffusion, seed=args.seed, device=device,
+                             progress=not args.no_progress, amp=args.amp, **skw)
     save_image_grid(from_model_range(samples), samples_path, nrow=5)
     print(f"sampled {args.n_samples} digits in {time.time() - t0:.1f} s; wrote {samples_path} and {loss_path}")
 

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from dataloader import epoch_permutation
 from diffusion import GaussianDiffusion, to_model_range
 from model import UNet
-from utils import UserError, atomic_write
+from utils import UserError, atomic_write, autocast
 
 CHECKPOINT_FORMAT = "ddpm-mnist/1"
 
@@ -38,14 +38,16 @@ class TrainConfig:
     save_every: int = 1000      # checkpoint every N steps (and at the end)
     log_every: int = 25         # move the loss to the host and check it is finite every N steps
     seed: int = 0               # model init, data order, noise, dropout
+    amp: str = "none"           # autocast: "none", "bf16" or "fp16" (fp16 with a GradScaler)
+    compile: bool = False       # torch.compile the network for the training step
 
 
 class TrainingInterrupted(Exception):
     """SIGINT/SIGTERM arrived; a checkpoint was saved at `step`."""
 
-    def __init__(self, step, path):
-        super().__init__(f"interrupted at step {step}; checkpoint saved to {path}")
-        self.step, self.path = step, path
+    def __init__(self, step, path, signum):
+        super().__init__(f"interrupted by signal {signum} at step {step}; checkpoint saved to {path}")
+        self.step, self.path, self.signum = step, path, signum
 
 
 class TrainingDiverged(UserError):
@@ -191,6 +193,8 @@ def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", res
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    net = torch.compile(model) if cfg.compile else model  # shares the parameters of `model`
     noise_gen = torch.Generator(device=device)
     images = images.to(device)
     n, B = images.shape[0], cfg.batch_size
@@ -208,6 +212,8 @@ def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", res
         load_weights(model, resume["model"], "checkpoint")
         load_weights(ema, resume["ema"], "checkpoint EMA")
         opt.load_state_dict(resume["optimizer"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         step, losses = resume["step"], resume["loss_history"].tolist()
         set_rng_state(resume["rng"])
         noise_gen.set_state(resume["rng"]["noise"].cpu())
@@ -216,6 +222,7 @@ def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", res
         return {"format": CHECKPOINT_FORMAT, "model_args": model.model_args, "diffusion_args": diffusion.args,
                 "train_config": asdict(cfg), "meta": model_meta or {},
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "step": step, "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
                 "loss_history": torch.tensor(losses, dtype=torch.float32),
                 "rng": {**rng_state(), "noise": noise_gen.get_state()}}
@@ -245,12 +252,15 @@ def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", res
 
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg, total)
-            loss = diffusion.training_losses(model, x0, noise_gen).mean()
+            with autocast(device, cfg.amp):
+                loss = diffusion.training_losses(net, x0, noise_gen).mean()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()
             if cfg.grad_clip > 0:
+                scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
+            scaler.step(opt)
+            scaler.update()
             ema_update(ema, model, cfg.ema_decay, step)
             pending.append(loss.detach())
             step += 1
@@ -264,7 +274,7 @@ def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", res
                 save_checkpoint(checkpoint_path, state())
             if stop.signum is not None:
                 bar.close()
-                raise TrainingInterrupted(step, checkpoint_path)
+                raise TrainingInterrupted(step, checkpoint_path, stop.signum)
     bar.close()
     flush()
     return state()

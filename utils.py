@@ -50,6 +50,27 @@ def resolve_device(name):
     return device
 
 
+def check_amp(device, amp):
+    """Refuse, with a clear message, a mixed-precision mode the device cannot run."""
+    if amp not in ("none", "bf16", "fp16"):
+        raise UserError(f"--amp must be none, bf16 or fp16, got {amp!r}")
+    if amp == "none":
+        return
+    if device.type == "mps":
+        raise UserError(f"--amp {amp} is not supported on MPS here; use --amp none")
+    if device.type == "cpu" and amp == "fp16":
+        raise UserError("--amp fp16 needs CUDA (float16 autocast with a GradScaler); on the CPU use --amp none or bf16")
+    if device.type == "cuda" and amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; use --amp fp16")
+
+
+def autocast(device, amp):
+    """The autocast context for `amp` (a no-op for "none")."""
+    if amp == "none":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
 def check_writable(path):
     """Fail early (before any training) if `path` cannot be written: missing or read-only folder."""
     folder = os.path.dirname(os.path.abspath(path))

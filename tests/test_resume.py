@@ -1,0 +1,169 @@
+"""Kill-safe training: SIGKILL + --resume is bitwise identical, saves are atomic, signals save,
+NaN stops cleanly, hostile or broken checkpoints are refused."""
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import run
+from conftest import ROOT, TINY, TINY_FLAGS, write_tiny_mnist
+from diffusion import GaussianDiffusion
+from model import UNet
+from train import TrainConfig, TrainingDiverged, load_checkpoint, load_weights, train_func
+from utils import UserError, run_main
+from test_scripts import expect_user_error, sh
+
+TRAIN = [os.path.join(ROOT, "run.py"), "--device", "cpu", *TINY_FLAGS, "--dropout", "0.1", "--batch_size", "16",
+         "--max_steps", "120", "--save_every", "10", "--n_samples", "1", "--no_progress"]
+
+
+def wait_for(path, proc, timeout=120):
+    t0 = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        time.sleep(0.02)
+
+
+def same_weights(a, b):
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs"
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    w = tmp_path_factory.mktemp("resume")
+    write_tiny_mnist(str(w / "data"))
+    return w
+
+
+@pytest.fixture(scope="module")
+def reference(work):
+    sh([*TRAIN, "--data_dir", "data", "--checkpoint", "ref.pt"], cwd=work)
+    return torch.load(work / "ref.pt", weights_only=True)
+
+
+def test_sigkill_then_resume_is_bitwise_identical(work, reference):
+    random.seed()
+    proc = subprocess.Popen([sys.executable, *TRAIN, "--data_dir", "data", "--checkpoint", "k.pt"], cwd=work,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(work / "k.pt", proc)
+    time.sleep(random.uniform(0.0, 0.4))  # somewhere in training, maybe inside a save
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(work / "k.pt", weights_only=True)["step"]
+    assert 0 < killed_at < 120, killed_at  # it really was interrupted
+    sh([os.path.join(ROOT, "run.py"), "--resume", "--checkpoint", "k.pt", "--data_dir", "data", "--device", "cpu",
+        "--n_samples", "1", "--no_progress"], cwd=work)
+    resumed = torch.load(work / "k.pt", weights_only=True)
+    assert resumed["step"] == 120 and torch.equal(resumed["loss_history"], reference["loss_history"])
+    same_weights(resumed, reference)
+
+
+def test_sigint_saves_and_exits_cleanly(work):
+    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
+        proc = subprocess.Popen([sys.executable, *TRAIN, "--data_dir", "data", "--checkpoint", "int.pt",
+                                 "--max_steps", "100000"], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        wait_for(work / "int.pt", proc)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == code, err
+        assert "Traceback" not in err and "--resume" in out
+        ckpt = torch.load(work / "int.pt", weights_only=True)
+        assert ckpt["step"] % 10 != 0 or ckpt["step"] > 10  # saved at the interruption, not only at a period
+        os.remove(work / "int.pt")
+
+
+def test_kill_during_save_keeps_previous_checkpoint(work, reference):
+    """A process SIGKILLed halfway through writing a checkpoint leaves the old file intact."""
+    script = ("import os, signal, sys; sys.path.insert(0, %r); from utils import atomic_write\n"
+              "def half(f):\n    f.write(b'partial' * 1000); f.flush(); os.kill(os.getpid(), signal.SIGKILL)\n"
+              "atomic_write('ref.pt', half)\n" % ROOT)
+    before = (work / "ref.pt").read_bytes()
+    p = subprocess.run([sys.executable, "-c", script], cwd=work)
+    assert p.returncode == -signal.SIGKILL
+    assert (work / "ref.pt").read_bytes() == before
+    assert load_checkpoint(str(work / "ref.pt"))["step"] == 120
+
+
+def test_resume_with_other_model_flags_is_refused(work, reference, capsys, monkeypatch):
+    monkeypatch.chdir(work)
+    expect_user_error(capsys, run.main, ["--resume", "--checkpoint", "ref.pt", "--ch", "16"],
+                      "--ch 16 but the checkpoint has 8")
+
+
+def test_checkpoint_with_pickled_code_is_refused_and_not_run(tmp_path, capsys):
+    import evaluate
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"model": Evil(), "model_args": {}}, tmp_path / "evil.pt")
+    expect_user_error(capsys, evaluate.main, ["--checkpoint", str(tmp_path / "evil.pt"),
+                                              "--out", str(tmp_path / "x.jpg")], "refusing to load")
+    assert not marker.exists()
+
+
+def test_truncated_checkpoint_is_a_one_line_error(work, tmp_path, capsys):
+    data = (work / "ref.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="not a readable PyTorch checkpoint"):
+        load_checkpoint(str(tmp_path / "cut.pt"))
+
+
+def test_architecture_mismatch_names_keys_and_shapes():
+    small, other = UNet(**TINY), UNet(**{**TINY, "ch": 16, "attn_resolutions": ()})
+    with pytest.raises(UserError) as e:
+        load_weights(small, other.state_dict(), "x.pt")
+    msg = str(e.value)
+    assert "shape mismatches" in msg and "conv_in.weight: checkpoint (16, 1, 3, 3) vs model (8, 1, 3, 3)" in msg
+    assert "missing keys" in msg and "qkv" in msg.split("missing keys")[1]  # the attention layers
+
+
+def test_checkpoint_of_another_preset_loads_with_its_own_arguments(work, reference):
+    from train import build_model
+    model, _ = build_model(load_checkpoint(str(work / "ref.pt")))
+    assert model.model_args["ch"] == 8 and model.model_args != UNet().model_args
+
+
+class NaNAfter(torch.nn.Module):
+    """Wraps a model; from the n-th forward on it returns NaN (an injected fault)."""
+
+    def __init__(self, model, n):
+        super().__init__()
+        self.model, self.n, self.calls = model, n, 0
+        self.model_args = model.model_args
+
+    def forward(self, x, t):
+        self.calls += 1
+        out = self.model(x, t)
+        return out * float("nan") if self.calls >= self.n else out
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    model = NaNAfter(UNet(**TINY), n=17)
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
+    cfg = TrainConfig(n_epochs=100, batch_size=8, save_every=5, log_every=3, warmup=0)
+    path = str(tmp_path / "nan.pt")
+    with pytest.raises(TrainingDiverged, match="at step 17"):
+        train_func(model, GaussianDiffusion(), images, cfg, path, progress=False)
+    ckpt = load_checkpoint(path)
+    assert ckpt["step"] == 15 and torch.isfinite(ckpt["loss_history"]).all()
+
+
+def test_missing_output_folder_fails_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    t0 = time.time()
+    expect_user_error(capsys, run.main, ["--out_dir", "nowhere", "--data_dir", "nodata"], "does not exist")
+    assert time.time() - t0 < 5 and not (tmp_path / "nodata").exists()  # refused before loading any data

@@ -1,0 +1,65 @@
+"""The samplers: DDIM against the ancestral step, determinism, shapes, seeds."""
+import pytest
+import torch
+
+from conftest import TINY
+from diffusion import GaussianDiffusion
+from model import UNet
+from sample import sample_func
+from test_diffusion import ConstEps
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_eta1_full_steps_is_the_ancestral_step(clip):
+    """eta = 1 over all T steps: DDIM's step has the mean and variance of p_theta with sigma^2 = beta-tilde."""
+    d = GaussianDiffusion(var_type="fixed_small")
+    g = torch.Generator().manual_seed(0)
+    xt, eps = 1.5 * torch.randn(4, 1, 6, 6, generator=g), torch.randn(4, 1, 6, 6, generator=g)
+    for ti in (1, 37, 500, 999):
+        t = torch.full((4,), ti)
+        m_ddpm, v_ddpm, _ = d.p_mean_variance(ConstEps(eps), xt, t, clip)
+        m_ddim, v_ddim = d.ddim_mean_variance(ConstEps(eps), xt, t, t - 1, eta=1.0, clip_denoised=clip)
+        torch.testing.assert_close(m_ddim, m_ddpm, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(v_ddim.expand_as(v_ddpm), v_ddpm, rtol=1e-4, atol=1e-10)
+
+
+def test_ddim_eta0_uses_no_noise_after_x_T():
+    d, model = GaussianDiffusion(), ConstEps(torch.tensor(0.3))
+    g = torch.Generator().manual_seed(5)
+    a, _ = d.ddim_sample_loop(model, (2, 1, 4, 4), generator=g, sampling_steps=20, eta=0.0, progress=False)
+    ref = torch.Generator().manual_seed(5)
+    x_T = torch.randn((2, 1, 4, 4), generator=ref)
+    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=ref))  # only x_T was drawn
+    b, _ = d.ddim_sample_loop(model, (2, 1, 4, 4), generator=torch.Generator().manual_seed(5), sampling_steps=20,
+                              eta=0.0, progress=False)
+    assert torch.equal(a, b) and not torch.equal(a, x_T)
+
+
+def test_timestep_spacings():
+    d = GaussianDiffusion()
+    for spacing in ("uniform", "quadratic"):
+        ts = d.ddim_timesteps(10, spacing)
+        assert ts[0] == 0 and ts[-1] == 999 and len(ts) == 10 and (ts.diff() > 0).all()
+    assert torch.equal(d.ddim_timesteps(1000), torch.arange(1000))
+    q = d.ddim_timesteps(10, "quadratic")
+    assert q[1] - q[0] < q[-1] - q[-2]  # denser near t = 0
+    with pytest.raises(ValueError):
+        d.ddim_timesteps(0)
+
+
+@pytest.mark.parametrize("kw", [{}, {"sampler": "ddim", "sampling_steps": 10, "eta": 0.5, "spacing": "quadratic"}])
+def test_sample_func_shapes_steps_and_seed(kw):
+    torch.manual_seed(0)
+    model = UNet(**TINY)
+    for m in model.modules():  # non-zero output so the samples depend on the network
+        if isinstance(m, torch.nn.Conv2d) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.05)
+    d = GaussianDiffusion()
+    s, steps = sample_func(model, 5, d, seed=1, batch_size=2, return_steps=(1000, 500, 0), progress=False, **kw)
+    assert s.shape == (5, 1, 28, 28) and s.min() >= -1 - 1e-6 and s.max() <= 1 + 1e-6
+    assert set(steps) == {1000, 500, 0} and steps[500].shape == (5, 1, 28, 28)
+    assert torch.equal(steps[0], s)
+    s2, _ = sample_func(model, 3, d, seed=1, batch_size=2, progress=False, **kw)
+    assert torch.equal(s[:2], s2[:2])  # batch k uses seed + k, whatever n_samples is
+    s3, _ = sample_func(model, 2, d, seed=2, batch_size=2, progress=False, **kw)
+    assert not torch.equal(s[:2], s3)

@@ -1,0 +1,139 @@
+"""run.py and evaluate.py end to end on tiny data, determinism, and bad input."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import evaluate
+import run
+from conftest import ROOT, TINY_FLAGS
+from utils import run_main
+
+
+def sh(args, cwd, check=True, **kw):
+    p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=240, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} exited {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny run.py training (a few steps) shared by the tests below."""
+    from conftest import write_tiny_mnist
+    work = tmp_path_factory.mktemp("run")
+    data = write_tiny_mnist(str(work / "data"))
+    p = sh([os.path.join(ROOT, "run.py"), "--data_dir", data, *TINY_FLAGS, "--batch_size", "16",
+            "--max_steps", "6", "--save_every", "4", "--n_samples", "3", "--no_progress", "--seed", "1"], cwd=work)
+    return work, p
+
+
+def test_run_writes_checkpoint_samples_and_plot(trained):
+    work, p = trained
+    assert "configuration:" in p.stdout.splitlines()[0]  # the resolved configuration comes first
+    for name in ("ddpm_trained.pt", "generated_samples.jpg", "train_loss.png"):
+        assert os.path.getsize(work / name) > 0, name
+    ckpt = torch.load(work / "ddpm_trained.pt", weights_only=True)
+    assert ckpt["step"] == 6 and len(ckpt["loss_history"]) == 6
+    assert ckpt["model_args"]["ch"] == 8 and ckpt["model_args"]["ch_mult"] == (1, 2)
+    assert ckpt["train_config"]["batch_size"] == 16 and ckpt["meta"]["preset"] == "paper"
+    assert {"model", "ema", "optimizer", "rng", "diffusion_args"} <= set(ckpt)
+    assert not [f for f in os.listdir(work) if f.endswith(".tmp")]  # atomic writes leave nothing behind
+
+
+def test_evaluate_writes_jpg_and_npz(trained):
+    work, _ = trained
+    p = sh([os.path.join(ROOT, "evaluate.py"), "--n_samples", "4", "--save_samples", "s.npz",
+            "--out", "e.jpg", "--no_progress", "--seed", "3"], cwd=work)
+    assert "EMA" in p.stdout
+    s = np.load(work / "s.npz")["samples"]
+    assert s.shape == (4, 28, 28) and s.dtype == np.uint8
+    from PIL import Image
+    assert Image.open(work / "e.jpg").size[0] > 28 * 4
+
+
+def test_same_seed_same_samples(trained, capsys):
+    work, _ = trained
+    out = []
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        evaluate.main(["--checkpoint", str(work / "ddpm_trained.pt"), "--n_samples", "2", "--seed", str(seed),
+                       "--device", "cpu", "--out", str(work / f"{name}.jpg"),
+                       "--save_samples", str(work / f"{name}.npz"), "--no_progress"])
+        out.append(np.load(work / f"{name}.npz")["samples"])
+    assert np.array_equal(out[0], out[1])
+    assert not np.array_equal(out[0], out[2])
+
+
+def test_bare_state_dict_loads_with_default_arguments(tmp_path):
+    from model import UNet
+    from train import build_model, load_checkpoint
+    torch.save(UNet().state_dict(), tmp_path / "bare.pt")
+    model, diffusion = build_model(load_checkpoint(str(tmp_path / "bare.pt")))
+    assert model.model_args["ch"] == 64 and diffusion.T == 1000
+
+
+def expect_user_error(capsys, main, argv, match):
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--n_epochs", "0"], "--n_epochs must be >= 1"),
+    (["--n_samples", "0"], "--n_samples must be >= 1"),
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+    (["--device", "tpu9"], "device"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--ch_mult", "1,x"], "--ch_mult"),
+    (["--attn_res", "13"], "--attn_res 13 is not a resolution"),
+    (["--checkpoint", "/no/such/dir/x.pt"], "does not exist"),
+    (["--resume", "--checkpoint", "missing.pt"], "no checkpoint at missing.pt"),
+    (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs CUDA"),
+    (["--amp", "int8"], "invalid choice: 'int8'"),
+    (["--sampling_steps", "10"], "for --sampler ddim"),
+    (["--sampler", "ddim", "--sampling_steps", "0"], "--sampling_steps must be in [1, 1000]"),
+    (["--sampler", "ddim", "--eta", "-1"], "--eta must be >= 0"),
+])
+def test_run_bad_input(argv, match, capsys, tmp_path, monkeypatch):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ddpm_trained.pt").write_bytes(b"good checkpoint")
+    expect_user_error(capsys, run.main, argv, match)
+    assert (tmp_path / "ddpm_trained.pt").read_bytes() == b"good checkpoint"  # nothing overwritten
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--n_samples", "0"], "--n_samples must be >= 1"),
+    (["--checkpoint", "nope.pt"], "does not exist"),
+    (["--checkpoint", "notackpt.pt"], "not a readable PyTorch checkpoint"),
+    (["--device", "cuda"], "CUDA is not available"),
+    (["--bpd_timesteps", "0"], "--bpd_timesteps"),
+])
+def test_evaluate_bad_input(argv, match, capsys, tmp_path, monkeypatch):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notackpt.pt").write_bytes(b"this is not a checkpoint")
+    (tmp_path / "generated_samples.jpg").write_bytes(b"old")
+    expect_user_error(capsys, evaluate.main, argv, match)
+    assert (tmp_path / "generated_samples.jpg").read_bytes() == b"old"
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(tmp_path):
+    p = sh([os.path.join(ROOT, "evaluate.py"), "--checkpoint", "missing.pt"], cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = sh([os.path.join(ROOT, "run.py"), "--n_epochs", "0"], cwd=tmp_path, check=False)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_dry_run_prints_preset_with_overrides(capsys):
+    run.main(["--preset", "cpu", "--lr", "5e-4", "--dry_run", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert '"lr": 0.0005' in out and f'"ch": {run.PRESETS["cpu"]["ch"]}' in out
