@@ -27,7 +27,8 @@ def get_parser():
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same digits)")
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
     p.add_argument("--batch_size", type=int, default=256, help="samples drawn in parallel")
-    p.add_argument("--out", default="generated_samples.jpg", help="sample grid (5 per row)")
+    p.add_argument("--out", default="generated_samples.jpg", help="sample grid (.jpg or .png)")
+    p.add_argument("--nrow", type=int, default=5, help="digits per row of the grid")
     p.add_argument("--save_samples", metavar="PATH.npz", help="also write the samples as uint8 (N, 28, 28), key 'samples'")
     p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -52,8 +53,8 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.n_samples < 1:
         raise UserError(f"--n_samples must be >= 1, got {args.n_samples}")
-    if args.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.batch_size < 1 or args.nrow < 1:
+        raise UserError(f"--batch_size and --nrow must be >= 1, got {args.batch_size} and {args.nrow}")
     if args.bpd_images < 0 or args.bpd_timesteps < 1:
         raise UserError("--bpd_images must be >= 0 and --bpd_timesteps >= 1")
     if args.save_samples and not args.save_samples.endswith(".npz"):
@@ -73,7 +74,7 @@ def main(argv=None):
     net = torch.compile(model) if args.compile else model
     samples, _ = sample_func(net, args.n_samples, diffusion, seed=args.seed, device=device,
                              batch_size=args.batch_size, progress=not args.no_progress, amp=args.amp, **skw)
-    save_image_grid(from_model_range(samples), args.out, nrow=5)
+    save_image_grid(from_model_range(samples), args.out, nrow=args.nrow)
     msg = f"wrote {args.out}"
     if args.save_samples:
         save_npz(args.save_samples, samples=to_uint8(samples).numpy())

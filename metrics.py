@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -156,7 +157,12 @@ def fid_from_stats(a, b):
     from scipy import linalg
 
     (m1, s1), (m2, s2) = a, b
-    covmean = linalg.sqrtm(s1.numpy() @ s2.numpy())
+    with warnings.catch_warnings():  # ReLU features give singular covariances; handled below
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(s1.numpy() @ s2.numpy())
+        if not np.isfinite(covmean).all():  # as pytorch-fid: regularise the product and retry
+            eps = 1e-6 * np.eye(len(s1))
+            covmean = linalg.sqrtm((s1.numpy() + eps) @ (s2.numpy() + eps))
     covmean = np.real(covmean)  # tiny imaginary parts from numerical error
     return float((m1 - m2).pow(2).sum() + torch.trace(s1 + s2) - 2 * np.trace(covmean))
 

@@ -31,7 +31,7 @@ def resolve_device(name):
     """'auto' -> cuda, then mps, then cpu. Explicit names are checked, not silently replaced."""
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return _setup(torch.device("cuda"))
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -47,6 +47,13 @@ def resolve_device(name):
         raise UserError(f"--device {name} asked for, but MPS is not available here; use --device cpu or auto")
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return _setup(device)
+
+
+def _setup(device):
+    if device.type == "cuda":  # TF32 matmuls and convolutions for fp32 work on Ampere and newer
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     return device
 
 
@@ -72,14 +79,18 @@ def autocast(device, amp):
 
 
 def check_writable(path):
-    """Fail early (before any training) if `path` cannot be written: missing or read-only folder."""
+    """Fail early (before any training) if `path` cannot be written: missing, read-only or full folder."""
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise UserError(f"cannot write {path}: folder {folder} does not exist; create it first")
-    if not os.access(folder, os.W_OK):
-        raise UserError(f"cannot write {path}: folder {folder} is not writable")
     if os.path.isdir(path):
         raise UserError(f"cannot write {path}: it is a folder")
+    try:  # really try: os.access says yes to root on read-only mounts
+        with tempfile.TemporaryFile(dir=folder) as f:
+            f.write(b"x")
+            f.flush()
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror} in {folder}") from None
 
 
 def atomic_write(path, write_fn):
@@ -114,8 +125,7 @@ def save_image_grid(images01, path, nrow=5):
     arr = (grid[0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
     fmt = "JPEG" if path.lower().endswith((".jpg", ".jpeg")) else "PNG"
     img = Image.fromarray(arr, mode="L")
-    if fmt == "JPEG":  # small digits: upscale so the grid is viewable and JPEG artefacts stay small
-        img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)
+    img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)  # 28 px digits are too small to see
     atomic_write(path, lambda f: img.save(f, format=fmt, quality=95))
 
 

@@ -63,3 +63,26 @@ def test_sample_func_shapes_steps_and_seed(kw):
     assert torch.equal(s[:2], s2[:2])  # batch k uses seed + k, whatever n_samples is
     s3, _ = sample_func(model, 2, d, seed=2, batch_size=2, progress=False, **kw)
     assert not torch.equal(s[:2], s3)
+
+
+def test_compiled_forward_matches_eager():
+    """torch.compile (inductor) gives the same network output as eager, to float32 tolerance."""
+    torch.manual_seed(0)
+    model = UNet(**TINY).eval()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d) and not m.weight.any():
+            torch.nn.init.normal_(m.weight, std=0.05)
+    x, t = torch.randn(4, 1, 28, 28), torch.tensor([0, 10, 500, 999])
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model)(x, t), model(x, t), rtol=1e-4, atol=1e-4)
+
+
+def test_amp_refusals():
+    from utils import UserError, check_amp
+    cpu = torch.device("cpu")
+    check_amp(cpu, "none")
+    check_amp(cpu, "bf16")  # runs on CPUs (slower than fp32 here; see README)
+    with pytest.raises(UserError, match="needs CUDA"):
+        check_amp(cpu, "fp16")
+    with pytest.raises(UserError, match="MPS"):
+        check_amp(torch.device("mps"), "bf16")
