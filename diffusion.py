@@ -87,12 +87,13 @@ class GaussianDiffusion:
             torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
         self.posterior_mean_coef1 = b * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
-        # sigma_t^2 of the reverse process. For fixed_large the authors use beta-tilde_1 at
-        # t = 1 (our index 0) so that the last step's log-variance is well defined.
+        # sigma_t^2 of the reverse process. At the paper's t = 1 (our index 0) both choices use
+        # beta-tilde_1, as the authors' code does, so the decoder's variance is not 0
+        # (beta-tilde is 0 there; the sampler adds no noise at that step either way).
         if var_type == "fixed_large":
             self.model_variance = torch.cat([self.posterior_variance[1:2], b[1:]])
         else:
-            self.model_variance = self.posterior_variance
+            self.model_variance = torch.exp(self.posterior_log_variance_clipped)
 
     # ---- forward process --------------------------------------------------------------
     def q_mean_variance(self, x0, t):
@@ -179,13 +180,18 @@ class GaussianDiffusion:
         as in the DDIM paper's CIFAR runs)."""
         if not 1 <= S <= self.T:
             raise ValueError(f"sampling steps must be in [1, {self.T}], got {S}")
+        if S == 1:  # a single step must start from x_T
+            return torch.tensor([self.T - 1])
         if spacing == "uniform":
             ts = torch.linspace(0, self.T - 1, S, dtype=torch.float64)
         elif spacing == "quadratic":
             ts = torch.linspace(0, math.sqrt(self.T - 1), S, dtype=torch.float64) ** 2
         else:
             raise ValueError(f"spacing must be uniform or quadratic, got {spacing!r}")
-        ts = torch.unique(ts.round().long())  # quadratic spacing can repeat small t for large S
+        ts = torch.unique(ts.round().long())
+        if len(ts) < S:  # quadratic spacing repeats small t when S is large
+            raise ValueError(f"{spacing} spacing gives only {len(ts)} distinct timesteps for {S} steps; "
+                             f"use fewer steps or uniform spacing")
         return ts
 
     def ddim_mean_variance(self, model, xt, t, t_prev, eta=0.0, clip_denoised=True):

@@ -35,11 +35,12 @@ def get_parser():
     add_sampler_args(p)
     p.add_argument("--metrics", action="store_true", help="judge the samples (feature-FID, precision/recall, "
                    "classifier confidence) and compute the bits/dim bound on MNIST test images")
-    p.add_argument("--metrics_out", default="metrics.json", help="with --metrics: the numbers as JSON")
-    p.add_argument("--data_dir", default="./data", help="where MNIST is (or is put), as in run.py")
-    p.add_argument("--bpd_images", type=int, default=128, help="test images for bits/dim (0 = skip it)")
-    p.add_argument("--bpd_timesteps", type=int, default=100,
-                   help="timesteps per image for bits/dim (T-1 = the exact sum; fewer = stratified estimate)")
+    p.add_argument("--metrics_out", help="with --metrics: the numbers as JSON (default metrics.json)")
+    p.add_argument("--data_dir", help="with --metrics: where MNIST is (or is put), as in run.py (default ./data)")
+    p.add_argument("--bpd_images", type=int, help="with --metrics: test images for bits/dim (default 128; 0 = skip)")
+    p.add_argument("--bpd_timesteps", type=int,
+                   help="with --metrics: timesteps per image for bits/dim (default 100; T-1 = the exact sum, "
+                        "fewer = a stratified estimate)")
     return p
 
 
@@ -49,14 +50,31 @@ def save_npz(path, **arrays):
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
+METRICS_DEFAULTS = dict(metrics_out="metrics.json", data_dir="./data", bpd_images=128, bpd_timesteps=100)
+
+
+def check_metrics_args(args):
+    """The metrics flags need --metrics (none is silently ignored); fill in their defaults."""
+    given = [k for k in METRICS_DEFAULTS if getattr(args, k) is not None]
+    if given and not args.metrics:
+        raise UserError(f"--{given[0]} is for --metrics; add --metrics or drop it")
+    for k, v in METRICS_DEFAULTS.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.bpd_images < 0 or args.bpd_timesteps < 1:
+        raise UserError("--bpd_images must be >= 0 and --bpd_timesteps >= 1")
+    if args.metrics and not 10 <= args.n_samples <= 10000:
+        raise UserError(f"--metrics needs 10 <= --n_samples <= 10000 (real sets of the same size are drawn from "
+                        f"the 10,000 test images), got {args.n_samples}")
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     if args.n_samples < 1:
         raise UserError(f"--n_samples must be >= 1, got {args.n_samples}")
     if args.batch_size < 1 or args.nrow < 1:
         raise UserError(f"--batch_size and --nrow must be >= 1, got {args.batch_size} and {args.nrow}")
-    if args.bpd_images < 0 or args.bpd_timesteps < 1:
-        raise UserError("--bpd_images must be >= 0 and --bpd_timesteps >= 1")
+    check_metrics_args(args)
     if args.save_samples and not args.save_samples.endswith(".npz"):
         raise UserError(f"--save_samples must name a .npz file, got {args.save_samples}")
     device = resolve_device(args.device)
@@ -64,6 +82,9 @@ def main(argv=None):
     for path in filter(None, (args.out, args.save_samples, args.metrics_out if args.metrics else None)):
         check_writable(path)
     ckpt = load_checkpoint(args.checkpoint)
+    if args.metrics:  # fail before minutes of sampling, not after
+        from dataloader import ensure_mnist
+        ensure_mnist(args.data_dir)
     model, diffusion = build_model(ckpt, use_ema=not args.no_ema, device=device)
     skw = sampler_kwargs(args, diffusion.T)
     weights = "EMA" if not args.no_ema and ckpt.get("ema") is not None else "raw"

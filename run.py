@@ -9,7 +9,6 @@ and train_loss.png (in --out_dir).
 """
 import json
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, fields
@@ -21,8 +20,8 @@ from diffusion import GaussianDiffusion, from_model_range
 from model import UNet, count_parameters
 from sample import add_sampler_args, sample_func, sampler_kwargs
 from train import TrainConfig, TrainingInterrupted, load_checkpoint, train_func
-from utils import (OneLineArgumentParser, UserError, check_amp, check_writable, plot_loss, resolve_device,
-                   run_main, save_image_grid)
+from utils import (OneLineArgumentParser, UserError, atomic_write, check_amp, check_writable, plot_loss,
+                   resolve_device, run_main, save_image_grid)
 
 # Presets: model and recipe. "paper" is Ho et al. 2020's CIFAR-10 setup on 28x28 MNIST.
 # "cpu" was chosen by measuring short runs on a 2-core CPU (see README, "The cpu preset").
@@ -33,6 +32,8 @@ PRESETS = {
                 n_epochs=3, batch_size=64, lr=1e-3, warmup=200, lr_decay="cosine", ema_decay=0.999),
 }
 MODEL_FLAGS = ("ch", "ch_mult", "num_res_blocks", "attn_res", "dropout")
+# Flags outside the presets; None on the command line means "not given" (so --resume can tell).
+DEFAULTS = dict(max_steps=0, grad_clip=1.0, save_every=1000, seed=0, var_type="fixed_large")
 
 
 def int_list(s):
@@ -50,27 +51,27 @@ def get_parser():
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="paper", choices=sorted(PRESETS), help="model and recipe defaults")
     p.add_argument("--n_epochs", type=int, help="passes over the 60k training images")
-    p.add_argument("--max_steps", type=int, default=0, help="stop after this many optimizer steps (0 = no limit)")
+    p.add_argument("--max_steps", type=int, help="stop after this many optimizer steps (default 0 = no limit)")
     p.add_argument("--batch_size", type=int, help="training batch size")
     p.add_argument("--lr", type=float, help="Adam learning rate after warm-up")
     p.add_argument("--warmup", type=int, help="linear learning-rate warm-up steps")
     p.add_argument("--lr_decay", choices=["none", "cosine"], help="after warm-up: constant, or cosine to 0")
     p.add_argument("--ema_decay", type=float, help="EMA decay of the weights used for sampling")
-    p.add_argument("--grad_clip", type=float, default=1.0, help="gradient-norm clip (0 = off)")
+    p.add_argument("--grad_clip", type=float, help="gradient-norm clip (default 1.0; 0 = off)")
     p.add_argument("--ch", type=int, help="UNet base width")
     p.add_argument("--ch_mult", type=int_list, help="width multipliers per resolution, e.g. 1,2,2")
     p.add_argument("--num_res_blocks", type=int, help="residual blocks per resolution")
     p.add_argument("--attn_res", type=int_list, help="resolutions with self-attention, e.g. 14 ('' = none)")
     p.add_argument("--dropout", type=float, help="dropout in the residual blocks")
-    p.add_argument("--var_type", default="fixed_large", choices=["fixed_large", "fixed_small"],
-                   help="reverse variance sigma_t^2: beta_t (paper's CIFAR) or beta-tilde_t")
+    p.add_argument("--var_type", choices=["fixed_large", "fixed_small"],
+                   help="reverse variance sigma_t^2: fixed_large = beta_t (default, paper's CIFAR) or beta-tilde_t")
     p.add_argument("--n_samples", type=int, default=10, help="digits to sample after training")
     add_sampler_args(p)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
-    p.add_argument("--seed", type=int, default=0, help="seed for init, data order, noise and sampling")
+    p.add_argument("--seed", type=int, help="seed for init, data order, noise and sampling (default 0)")
     p.add_argument("--data_dir", default="./data", help="where MNIST is (or is put)")
     p.add_argument("--checkpoint", default="ddpm_trained.pt", help="checkpoint path (written; read by --resume)")
-    p.add_argument("--save_every", type=int, default=1000, help="checkpoint every N steps")
+    p.add_argument("--save_every", type=int, help="checkpoint every N steps (default 1000)")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --checkpoint")
     p.add_argument("--out_dir", default=".", help="where generated_samples.jpg and train_loss.png go")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
@@ -84,9 +85,10 @@ def resolve_config(args):
     val = {k: getattr(args, k) if getattr(args, k) is not None else preset[k] for k in preset}
     model_args = dict(ch=val["ch"], ch_mult=tuple(val["ch_mult"]), num_res_blocks=val["num_res_blocks"],
                       attn_resolutions=tuple(val["attn_res"]), dropout=val["dropout"])
-    cfg = TrainConfig(n_epochs=val["n_epochs"], max_steps=args.max_steps, batch_size=val["batch_size"],
-                      lr=val["lr"], warmup=val["warmup"], lr_decay=val["lr_decay"], grad_clip=args.grad_clip,
-                      ema_decay=val["ema_decay"], save_every=args.save_every, seed=args.seed,
+    val.update({k: getattr(args, k) if getattr(args, k) is not None else d for k, d in DEFAULTS.items()})
+    cfg = TrainConfig(n_epochs=val["n_epochs"], max_steps=val["max_steps"], batch_size=val["batch_size"],
+                      lr=val["lr"], warmup=val["warmup"], lr_decay=val["lr_decay"], grad_clip=val["grad_clip"],
+                      ema_decay=val["ema_decay"], save_every=val["save_every"], seed=val["seed"],
                       amp=args.amp, compile=args.compile)
     return model_args, cfg
 
@@ -100,7 +102,8 @@ def validate(args, model_args, cfg):
               (cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
               (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}"),
               (cfg.save_every >= 1, f"--save_every must be >= 1, got {cfg.save_every}"),
-              (model_args["ch"] >= 1, f"--ch must be >= 1, got {model_args['ch']}"),
+              (model_args["ch"] >= 4 and model_args["ch"] % 2 == 0,
+               f"--ch must be even and >= 4 (time embedding and GroupNorm widths), got {model_args['ch']}"),
               (len(model_args["ch_mult"]) >= 1 and min(model_args["ch_mult"]) >= 1,
                f"--ch_mult needs positive integers, got {model_args['ch_mult']}"),
               (model_args["num_res_blocks"] >= 1, f"--num_res_blocks must be >= 1, got {model_args['num_res_blocks']}"),
@@ -117,15 +120,20 @@ def validate(args, model_args, cfg):
 
 
 def check_resume_args(args, ckpt):
-    """--resume: the model comes from the checkpoint; explicit model flags must agree with it."""
-    saved = ckpt["model_args"]
-    diffs = []
+    """--resume: the model, the diffusion and the data order come from the checkpoint; explicit
+    flags that would change them are refused, naming the difference."""
+    saved, diffs = ckpt["model_args"], []
     for flag, key in zip(MODEL_FLAGS, ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout")):
         given = getattr(args, flag)
         if given is not None and _norm(given) != _norm(saved[key]):
             diffs.append(f"--{flag} {_norm(given)} but the checkpoint has {_norm(saved[key])}")
+    if args.var_type is not None and args.var_type != ckpt["diffusion_args"]["var_type"]:
+        diffs.append(f"--var_type {args.var_type} but the checkpoint has {ckpt['diffusion_args']['var_type']}")
+    for k in ("batch_size", "seed"):  # the data order and the position in it depend on these
+        if getattr(args, k) is not None and getattr(args, k) != ckpt["train_config"][k]:
+            diffs.append(f"--{k} {getattr(args, k)} but the checkpoint has {ckpt['train_config'][k]}")
     if diffs:
-        raise UserError("cannot resume with a different model: " + "; ".join(diffs))
+        raise UserError("cannot resume with a different model or data order: " + "; ".join(diffs))
 
 
 def _norm(v):
@@ -133,15 +141,30 @@ def _norm(v):
 
 
 def train_config_for_resume(args, ckpt):
-    """The checkpoint's training settings, with any flag given explicitly taking precedence."""
+    """The checkpoint's training settings, with every flag given explicitly taking precedence."""
     saved = dict(ckpt["train_config"])
-    explicit = {k: getattr(args, k) for k in ("n_epochs", "batch_size", "lr", "warmup", "lr_decay", "ema_decay")
-                if getattr(args, k) is not None}
-    for k in ("max_steps", "save_every", "grad_clip", "seed"):
-        if getattr(args, k) != get_parser().get_default(k):
-            explicit[k] = getattr(args, k)
-    saved.update(explicit)
+    saved.update({k: getattr(args, k) for k in ("n_epochs", "lr", "warmup", "lr_decay", "ema_decay", "max_steps",
+                                                "save_every", "grad_clip") if getattr(args, k) is not None})
+    saved.update(amp=args.amp, compile=args.compile)  # how to run, not what to train: from the flags
     return TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
+
+
+def protect_existing(path):
+    """A new run (no --resume) over an existing checkpoint: refuse if that holds an unfinished run,
+    else keep it as <path>.prev (written atomically) before this run's first save replaces it."""
+    if not os.path.exists(path):
+        return
+    try:
+        old = load_checkpoint(path)
+    except UserError:
+        old = {}
+    if "total_steps" in old and old["step"] < old["total_steps"]:
+        raise UserError(f"{path} holds an unfinished run (step {old['step']} of {old['total_steps']}); continue it "
+                        f"with --resume, or move it away (or pick another --checkpoint) to start a new run")
+    with open(path, "rb") as f:
+        data = f.read()
+    atomic_write(path + ".prev", lambda f: f.write(data))
+    print(f"{path} exists and --resume was not given: starting a new run; the old file is kept as {path}.prev")
 
 
 def main(argv=None):
@@ -161,36 +184,39 @@ def main(argv=None):
         check_resume_args(args, ckpt)
         model_args = dict(ckpt["model_args"])
         cfg = train_config_for_resume(args, ckpt)
-        cfg.amp, cfg.compile = args.amp, args.compile  # how to run, not what to train: taken from the flags
+        validate(args, model_args, cfg)
     samples_path = os.path.join(args.out_dir, "generated_samples.jpg")
     loss_path = os.path.join(args.out_dir, "train_loss.png")
     for path in (args.checkpoint, samples_path, loss_path):
         check_writable(path)
+    diffusion_args = ckpt["diffusion_args"] if ckpt else GaussianDiffusion(var_type=args.var_type or "fixed_large").args
+    meta = ckpt.get("meta", {}) if ckpt else {"preset": args.preset}
 
-    print("configuration:", json.dumps({"preset": args.preset, "device": str(device), "model": model_args,
-                                         "train": asdict(cfg), "var_type": args.var_type,
+    print("configuration:", json.dumps({"preset": meta.get("preset"), "device": str(device), "model": model_args,
+                                         "train": asdict(cfg), "diffusion": diffusion_args,
                                          "n_samples": args.n_samples, "sampler": skw, "checkpoint": args.checkpoint,
                                          "resume": args.resume, "data_dir": args.data_dir}, indent=1))
     if args.dry_run:
         return
+    if not args.resume:
+        protect_existing(args.checkpoint)
 
     images, _ = mnist_tensors(args.data_dir, train=True)
     torch.manual_seed(cfg.seed)
     model = UNet(**model_args)
-    diffusion = GaussianDiffusion(**ckpt["diffusion_args"]) if ckpt else GaussianDiffusion(var_type=args.var_type)
+    diffusion = GaussianDiffusion(**diffusion_args)
     print(f"UNet with {count_parameters(model) / 1e6:.2f}M parameters; {len(images)} training images")
-    if not args.resume and os.path.exists(args.checkpoint):
-        backup = args.checkpoint + ".prev"
-        shutil.copy2(args.checkpoint, backup)
-        print(f"{args.checkpoint} exists and --resume was not given: starting a new run; the old file is kept as {backup}")
 
     t0 = time.time()
     try:
         state = train_func(model, diffusion, images, cfg, args.checkpoint, device=device, resume=ckpt,
-                           model_meta={"preset": args.preset}, progress=not args.no_progress)
+                           model_meta=meta, progress=not args.no_progress)
     except TrainingInterrupted as e:
         print(f"\n{e}. Resume with: python {' '.join([os.path.basename(sys.argv[0])] + _resume_argv(args))}")
         sys.exit(128 + e.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    if ckpt is not None and state["step"] == ckpt["step"]:
+        print(f"{args.checkpoint} was already at step {state['step']}: nothing to train (raise --n_epochs or "
+              f"--max_steps to train further); sampling from it")
     print(f"trained to step {state['step']} in {time.time() - t0:.0f} s; final loss "
           f"{state['loss_history'][-100:].mean():.4f} (mean of the last {min(100, len(state['loss_history']))} steps); saved {args.checkpoint}")
     plot_loss(state["loss_history"], loss_path)
@@ -198,7 +224,7 @@ def main(argv=None):
     model.load_state_dict(state["ema"])  # sample from the EMA weights
     t0 = time.time()
     net = torch.compile(model) if args.compile else model
-    samples, _ = sample_func(net, args.n_samples, diffusion, seed=args.seed, device=device,
+    samples, _ = sample_func(net, args.n_samples, diffusion, seed=cfg.seed, device=device,
                              progress=not args.no_progress, amp=args.amp, **skw)
     save_image_grid(from_model_range(samples), samples_path, nrow=5)
     print(f"sampled {args.n_samples} digits in {time.time() - t0:.1f} s; wrote {samples_path} and {loss_path}")
@@ -206,10 +232,10 @@ def main(argv=None):
 
 def _resume_argv(args):
     out = ["--resume", "--checkpoint", args.checkpoint]
-    for k in ("data_dir", "out_dir", "device"):
+    for k in ("data_dir", "out_dir", "device", "amp"):
         if getattr(args, k) != get_parser().get_default(k):
             out += [f"--{k}", str(getattr(args, k))]
-    return out
+    return out + (["--compile"] if args.compile else [])
 
 
 if __name__ == "__main__":

@@ -30,6 +30,10 @@ def sampler_kwargs(args, T=1000):
         raise UserError(f"--sampling_steps must be in [1, {T}], got {steps}")
     if args.eta < 0:
         raise UserError(f"--eta must be >= 0, got {args.eta}")
+    try:
+        GaussianDiffusion(T=T).ddim_timesteps(steps, args.spacing)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     return {"sampler": "ddim", "sampling_steps": steps, "eta": args.eta, "spacing": args.spacing}
 
 

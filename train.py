@@ -101,7 +101,7 @@ def load_checkpoint(path, map_location="cpu"):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - every failure here is the file's fault
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e) or "GLOBAL" in str(e):
+        if "unsupported global" in str(e).lower():  # a pickled class or function: code could run
             raise UserError(f"{path} holds pickled Python objects, not only tensors; refusing to load it "
                             f"(it could run code). Only load checkpoints you trust") from None
         raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {msg}") from None
@@ -188,8 +188,16 @@ def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", res
     Returns the final checkpoint dict. Raises TrainingInterrupted or TrainingDiverged.
     """
     device = torch.device(device)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
     if device.type == "cpu":  # bitwise-reproducible resume on CPU (issue: kill-safe training)
         torch.use_deterministic_algorithms(True)
+    try:
+        return _train(model, diffusion, images, cfg, checkpoint_path, device, resume, model_meta, progress)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _train(model, diffusion, images, cfg, checkpoint_path, device, resume, model_meta, progress):
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -209,6 +217,9 @@ def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", res
         torch.manual_seed(cfg.seed)  # the dropout stream; the model was initialised by the caller
         noise_gen.manual_seed(cfg.seed + 1)
     else:
+        if resume.get("device_type", "cpu") != device.type:
+            raise UserError(f"this run was trained on {resume['device_type']}; resume it there (--device "
+                            f"{resume['device_type']}) so that its random streams can be restored")
         load_weights(model, resume["model"], "checkpoint")
         load_weights(ema, resume["ema"], "checkpoint EMA")
         opt.load_state_dict(resume["optimizer"])
@@ -224,22 +235,37 @@ def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", res
                 "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None,
                 "step": step, "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
+                "total_steps": total, "device_type": device.type,
                 "loss_history": torch.tensor(losses, dtype=torch.float32),
                 "rng": {**rng_state(), "noise": noise_gen.get_state()}}
 
-    pending = []  # per-step losses still on the device (one host sync per log_every steps)
+    pending = []  # per-step (loss, grad norm) still on the device: one host sync per log_every steps
+    check_grads = not scaler.is_enabled()  # fp16's GradScaler skips steps with inf gradients by design
+    saved_by_this_run = [resume is not None]
+
+    def diverged(what, at):
+        kept = (f"the last good checkpoint ({checkpoint_path}) was kept" if saved_by_this_run[0]
+                else f"this run saved nothing; {checkpoint_path} is untouched by it")
+        return TrainingDiverged(f"{what} at step {at}; stopped, {kept}. Lower --lr or check the data")
 
     def flush():
         if not pending:
             return
         vals = torch.stack(pending).cpu().tolist()
-        for i, v in enumerate(vals):
-            if not math.isfinite(v):
-                bad = step - len(vals) + i + 1
-                raise TrainingDiverged(f"loss became {v} at step {bad}; stopped. The last good checkpoint "
-                                       f"({checkpoint_path}) was kept; lower --lr or check the data")
-        losses.extend(vals)
+        for i, (v, gnorm) in enumerate(vals):
+            if not math.isfinite(v) or (check_grads and not math.isfinite(gnorm)):
+                what = f"loss became {v}" if not math.isfinite(v) else f"gradient norm became {gnorm}"
+                raise diverged(what, step - len(vals) + i + 1)
+        losses.extend(v for v, _ in vals)
         pending.clear()
+
+    def save():
+        flush()
+        params = list(model.parameters()) + list(ema.parameters())
+        if not torch.stack([p.detach().float().abs().max() for p in params]).isfinite().all():
+            raise diverged("the weights became non-finite", step)
+        save_checkpoint(checkpoint_path, state())
+        saved_by_this_run[0] = True
 
     bar = tqdm(total=total, initial=step, desc="training", disable=not progress, dynamic_ncols=True)
     perm, perm_epoch = None, -1
@@ -256,13 +282,13 @@ def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", res
                 loss = diffusion.training_losses(net, x0, noise_gen).mean()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if cfg.grad_clip > 0:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            scaler.unscale_(opt)
+            # the global gradient norm, clipped at grad_clip (inf = measured only; scaling by 1 is exact)
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             scaler.step(opt)
             scaler.update()
             ema_update(ema, model, cfg.ema_decay, step)
-            pending.append(loss.detach())
+            pending.append(torch.stack([loss.detach().float(), gnorm.detach().float()]))
             step += 1
 
             if step % cfg.log_every == 0 or step == total or stop.signum is not None:
@@ -270,8 +296,7 @@ def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", res
                 bar.set_postfix(epoch=step // steps_per_epoch, loss=f"{losses[-1]:.4f}", refresh=False)
             bar.update(1)
             if step % cfg.save_every == 0 or step == total or stop.signum is not None:
-                flush()
-                save_checkpoint(checkpoint_path, state())
+                save()
             if stop.signum is not None:
                 bar.close()
                 raise TrainingInterrupted(step, checkpoint_path, stop.signum)

@@ -67,6 +67,15 @@ def test_bpd_terms_sum_and_training_lowers_it():
     assert after["bpd"] < before["bpd"]
 
 
+def test_decoder_term_is_finite_for_both_variances():
+    """sigma^2 at t = 0 is beta-tilde_1 for both choices (beta-tilde_0 = 0 would make L_0 a point mass)."""
+    x0 = torch.from_numpy(fake_digits(4, seed=5)[0]).float().div(255).mul(2).sub(1).unsqueeze(1)
+    for var_type in ("fixed_large", "fixed_small"):
+        d = GaussianDiffusion(var_type=var_type)
+        l0 = d.vb_term_bpd(lambda x, t: torch.zeros_like(x), x0, torch.zeros(4, dtype=torch.long), torch.randn_like(x0))
+        assert torch.isfinite(l0).all() and (l0 < 20).all(), (var_type, l0)
+
+
 def test_stratified_estimate_matches_exact_sum():
     """With few timesteps the estimate is unbiased: compare to the exact sum on a cheap model."""
     class Zero(torch.nn.Module):  # eps = 0: cheap, and every term is well defined

@@ -19,7 +19,7 @@ from utils import UserError, run_main
 from test_scripts import expect_user_error, sh
 
 TRAIN = [os.path.join(ROOT, "run.py"), "--device", "cpu", *TINY_FLAGS, "--dropout", "0.1", "--batch_size", "16",
-         "--max_steps", "120", "--save_every", "10", "--n_samples", "1", "--no_progress"]
+         "--max_steps", "200", "--save_every", "10", "--n_samples", "1", "--no_progress"]
 
 
 def wait_for(path, proc, timeout=120):
@@ -51,19 +51,20 @@ def reference(work):
 
 
 def test_sigkill_then_resume_is_bitwise_identical(work, reference):
-    random.seed()
+    rng = random.Random(os.getpid())  # a different kill point on each run, logged if it fails
     proc = subprocess.Popen([sys.executable, *TRAIN, "--data_dir", "data", "--checkpoint", "k.pt"], cwd=work,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for(work / "k.pt", proc)
-    time.sleep(random.uniform(0.0, 0.4))  # somewhere in training, maybe inside a save
+    delay = rng.uniform(0.0, 0.4)
+    time.sleep(delay)  # somewhere in training, maybe inside a save
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = torch.load(work / "k.pt", weights_only=True)["step"]
-    assert 0 < killed_at < 120, killed_at  # it really was interrupted
+    assert 0 < killed_at < 200, (killed_at, delay)  # it really was interrupted
     sh([os.path.join(ROOT, "run.py"), "--resume", "--checkpoint", "k.pt", "--data_dir", "data", "--device", "cpu",
         "--n_samples", "1", "--no_progress"], cwd=work)
     resumed = torch.load(work / "k.pt", weights_only=True)
-    assert resumed["step"] == 120 and torch.equal(resumed["loss_history"], reference["loss_history"])
+    assert resumed["step"] == 200 and torch.equal(resumed["loss_history"], reference["loss_history"])
     same_weights(resumed, reference)
 
 
@@ -77,8 +78,8 @@ def test_sigint_saves_and_exits_cleanly(work):
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == code, err
         assert "Traceback" not in err and "--resume" in out
-        ckpt = torch.load(work / "int.pt", weights_only=True)
-        assert ckpt["step"] % 10 != 0 or ckpt["step"] > 10  # saved at the interruption, not only at a period
+        at = int(out.split(" at step ")[1].split(";")[0])
+        assert torch.load(work / "int.pt", weights_only=True)["step"] == at  # saved at the interruption
         os.remove(work / "int.pt")
 
 
@@ -91,13 +92,33 @@ def test_kill_during_save_keeps_previous_checkpoint(work, reference):
     p = subprocess.run([sys.executable, "-c", script], cwd=work)
     assert p.returncode == -signal.SIGKILL
     assert (work / "ref.pt").read_bytes() == before
-    assert load_checkpoint(str(work / "ref.pt"))["step"] == 120
+    assert load_checkpoint(str(work / "ref.pt"))["step"] == 200
 
 
-def test_resume_with_other_model_flags_is_refused(work, reference, capsys, monkeypatch):
+@pytest.mark.parametrize("flags, match", [
+    (["--ch", "16"], "--ch 16 but the checkpoint has 8"),
+    (["--batch_size", "32"], "--batch_size 32 but the checkpoint has 16"),
+    (["--seed", "3"], "--seed 3 but the checkpoint has 0"),
+    (["--var_type", "fixed_small"], "--var_type fixed_small but the checkpoint has fixed_large"),
+])
+def test_resume_with_other_model_or_data_order_is_refused(work, reference, capsys, monkeypatch, flags, match):
     monkeypatch.chdir(work)
-    expect_user_error(capsys, run.main, ["--resume", "--checkpoint", "ref.pt", "--ch", "16"],
-                      "--ch 16 but the checkpoint has 8")
+    expect_user_error(capsys, run.main, ["--resume", "--checkpoint", "ref.pt", *flags], match)
+
+
+def test_resume_honours_explicit_default_values(work, reference):
+    args = run.get_parser().parse_args(["--resume", "--max_steps", "0", "--save_every", "1000"])
+    cfg = run.train_config_for_resume(args, reference)
+    assert cfg.max_steps == 0 and cfg.save_every == 1000 and cfg.batch_size == 16  # not the saved 200 / 10
+
+
+def test_new_run_over_an_unfinished_one_is_refused(work, reference, capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    ckpt = dict(reference, step=50)  # an interrupted run: 50 of 200 steps
+    torch.save(ckpt, tmp_path / "ddpm_trained.pt")
+    expect_user_error(capsys, run.main, ["--data_dir", str(work / "data"), "--device", "cpu"],
+                      "holds an unfinished run (step 50 of 200)")
+    assert torch.load(tmp_path / "ddpm_trained.pt", weights_only=True)["step"] == 50
 
 
 def test_checkpoint_with_pickled_code_is_refused_and_not_run(tmp_path, capsys):
@@ -148,6 +169,38 @@ class NaNAfter(torch.nn.Module):
         self.calls += 1
         out = self.model(x, t)
         return out * float("nan") if self.calls >= self.n else out
+
+
+class NaNGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+class NaNGradAt(NaNAfter):
+    """Finite loss, NaN gradients at the n-th forward only: the weights break without the loss showing it."""
+
+    def forward(self, x, t):
+        self.calls += 1
+        out = self.model(x, t)
+        return NaNGrad.apply(out) if self.calls == self.n else out
+
+
+def test_nan_gradient_is_caught_before_it_is_saved(tmp_path):
+    torch.manual_seed(0)
+    model = NaNGradAt(UNet(**TINY), n=26)  # step 26 is a save point
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
+    cfg = TrainConfig(n_epochs=100, batch_size=8, save_every=13, log_every=100, warmup=0)
+    path = str(tmp_path / "nan.pt")
+    with pytest.raises(TrainingDiverged, match="gradient norm became nan at step 26"):
+        train_func(model, GaussianDiffusion(), images, cfg, path, progress=False)
+    ckpt = load_checkpoint(path)
+    assert ckpt["step"] == 13
+    assert all(torch.isfinite(v).all() for k in ("model", "ema") for v in ckpt[k].values())
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

@@ -41,6 +41,9 @@ def test_timestep_spacings():
         ts = d.ddim_timesteps(10, spacing)
         assert ts[0] == 0 and ts[-1] == 999 and len(ts) == 10 and (ts.diff() > 0).all()
     assert torch.equal(d.ddim_timesteps(1000), torch.arange(1000))
+    assert d.ddim_timesteps(1).tolist() == [999]  # one step starts from x_T
+    with pytest.raises(ValueError, match="distinct"):
+        d.ddim_timesteps(900, "quadratic")
     q = d.ddim_timesteps(10, "quadratic")
     assert q[1] - q[0] < q[-1] - q[-2]  # denser near t = 0
     with pytest.raises(ValueError):

@@ -99,6 +99,8 @@ def expect_user_error(capsys, main, argv, match):
     (["--sampling_steps", "10"], "for --sampler ddim"),
     (["--sampler", "ddim", "--sampling_steps", "0"], "--sampling_steps must be in [1, 1000]"),
     (["--sampler", "ddim", "--eta", "-1"], "--eta must be >= 0"),
+    (["--sampler", "ddim", "--spacing", "quadratic", "--sampling_steps", "900"], "only 698 distinct timesteps"),
+    (["--ch", "5"], "--ch must be even and >= 4"),
 ])
 def test_run_bad_input(argv, match, capsys, tmp_path, monkeypatch):
     if "cuda" in argv and torch.cuda.is_available():
@@ -114,7 +116,9 @@ def test_run_bad_input(argv, match, capsys, tmp_path, monkeypatch):
     (["--checkpoint", "nope.pt"], "does not exist"),
     (["--checkpoint", "notackpt.pt"], "not a readable PyTorch checkpoint"),
     (["--device", "cuda"], "CUDA is not available"),
-    (["--bpd_timesteps", "0"], "--bpd_timesteps"),
+    (["--metrics", "--bpd_timesteps", "0"], "--bpd_timesteps"),
+    (["--bpd_images", "5"], "--bpd_images is for --metrics"),
+    (["--metrics", "--n_samples", "3"], "--metrics needs 10 <= --n_samples"),
 ])
 def test_evaluate_bad_input(argv, match, capsys, tmp_path, monkeypatch):
     if "cuda" in argv and torch.cuda.is_available():
