@@ -92,9 +92,9 @@ def main(argv=None):
           f"sampling {args.n_samples} with {skw['sampler']} ({skw.get('sampling_steps', diffusion.T)} steps) on {device}")
 
     t0 = time.time()
-    net = torch.compile(model) if args.compile else model
-    samples, _ = sample_func(net, args.n_samples, diffusion, seed=args.seed, device=device,
-                             batch_size=args.batch_size, progress=not args.no_progress, amp=args.amp, **skw)
+    samples, _ = sample_func(model, args.n_samples, diffusion, seed=args.seed, device=device,
+                             batch_size=args.batch_size, progress=not args.no_progress, amp=args.amp, compile=args.compile, **skw)
+    sampling_seconds = time.time() - t0
     save_image_grid(from_model_range(samples), args.out, nrow=args.nrow)
     msg = f"wrote {args.out}"
     if args.save_samples:
@@ -103,6 +103,7 @@ def main(argv=None):
     print(f"{msg} in {time.time() - t0:.1f} s")
     if args.metrics:
         results = compute_metrics(model, diffusion, to_uint8(samples), args)
+        results.update(sampler=skw, sampling_seconds=sampling_seconds, device=str(device))
         print_table(results)
         atomic_write(args.metrics_out, lambda f: f.write(json.dumps(results, indent=1).encode()))
         print(f"wrote {args.metrics_out}")

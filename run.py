@@ -223,9 +223,8 @@ def main(argv=None):
 
     model.load_state_dict(state["ema"])  # sample from the EMA weights
     t0 = time.time()
-    net = torch.compile(model) if args.compile else model
-    samples, _ = sample_func(net, args.n_samples, diffusion, seed=cfg.seed, device=device,
-                             progress=not args.no_progress, amp=args.amp, **skw)
+    samples, _ = sample_func(model, args.n_samples, diffusion, seed=cfg.seed, device=device,
+                             progress=not args.no_progress, amp=args.amp, compile=args.compile, **skw)
     save_image_grid(from_model_range(samples), samples_path, nrow=5)
     print(f"sampled {args.n_samples} digits in {time.time() - t0:.1f} s; wrote {samples_path} and {loss_path}")
 

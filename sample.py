@@ -1,5 +1,7 @@
 """Sampling: the 1000-step ancestral reverse process (Algorithm 2 of Ho et al. 2020), or DDIM
 (Song et al. 2021) with fewer steps, from the same trained model."""
+import weakref
+
 import torch
 
 from diffusion import GaussianDiffusion
@@ -40,7 +42,7 @@ def sampler_kwargs(args, T=1000):
 @torch.no_grad()
 def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, device=None,
                 batch_size=256, return_steps=(), clip_denoised=True, progress=True,
-                sampler="ddpm", sampling_steps=None, eta=0.0, spacing="uniform", amp="none"):
+                sampler="ddpm", sampling_steps=None, eta=0.0, spacing="uniform", amp="none", compile=False):
     """Draw `n_samples` images with Algorithm 2 (T reverse steps from pure noise), or with DDIM.
 
     sampler: "ddpm" (ancestral, T steps) or "ddim" (sampling_steps steps, default 50, `eta` = 0
@@ -63,20 +65,41 @@ def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, dev
     m = model.model_args
     shape = (m["in_channels"], m["resolution"], m["resolution"])
     samples, steps = [], {}
+    net = _compiled(model, device) if compile else model
     try:
         for k, start in enumerate(range(0, n_samples, batch_size)):
             b = min(batch_size, n_samples - start)
             g = generator if generator is not None else torch.Generator(device=device).manual_seed(seed + k)
             kw = dict(generator=g, device=device, clip_denoised=clip_denoised, return_steps=return_steps,
                       progress=progress)
-            with autocast(device, amp):
-                x, st = _loop(diffusion, model, (b, *shape), kw, sampler, sampling_steps, eta, spacing)
+            with autocast(device, amp), _freezing(compile):
+                x, st = _loop(diffusion, net, (b, *shape), kw, sampler, sampling_steps, eta, spacing)
             samples.append(x.cpu())
             for t, xt in st.items():
                 steps.setdefault(t, []).append(xt.cpu())
     finally:
         model.train(was_training)
     return torch.cat(samples), {t: torch.cat(v) for t, v in steps.items()}
+
+
+_COMPILED = weakref.WeakKeyDictionary()  # model -> its compiled form, so repeated calls compile once
+
+
+def _compiled(model, device):
+    if model not in _COMPILED:
+        if device.type == "cpu":
+            model.to(memory_format=torch.channels_last)
+        _COMPILED[model] = torch.compile(model, dynamic=False)  # freezing + dynamic shapes broke in inductor 2.14
+    return _COMPILED[model]
+
+
+def _freezing(on):
+    """Inductor's freezing (weights folded in as constants) while compiling for inference."""
+    import contextlib
+    if not on:
+        return contextlib.nullcontext()
+    import torch._inductor.config as inductor_config
+    return inductor_config.patch(freezing=True)
 
 
 def _loop(diffusion, model, shape, kw, sampler, sampling_steps, eta, spacing):
