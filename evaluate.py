@@ -11,7 +11,6 @@ import json
 import time
 
 import numpy as np
-import torch
 
 from diffusion import from_model_range, to_uint8
 from sample import add_sampler_args, sample_func, sampler_kwargs

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dataloader import epoch_permutation, mnist_tensors
-from utils import OneLineArgumentParser, UserError, atomic_write, run_main
+from utils import OneLineArgumentParser, atomic_write, run_main
 
 CLASSIFIER_FILE = "mnist_classifier.pt"
 

@@ -11,7 +11,7 @@ import os
 import random
 import signal
 import threading
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch

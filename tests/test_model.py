@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from model import UNet, count_parameters
-from conftest import TINY
 
 
 @pytest.mark.parametrize("batch", [1, 3])

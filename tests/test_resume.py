@@ -15,7 +15,7 @@ from conftest import ROOT, TINY, TINY_FLAGS, write_tiny_mnist
 from diffusion import GaussianDiffusion
 from model import UNet
 from train import TrainConfig, TrainingDiverged, load_checkpoint, load_weights, train_func
-from utils import UserError, run_main
+from utils import UserError
 from test_scripts import expect_user_error, sh
 
 TRAIN = [os.path.join(ROOT, "run.py"), "--device", "cpu", *TINY_FLAGS, "--dropout", "0.1", "--batch_size", "16",
