@@ -20,7 +20,7 @@ from diffusion import GaussianDiffusion
 from model import UNet, count_parameters
 from run import PRESETS
 from sample import sample_func
-from train import TrainConfig, train_func
+from train import TrainConfig, make_optimizer_and_net, train_func
 from utils import OneLineArgumentParser, UserError, atomic_write, autocast, check_amp, resolve_device, run_main
 
 
@@ -68,8 +68,7 @@ def peak_matmul_flops(device, dtype=torch.float32):
 
 def bare_step_time(model, diffusion, batch, device, steps, amp="none", compile=False):
     """Forward, backward and Adam on one fixed batch: the floor for a training step."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    net = torch.compile(model) if compile else model
+    opt, net = make_optimizer_and_net(model, device, 1e-4, compile)  # as train_func sets them up
     x0 = torch.rand(batch, 1, 28, 28, device=device) * 2 - 1
     g = torch.Generator(device=device).manual_seed(0)
     for i in range(steps + 3):
