@@ -18,7 +18,7 @@ import torch
 
 from diffusion import GaussianDiffusion
 from model import UNet, count_parameters
-from run import PRESETS
+from run import PRESETS, unet_args
 from sample import sample_func
 from train import TrainConfig, make_optimizer_and_net, train_func
 from utils import OneLineArgumentParser, UserError, atomic_write, autocast, check_amp, resolve_device, run_main
@@ -29,12 +29,6 @@ def sync(device):
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
-
-
-def model_for(preset):
-    p = PRESETS[preset]
-    return dict(ch=p["ch"], ch_mult=p["ch_mult"], num_res_blocks=p["num_res_blocks"],
-                attn_resolutions=p["attn_res"], dropout=p["dropout"])
 
 
 def count_flops(model, batch, device):
@@ -126,7 +120,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     check_amp(device, args.amp)
     torch.manual_seed(0)
-    model = UNet(**model_for(args.preset)).to(device)
+    model = UNet(**unet_args(PRESETS[args.preset])).to(device)
     diffusion = GaussianDiffusion()
     res = {"preset": args.preset, "device": str(device), "batch_size": args.batch_size, "amp": args.amp,
            "compile": args.compile,

@@ -79,12 +79,17 @@ def get_parser():
     return p
 
 
+def unet_args(values):
+    """UNet keyword arguments from preset-style values (flag names: attn_res -> attn_resolutions)."""
+    return dict(ch=values["ch"], ch_mult=tuple(values["ch_mult"]), num_res_blocks=values["num_res_blocks"],
+                attn_resolutions=tuple(values["attn_res"]), dropout=values["dropout"])
+
+
 def resolve_config(args):
     """Preset values, overridden by every flag given explicitly. Returns (model_args, TrainConfig)."""
     preset = PRESETS[args.preset]
     val = {k: getattr(args, k) if getattr(args, k) is not None else preset[k] for k in preset}
-    model_args = dict(ch=val["ch"], ch_mult=tuple(val["ch_mult"]), num_res_blocks=val["num_res_blocks"],
-                      attn_resolutions=tuple(val["attn_res"]), dropout=val["dropout"])
+    model_args = unet_args(val)
     val.update({k: getattr(args, k) if getattr(args, k) is not None else d for k, d in DEFAULTS.items()})
     cfg = TrainConfig(n_epochs=val["n_epochs"], max_steps=val["max_steps"], batch_size=val["batch_size"],
                       lr=val["lr"], warmup=val["warmup"], lr_decay=val["lr_decay"], grad_clip=val["grad_clip"],

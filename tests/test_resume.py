@@ -190,15 +190,20 @@ class NaNGradAt(NaNAfter):
         return NaNGrad.apply(out) if self.calls == self.n else out
 
 
+def train_until_diverged(model, cfg, tmp_path, match):
+    """Train a faulty model on random digits; it must raise TrainingDiverged(match). Returns the checkpoint left."""
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
+    path = str(tmp_path / "nan.pt")
+    with pytest.raises(TrainingDiverged, match=match):
+        train_func(model, GaussianDiffusion(), images, cfg, path, progress=False)
+    return load_checkpoint(path)
+
+
 def test_nan_gradient_is_caught_before_it_is_saved(tmp_path):
     torch.manual_seed(0)
     model = NaNGradAt(UNet(**TINY), n=26)  # step 26 is a save point
-    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
     cfg = TrainConfig(n_epochs=100, batch_size=8, save_every=13, log_every=100, warmup=0)
-    path = str(tmp_path / "nan.pt")
-    with pytest.raises(TrainingDiverged, match="gradient norm became nan at step 26"):
-        train_func(model, GaussianDiffusion(), images, cfg, path, progress=False)
-    ckpt = load_checkpoint(path)
+    ckpt = train_until_diverged(model, cfg, tmp_path, "gradient norm became nan at step 26")
     assert ckpt["step"] == 13
     assert all(torch.isfinite(v).all() for k in ("model", "ema") for v in ckpt[k].values())
 
@@ -206,12 +211,8 @@ def test_nan_gradient_is_caught_before_it_is_saved(tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     torch.manual_seed(0)
     model = NaNAfter(UNet(**TINY), n=17)
-    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
     cfg = TrainConfig(n_epochs=100, batch_size=8, save_every=5, log_every=3, warmup=0)
-    path = str(tmp_path / "nan.pt")
-    with pytest.raises(TrainingDiverged, match="at step 17"):
-        train_func(model, GaussianDiffusion(), images, cfg, path, progress=False)
-    ckpt = load_checkpoint(path)
+    ckpt = train_until_diverged(model, cfg, tmp_path, "at step 17")
     assert ckpt["step"] == 15 and torch.isfinite(ckpt["loss_history"]).all()
 
 
