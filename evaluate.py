@@ -14,7 +14,7 @@ import numpy as np
 
 from diffusion import from_model_range, to_uint8
 from sample import add_sampler_args, sample_func, sampler_kwargs
-from train import build_model, load_checkpoint
+from train import build_model, load_checkpoint, weights_kind
 from utils import (OneLineArgumentParser, UserError, atomic_write, check_amp, check_writable, resolve_device,
                    run_main, save_image_grid)
 
@@ -86,7 +86,7 @@ def main(argv=None):
         ensure_mnist(args.data_dir)
     model, diffusion = build_model(ckpt, use_ema=not args.no_ema, device=device)
     skw = sampler_kwargs(args, diffusion.T)
-    weights = "EMA" if not args.no_ema and ckpt.get("ema") is not None else "raw"
+    weights = weights_kind(ckpt, use_ema=not args.no_ema)
     print(f"loaded {args.checkpoint} (step {ckpt.get('step', '?')}, {weights} weights); "
           f"sampling {args.n_samples} with {skw['sampler']} ({skw.get('sampling_steps', diffusion.T)} steps) on {device}")
 

@@ -128,6 +128,16 @@ def load_weights(model, state_dict, source):
     model.load_state_dict(state_dict)
 
 
+def weights_kind(ckpt, use_ema=True):
+    """Which weights build_model(ckpt, use_ema) loads: "EMA" or "raw"."""
+    if ckpt.get("weights") == "ema":  # an exported checkpoint: "model" holds the EMA weights
+        if not use_ema:
+            raise UserError("this checkpoint was exported with the EMA weights only; drop --no_ema "
+                            "(the raw weights are in the training checkpoint it came from)")
+        return "EMA"
+    return "EMA" if use_ema and ckpt.get("ema") is not None else "raw"
+
+
 def build_model(ckpt, use_ema=True, device="cpu"):
     """Rebuild (UNet, GaussianDiffusion) from a checkpoint dict, with EMA weights if present."""
     try:
@@ -135,9 +145,26 @@ def build_model(ckpt, use_ema=True, device="cpu"):
         diffusion = GaussianDiffusion(**ckpt["diffusion_args"])
     except (TypeError, ValueError) as e:
         raise UserError(f"checkpoint arguments are invalid: {e}") from None
-    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    kind = weights_kind(ckpt, use_ema)
+    weights = ckpt["ema"] if kind == "EMA" and ckpt.get("ema") is not None else ckpt["model"]
     load_weights(model, weights, "checkpoint")
     return model.to(device).eval(), diffusion
+
+
+def export_checkpoint(ckpt):
+    """The published form of a training checkpoint: the EMA weights in fp32 under "model" (marked
+    weights="ema"), the arguments that rebuild the model and the diffusion, the training settings
+    and the loss history; no raw weights, optimizer or random-number state (it cannot be resumed)."""
+    if ckpt.get("ema") is None and ckpt.get("weights") != "ema":
+        raise UserError("this checkpoint has no EMA weights to export")
+    weights = ckpt["model"] if ckpt.get("weights") == "ema" else ckpt["ema"]
+    out = {"format": ckpt.get("format", CHECKPOINT_FORMAT), "weights": "ema",
+           "model": {k: v.float().contiguous() if v.is_floating_point() else v for k, v in weights.items()}}
+    for k in ("model_args", "diffusion_args", "train_config", "meta", "step", "epoch", "steps_per_epoch",
+              "total_steps", "device_type", "loss_history"):
+        if k in ckpt:
+            out[k] = ckpt[k]
+    return out
 
 
 # ---- the training loop ---------------------------------------------------------------------

@@ -1,0 +1,48 @@
+"""Publish a trained checkpoint: its EMA weights (fp32) with the arguments that rebuild the model,
+and a SHA-256 file beside it that load_and_eval.sh checks.
+
+    python export.py --checkpoint ddpm_trained.pt --out checkpoints/ddpm_trained.pt
+
+writes checkpoints/ddpm_trained.pt and checkpoints/ddpm_trained.pt.sha256 ("<hex>  ddpm_trained.pt",
+the format `sha256sum -c` reads). The exported file loads in evaluate.py like any checkpoint but
+cannot be resumed (no optimizer state).
+"""
+import hashlib
+import io
+import os
+
+import torch
+
+from train import export_checkpoint, load_checkpoint
+from utils import OneLineArgumentParser, UserError, atomic_write, check_writable, run_main
+
+
+def sha256_line(data, name):
+    return f"{hashlib.sha256(data).hexdigest()}  {name}\n"
+
+
+def main(argv=None):
+    p = OneLineArgumentParser(description="Export the EMA weights of a checkpoint for publication, with a SHA-256 file.")
+    p.add_argument("--checkpoint", default="ddpm_trained.pt", help="training checkpoint to export")
+    p.add_argument("--out", default="checkpoints/ddpm_trained.pt", help="exported checkpoint (a .sha256 file goes beside it)")
+    args = p.parse_args(argv)
+    if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
+        raise UserError("--out must differ from --checkpoint (the training checkpoint is kept)")
+    for path in (args.out, args.out + ".sha256"):
+        check_writable(path)
+    ckpt = load_checkpoint(args.checkpoint)
+    out = export_checkpoint(ckpt)
+    if "total_steps" in out and out["step"] < out["total_steps"]:
+        print(f"note: {args.checkpoint} is an unfinished run (step {out['step']} of {out['total_steps']})")
+    buf = io.BytesIO()
+    torch.save(out, buf)
+    data = buf.getvalue()
+    atomic_write(args.out, lambda f: f.write(data))
+    line = sha256_line(data, os.path.basename(args.out))
+    atomic_write(args.out + ".sha256", lambda f: f.write(line.encode()))
+    print(f"wrote {args.out} ({len(data) / 1e6:.1f} MB, step {out.get('step', '?')}, EMA weights) and "
+          f"{args.out}.sha256 ({line.split()[0][:16]}...)")
+
+
+if __name__ == "__main__":
+    run_main(main)

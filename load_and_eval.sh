@@ -1,0 +1,88 @@
+#!/bin/sh
+# Fetch the trained DDPM checkpoint, verify its SHA-256, put it in place, and sample from it.
+#
+#   sh load_and_eval.sh                          # the repo's published copy (checkpoints/)
+#   sh load_and_eval.sh URL                      # download it (or set DDPM_CHECKPOINT_URL)
+#   sh load_and_eval.sh [URL] -- --n_samples 100 # arguments after -- go to evaluate.py
+#
+# The file is fetched (curl, else wget) into a temporary file, checked against
+# checkpoints/ddpm_trained.pt.sha256, and only then moved to ./ddpm_trained.pt (one rename).
+# A failed download or a wrong hash leaves no ddpm_trained.pt behind and exits non-zero.
+# A different ./ddpm_trained.pt already there (say, your own training) is kept as
+# ddpm_trained.pt.prev. Environment: DDPM_CHECKPOINT_URL, PYTHON (default python, else python3).
+set -eu
+
+die() { echo "load_and_eval.sh: error: $*" >&2; exit 1; }
+
+cd "$(dirname "$0")"
+SUM_FILE=checkpoints/ddpm_trained.pt.sha256
+PUBLISHED=checkpoints/ddpm_trained.pt
+DEST=ddpm_trained.pt
+
+URL=""
+if [ $# -gt 0 ] && [ "$1" != "--" ]; then
+    URL=$1
+    shift
+fi
+if [ $# -gt 0 ]; then
+    [ "$1" = "--" ] || die "unexpected argument '$1'; usage: sh load_and_eval.sh [URL] [-- evaluate.py arguments]"
+    shift
+fi
+[ -n "$URL" ] || URL=${DDPM_CHECKPOINT_URL:-}
+
+PY=${PYTHON:-}
+if [ -z "$PY" ]; then
+    if command -v python >/dev/null 2>&1; then PY=python
+    elif command -v python3 >/dev/null 2>&1; then PY=python3
+    else die "no python or python3 on PATH; install Python 3 and 'pip install -r requirements.txt'"
+    fi
+fi
+
+[ -f "$SUM_FILE" ] || die "$SUM_FILE is missing; it holds the published checksum (is this a complete clone?)"
+EXPECTED=$(awk 'NR == 1 { print $1 }' "$SUM_FILE")
+case "$EXPECTED" in
+    *[!0-9a-f]*|"") die "$SUM_FILE does not start with a SHA-256 hex digest" ;;
+esac
+[ ${#EXPECTED} -eq 64 ] || die "$SUM_FILE does not start with a SHA-256 hex digest"
+
+sha256_of() {
+    if command -v sha256sum >/dev/null 2>&1; then sha256sum "$1" | awk '{ print $1 }'
+    elif command -v shasum >/dev/null 2>&1; then shasum -a 256 "$1" | awk '{ print $1 }'
+    else "$PY" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$1"
+    fi
+}
+
+TMP=$(mktemp ./.ddpm_trained.pt.XXXXXX) || die "cannot create a temporary file in $(pwd)"
+trap 'rm -f "$TMP"' EXIT
+trap 'rm -f "$TMP"; exit 130' INT
+trap 'rm -f "$TMP"; exit 143' TERM
+
+if [ -n "$URL" ]; then
+    echo "downloading $URL"
+    if command -v curl >/dev/null 2>&1; then
+        curl -fL --retry 2 --connect-timeout 20 -sS -o "$TMP" "$URL" || die "download failed: $URL"
+    elif command -v wget >/dev/null 2>&1; then
+        wget -q -T 20 -t 3 -O "$TMP" "$URL" || die "download failed: $URL"
+    else
+        die "neither curl nor wget is installed; install one, or run without a URL to use $PUBLISHED"
+    fi
+else
+    [ -f "$PUBLISHED" ] || die "no URL given (argument or DDPM_CHECKPOINT_URL) and $PUBLISHED is missing"
+    echo "using the published copy $PUBLISHED"
+    cp "$PUBLISHED" "$TMP"
+fi
+
+ACTUAL=$(sha256_of "$TMP")
+[ "$ACTUAL" = "$EXPECTED" ] || die "SHA-256 mismatch: got $ACTUAL, expected $EXPECTED ($SUM_FILE); nothing was installed"
+echo "SHA-256 verified ($EXPECTED)"
+
+if [ -f "$DEST" ] && [ "$(sha256_of "$DEST")" != "$EXPECTED" ]; then
+    mv -f "$DEST" "$DEST.prev"
+    echo "$DEST was a different checkpoint; kept it as $DEST.prev"
+fi
+chmod 644 "$TMP"
+mv -f "$TMP" "$DEST"
+trap - EXIT INT TERM
+echo "installed $DEST"
+
+exec "$PY" evaluate.py --checkpoint "$DEST" "$@"

@@ -1,0 +1,89 @@
+"""Remake the README's pictures from a checkpoint and its loss history.
+
+    python make_pics.py                      # checkpoints/ddpm_trained.pt -> pics/
+
+writes, in --out_dir:
+  train loss.png         L_simple per optimizer step (light) and its running mean, log scale
+  generated samples.png  --n_samples digits from the 1000-step sampler (Algorithm 2), 10 per row
+  reverse process.png    x_t at 10 timesteps (columns, t = 1000 ... 0) for the first --n_reverse samples
+  generated_samples.jpg  the first 10 of those digits, 5 per row (what evaluate.py writes)
+All digits come from one sampling pass with --seed, so the pictures agree with each other.
+"""
+import os
+import time
+
+import torch
+
+from diffusion import from_model_range
+from sample import sample_func
+from train import build_model, load_checkpoint
+from utils import OneLineArgumentParser, UserError, atomic_write, check_writable, plot_loss, resolve_device, run_main, save_image_grid
+
+# Denser near t = 0, where the digit takes shape.
+REVERSE_TIMESTEPS = (1000, 800, 600, 450, 300, 200, 120, 60, 20, 0)
+
+
+def plot_reverse_process(steps, path, n_rows):
+    """steps: {t: (N, 1, H, W) in [-1, 1]} -> a grid, one row per sample, one column per t."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts = sorted(steps, reverse=True)
+    fig, axes = plt.subplots(n_rows, len(ts), figsize=(1.1 * len(ts), 1.1 * n_rows + 0.4), squeeze=False)
+    for j, t in enumerate(ts):
+        imgs = from_model_range(steps[t][:n_rows]).clamp(0, 1)
+        for i in range(n_rows):
+            ax = axes[i, j]
+            ax.imshow(imgs[i, 0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(f"t = {t}", fontsize=9)
+    fig.suptitle("reverse process: x_t from noise (t = 1000) to sample (t = 0)", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = OneLineArgumentParser(description="Remake the README pictures from a checkpoint and its loss history.")
+    p.add_argument("--checkpoint", default="checkpoints/ddpm_trained.pt", help="checkpoint (with its loss history)")
+    p.add_argument("--out_dir", default="pics", help="folder for the pictures")
+    p.add_argument("--n_samples", type=int, default=100, help="digits in 'generated samples.png'")
+    p.add_argument("--n_reverse", type=int, default=8, help="rows of 'reverse process.png'")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--batch_size", type=int, default=100, help="samples drawn in parallel")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.n_samples < 10 or not 1 <= args.n_reverse <= args.n_samples or args.batch_size < 1:
+        raise UserError("need --n_samples >= 10, 1 <= --n_reverse <= --n_samples and --batch_size >= 1")
+    if not os.path.isdir(args.out_dir):
+        raise UserError(f"--out_dir {args.out_dir} does not exist; create it first")
+    names = ["train loss.png", "generated samples.png", "reverse process.png", "generated_samples.jpg"]
+    paths = {n: os.path.join(args.out_dir, n) for n in names}
+    for path in paths.values():
+        check_writable(path)
+    ckpt = load_checkpoint(args.checkpoint)
+    losses = ckpt.get("loss_history")
+    if losses is None or len(losses) == 0:
+        raise UserError(f"{args.checkpoint} has no loss history; use a checkpoint written by run.py or export.py")
+    device = resolve_device(args.device)
+    model, diffusion = build_model(ckpt, device=device)
+
+    plot_loss(losses, paths["train loss.png"])
+    t0 = time.time()
+    samples, steps = sample_func(model, args.n_samples, diffusion, seed=args.seed, device=device,
+                                 batch_size=args.batch_size, return_steps=REVERSE_TIMESTEPS,
+                                 progress=not args.no_progress)
+    print(f"sampled {args.n_samples} digits (1000 steps) in {time.time() - t0:.0f} s on {device}")
+    save_image_grid(from_model_range(samples), paths["generated samples.png"], nrow=10)
+    plot_reverse_process(steps, paths["reverse process.png"], args.n_reverse)
+    save_image_grid(from_model_range(samples[:10]), paths["generated_samples.jpg"], nrow=5)
+    print("wrote " + ", ".join(f"'{p}'" for p in paths.values()))
+
+
+if __name__ == "__main__":
+    with torch.no_grad():
+        run_main(main)

@@ -1,0 +1,143 @@
+"""load_and_eval.sh against a local `python -m http.server`: a good file, a wrong hash, an
+unreachable URL, a 404, no downloader, the published copy, and an existing checkpoint kept."""
+import glob
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY
+from diffusion import GaussianDiffusion
+from model import UNet
+from train import export_checkpoint
+
+EVAL_ARGS = ["--", "--n_samples", "2", "--sampler", "ddim", "--sampling_steps", "3", "--no_progress",
+             "--device", "cpu", "--out", "grid.png"]
+
+
+def _checkpoint_bytes(seed):
+    torch.manual_seed(seed)
+    net = UNet(**TINY)
+    ckpt = export_checkpoint({"model_args": net.model_args, "diffusion_args": GaussianDiffusion().args,
+                              "model": net.state_dict(), "ema": net.state_dict(), "step": 1, "total_steps": 1})
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"_ckpt_{os.getpid()}_{seed}.pt")
+    torch.save(ckpt, path)
+    with open(path, "rb") as f:
+        data = f.read()
+    os.remove(path)
+    return data
+
+
+@pytest.fixture(scope="module")
+def files():
+    return {"good": _checkpoint_bytes(0), "other": _checkpoint_bytes(1)}
+
+
+@pytest.fixture
+def repo(tmp_path, files):
+    """A copy of the repo's scripts with a published tiny checkpoint and its checksum."""
+    r = tmp_path / "repo"
+    (r / "checkpoints").mkdir(parents=True)
+    for f in glob.glob(os.path.join(ROOT, "*.py")) + [os.path.join(ROOT, "load_and_eval.sh")]:
+        shutil.copy(f, r)
+    (r / "checkpoints" / "ddpm_trained.pt").write_bytes(files["good"])
+    digest = hashlib.sha256(files["good"]).hexdigest()
+    (r / "checkpoints" / "ddpm_trained.pt.sha256").write_text(f"{digest}  ddpm_trained.pt\n")
+    return r
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, files):
+    """http://127.0.0.1:PORT/ serving good.pt and other.pt."""
+    d = tmp_path_factory.mktemp("srv")
+    (d / "good.pt").write_bytes(files["good"])
+    (d / "other.pt").write_bytes(files["other"])
+    proc = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(d)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = proc.stdout.readline()  # "Serving HTTP on 127.0.0.1 port 41234 (http://127.0.0.1:41234/) ..."
+    port = int(line.split(" port ")[1].split()[0])
+    yield f"http://127.0.0.1:{port}"
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def run_script(repo, *args, env=None):
+    e = dict(os.environ, PYTHON=sys.executable)
+    e.pop("DDPM_CHECKPOINT_URL", None)
+    e.update(env or {})
+    return subprocess.run(["sh", str(repo / "load_and_eval.sh"), *args], cwd=repo, env=e,
+                          capture_output=True, text=True, timeout=300)
+
+
+def leftovers(repo):
+    return sorted(p.name for p in repo.iterdir() if p.name.startswith(".ddpm_trained"))
+
+
+def test_good_download_is_verified_installed_and_evaluated(repo, server, files):
+    r = run_script(repo, f"{server}/good.pt", *EVAL_ARGS)
+    assert r.returncode == 0, r.stderr
+    assert (repo / "ddpm_trained.pt").read_bytes() == files["good"]
+    assert (repo / "grid.png").stat().st_size > 0
+    assert "SHA-256 verified" in r.stdout and leftovers(repo) == []
+
+
+def test_url_from_the_environment(repo, server, files):
+    r = run_script(repo, *EVAL_ARGS, env={"DDPM_CHECKPOINT_URL": f"{server}/good.pt"})
+    assert r.returncode == 0, r.stderr
+    assert "downloading" in r.stdout and (repo / "ddpm_trained.pt").read_bytes() == files["good"]
+
+
+@pytest.mark.parametrize("name, message", [("other.pt", "SHA-256 mismatch"), ("missing.pt", "download failed")])
+def test_wrong_hash_or_404_installs_nothing(repo, server, name, message):
+    r = run_script(repo, f"{server}/{name}", *EVAL_ARGS)
+    assert r.returncode != 0 and message in r.stderr
+    assert not (repo / "ddpm_trained.pt").exists() and not (repo / "grid.png").exists()
+    assert leftovers(repo) == []
+
+
+def test_unreachable_url_installs_nothing(repo):
+    import socket
+    with socket.socket() as s:  # a port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = run_script(repo, f"http://127.0.0.1:{port}/ddpm_trained.pt", *EVAL_ARGS)
+    assert r.returncode != 0 and "download failed" in r.stderr
+    assert not (repo / "ddpm_trained.pt").exists() and leftovers(repo) == []
+
+
+def test_no_url_uses_the_published_copy_and_checks_it(repo, files):
+    r = run_script(repo, *EVAL_ARGS)
+    assert r.returncode == 0, r.stderr
+    assert "published copy" in r.stdout and (repo / "ddpm_trained.pt").read_bytes() == files["good"]
+    (repo / "ddpm_trained.pt").unlink()
+    (repo / "checkpoints" / "ddpm_trained.pt").write_bytes(files["other"])  # corrupted in the clone
+    r = run_script(repo, *EVAL_ARGS)
+    assert r.returncode != 0 and "SHA-256 mismatch" in r.stderr
+    assert not (repo / "ddpm_trained.pt").exists() and leftovers(repo) == []
+
+
+def test_a_different_existing_checkpoint_is_kept(repo, files):
+    (repo / "ddpm_trained.pt").write_bytes(b"my own training")
+    r = run_script(repo, *EVAL_ARGS)
+    assert r.returncode == 0, r.stderr
+    assert (repo / "ddpm_trained.pt.prev").read_bytes() == b"my own training"
+    assert (repo / "ddpm_trained.pt").read_bytes() == files["good"]
+
+
+def test_without_curl_or_wget_a_clear_error(repo, tmp_path, server):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("sh", "dirname", "awk", "mktemp", "rm", "cp", "mv", "chmod", "sha256sum"):
+        os.symlink(shutil.which(tool), bin_dir / tool)
+    r = run_script(repo, f"{server}/good.pt", *EVAL_ARGS, env={"PATH": str(bin_dir)})
+    assert r.returncode != 0 and "neither curl nor wget" in r.stderr
+    assert not (repo / "ddpm_trained.pt").exists() and leftovers(repo) == []
+
+
+def test_bad_arguments(repo):
+    r = run_script(repo, "http://127.0.0.1:1/x", "--n_samples", "2")
+    assert r.returncode != 0 and "unexpected argument" in r.stderr

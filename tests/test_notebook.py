@@ -1,0 +1,31 @@
+"""train_model.ipynb runs from top to bottom (its quick configuration: a tiny model on tiny data)."""
+import os
+
+import nbformat
+from nbclient import NotebookClient
+
+from conftest import ROOT, write_tiny_mnist
+
+NOTEBOOK = os.path.join(ROOT, "train_model.ipynb")
+
+
+def test_notebook_is_committed_without_bulky_outputs():
+    assert os.path.getsize(NOTEBOOK) < 300_000
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    assert sum(c.cell_type == "code" for c in nb.cells) >= 8
+
+
+def test_notebook_executes_quick(tmp_path, monkeypatch):
+    data_dir = write_tiny_mnist(str(tmp_path / "data"))
+    out_dir = tmp_path / "out"
+    monkeypatch.setenv("DDPM_NOTEBOOK_QUICK", "1")
+    monkeypatch.setenv("DDPM_DATA_DIR", data_dir)
+    monkeypatch.setenv("DDPM_NOTEBOOK_OUT", str(out_dir))
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "quick smoke run" in text
+    assert "bits/dim" in text and "fid_floor" in text
+    assert (out_dir / "notebook_run.pt").exists()

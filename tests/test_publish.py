@@ -1,0 +1,65 @@
+"""export.py (the published checkpoint and its checksum) and make_pics.py (the README pictures)."""
+import hashlib
+import os
+
+import pytest
+import torch
+
+import evaluate
+import export
+import make_pics
+import run
+from conftest import TINY_FLAGS, write_tiny_mnist
+from utils import UserError
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    work = tmp_path_factory.mktemp("publish")
+    data = write_tiny_mnist(str(work / "data"))
+    ckpt = str(work / "train.pt")
+    run.main(["--data_dir", data, *TINY_FLAGS, "--batch_size", "16", "--max_steps", "5", "--n_samples", "1",
+              "--no_progress", "--device", "cpu", "--checkpoint", ckpt, "--out_dir", str(work)])
+    return work, ckpt
+
+
+def test_export_keeps_ema_weights_arguments_and_history_and_writes_checksum(trained):
+    work, src = trained
+    out = str(work / "pub" / "ddpm_trained.pt")
+    os.makedirs(work / "pub")
+    export.main(["--checkpoint", src, "--out", out])
+    pub, full = torch.load(out, weights_only=True), torch.load(src, weights_only=True)
+    assert pub["weights"] == "ema" and not {"optimizer", "ema", "rng"} & set(pub)
+    assert all(torch.equal(pub["model"][k], full["ema"][k]) for k in full["ema"])
+    assert not all(torch.equal(pub["model"][k], full["model"][k]) for k in full["model"])  # EMA, not raw
+    assert pub["model_args"] == full["model_args"] and torch.equal(pub["loss_history"], full["loss_history"])
+    assert os.path.getsize(out) < os.path.getsize(src)
+    digest, name = open(out + ".sha256").read().split()
+    assert name == "ddpm_trained.pt" and digest == hashlib.sha256(open(out, "rb").read()).hexdigest()
+
+
+def test_exported_checkpoint_samples_but_cannot_resume_or_give_raw_weights(trained, capsys):
+    work, src = trained
+    out = str(work / "exp.pt")
+    export.main(["--checkpoint", src, "--out", out])
+    evaluate.main(["--checkpoint", out, "--n_samples", "2", "--sampler", "ddim", "--sampling_steps", "3",
+                   "--out", str(work / "e.png"), "--no_progress", "--device", "cpu"])
+    assert "EMA weights" in capsys.readouterr().out
+    with pytest.raises(UserError, match="EMA weights only"):
+        evaluate.main(["--checkpoint", out, "--no_ema", "--out", str(work / "e2.png"), "--device", "cpu"])
+    with pytest.raises(UserError, match="cannot be resumed"):
+        run.main(["--resume", "--checkpoint", out, "--device", "cpu", "--out_dir", str(work)])
+    with pytest.raises(UserError, match="must differ"):
+        export.main(["--checkpoint", out, "--out", out])
+
+
+def test_make_pics_writes_the_four_pictures(trained):
+    work, src = trained
+    pics = work / "pics"
+    pics.mkdir()
+    make_pics.main(["--checkpoint", src, "--out_dir", str(pics), "--n_samples", "10", "--n_reverse", "2",
+                    "--no_progress", "--device", "cpu"])
+    for name in ("train loss.png", "generated samples.png", "reverse process.png", "generated_samples.jpg"):
+        assert (pics / name).stat().st_size > 1000, name
+    with pytest.raises(UserError, match="does not exist"):
+        make_pics.main(["--checkpoint", src, "--out_dir", str(work / "nope")])
