@@ -11,9 +11,10 @@ import json
 import time
 
 import numpy as np
+import torch
 
 from diffusion import from_model_range, to_uint8
-from sample import add_sampler_args, sample_func, sampler_kwargs
+from sample import add_sampler_args, label_kwargs, sample_func, sampler_kwargs
 from train import build_model, load_checkpoint, weights_kind
 from utils import (OneLineArgumentParser, UserError, atomic_write, check_amp, check_writable, resolve_device,
                    run_main, save_image_grid)
@@ -86,34 +87,45 @@ def main(argv=None):
         ensure_mnist(args.data_dir)
     model, diffusion = build_model(ckpt, use_ema=not args.no_ema, device=device)
     skw = sampler_kwargs(args, diffusion.T)
+    lkw = label_kwargs(args, model.num_classes, args.n_samples)
     weights = weights_kind(ckpt, use_ema=not args.no_ema)
     print(f"loaded {args.checkpoint} (step {ckpt.get('step', '?')}, {weights} weights); "
           f"sampling {args.n_samples} with {skw['sampler']} ({skw.get('sampling_steps', diffusion.T)} steps) on {device}")
 
     t0 = time.time()
     samples, _ = sample_func(model, args.n_samples, diffusion, seed=args.seed, device=device,
-                             batch_size=args.batch_size, progress=not args.no_progress, amp=args.amp, compile=args.compile, **skw)
+                             batch_size=args.batch_size, progress=not args.no_progress, amp=args.amp, compile=args.compile,
+                             **skw, **lkw)
     sampling_seconds = time.time() - t0
     save_image_grid(from_model_range(samples), args.out, nrow=args.nrow)
     msg = f"wrote {args.out}"
     if args.save_samples:
-        save_npz(args.save_samples, samples=to_uint8(samples).numpy())
+        # labels: the requested digit per sample, -1 where none was (unconditional model or sampling)
+        save_npz(args.save_samples, samples=to_uint8(samples).numpy(), labels=requested_digits(lkw["labels"], model, args.n_samples).numpy())
         msg += f" and {args.save_samples}"
     print(f"{msg} in {time.time() - t0:.1f} s")
     if args.metrics:
-        results = compute_metrics(model, diffusion, to_uint8(samples), args)
-        results.update(sampler=skw, sampling_seconds=sampling_seconds, device=str(device))
+        results = compute_metrics(model, diffusion, to_uint8(samples), args, requested_digits(lkw["labels"], model, args.n_samples))
+        results.update(sampler=skw, guidance_scale=lkw["guidance_scale"], sampling_seconds=sampling_seconds, device=str(device))
         print_table(results)
         atomic_write(args.metrics_out, lambda f: f.write(json.dumps(results, indent=1).encode()))
         print(f"wrote {args.metrics_out}")
 
 
-def compute_metrics(model, diffusion, samples_u8, args):
+def requested_digits(labels, model, n):
+    """(n,) int64: the digit asked for per sample; -1 for none (unconditional, or the null label)."""
+    if labels is None:
+        return torch.full((n,), -1, dtype=torch.long)
+    return torch.where(labels == model.num_classes, -1, labels)
+
+
+def compute_metrics(model, diffusion, samples_u8, args, digits):
     from dataloader import mnist_tensors
     from metrics import nll_bpd, sample_metrics
 
     t0 = time.time()
-    res = sample_metrics(samples_u8, args.data_dir, seed=args.seed, progress=not args.no_progress)
+    res = sample_metrics(samples_u8, args.data_dir, seed=args.seed, progress=not args.no_progress,
+                         labels=digits if (digits >= 0).any() else None)
     res["checkpoint"] = args.checkpoint
     if args.bpd_images > 0:
         x_test, _ = mnist_tensors(args.data_dir, train=False, verbose=False)
@@ -134,6 +146,10 @@ def print_table(r):
     for name, val, floor in rows:
         print(f"{name:<34} {val:>10} {floor:>13}")
     print(f"{'predicted-class histogram':<34} {r['class_histogram']}")
+    if "conditional_accuracy" in r:
+        print(f"{'conditional accuracy':<34} {r['conditional_accuracy']:>10.3f} {r['classifier_test_accuracy']:>13.3f}"
+              f"   (classifier agrees with the requested digit; real: its test accuracy)")
+        print(f"{'  per digit 0..9':<34} {[round(a, 3) for a in r['conditional_accuracy_per_digit']]}")
     if "bits_per_dim" in r:
         b = r["bits_per_dim"]
         how = "exact sum over t" if b["exact_sum"] else f"stratified, {b['n_timesteps']} t per image"

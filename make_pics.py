@@ -15,7 +15,7 @@ import time
 import torch
 
 from diffusion import from_model_range
-from sample import sample_func
+from sample import label_kwargs, sample_func
 from train import build_model, load_checkpoint
 from utils import OneLineArgumentParser, UserError, atomic_write, check_writable, plot_loss, resolve_device, run_main, save_image_grid
 
@@ -55,6 +55,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch_size", type=int, default=100, help="samples drawn in parallel")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--digits", help="class-conditional checkpoints: as in evaluate.py (default all: 0-9 in every row)")
+    p.add_argument("--guidance_scale", type=float, help="class-conditional checkpoints: guidance w (default 0)")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.n_samples < 10 or not 1 <= args.n_reverse <= args.n_samples or args.batch_size < 1:
@@ -71,12 +73,13 @@ def main(argv=None):
         raise UserError(f"{args.checkpoint} has no loss history; use a checkpoint written by run.py or export.py")
     device = resolve_device(args.device)
     model, diffusion = build_model(ckpt, device=device)
+    lkw = label_kwargs(args, model.num_classes, args.n_samples)
 
     plot_loss(losses, paths["train loss.png"])
     t0 = time.time()
     samples, steps = sample_func(model, args.n_samples, diffusion, seed=args.seed, device=device,
                                  batch_size=args.batch_size, return_steps=REVERSE_TIMESTEPS,
-                                 progress=not args.no_progress)
+                                 progress=not args.no_progress, **lkw)
     print(f"sampled {args.n_samples} digits (1000 steps) in {time.time() - t0:.0f} s on {device}")
     save_image_grid(from_model_range(samples), paths["generated samples.png"], nrow=10)
     plot_reverse_process(steps, paths["reverse process.png"], args.n_reverse)

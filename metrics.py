@@ -134,6 +134,18 @@ def load_classifier(data_dir="./data", retrain=False, progress=True):
     return model, acc
 
 
+def conditional_accuracy(predicted, requested, num_classes=10):
+    """Share of samples whose predicted class is the requested digit (requests of -1 ignored),
+    overall and per digit (nan for a digit never requested)."""
+    asked = requested >= 0
+    if not asked.any():
+        raise ValueError("no sample has a requested digit")
+    hit = (predicted[asked] == requested[asked]).double()
+    per_digit = [hit[requested[asked] == d].mean().item() if (requested[asked] == d).any() else float("nan")
+                 for d in range(num_classes)]
+    return {"conditional_accuracy": hit.mean().item(), "conditional_accuracy_per_digit": per_digit}
+
+
 def classifier_scores(model, images, threshold=0.9):
     """Share of confident samples (max softmax >= threshold), the predicted-class histogram and
     its KL divergence to uniform (nats; 0 = every digit equally often, log 10 = one digit only)."""
@@ -257,8 +269,11 @@ def reference_stats(clf, data_dir, digest):
     return mean, cov
 
 
-def sample_metrics(samples, data_dir="./data", seed=0, progress=True):
-    """All sample-quality numbers for uint8 samples (N, 28, 28), with their real-data floors."""
+def sample_metrics(samples, data_dir="./data", seed=0, progress=True, labels=None):
+    """All sample-quality numbers for uint8 samples (N, 28, 28), with their real-data floors.
+
+    labels: (N,) the digit each sample was asked to be (-1 = none), for a class-conditional model:
+    adds conditional_accuracy (the classifier agrees with the request) and its value per digit."""
     clf, acc = load_classifier(data_dir, progress=progress)
     digest = _sha256(os.path.join(data_dir, CLASSIFIER_FILE))
     n = len(samples)
@@ -277,6 +292,8 @@ def sample_metrics(samples, data_dir="./data", seed=0, progress=True):
            "precision": precision, "recall": recall,
            "precision_floor": floor_p, "recall_floor": floor_r}
     out.update(classifier_scores(clf, samples))
+    if labels is not None:
+        out.update(conditional_accuracy(predict(clf, samples).argmax(1), torch.as_tensor(labels)))
     real_scores = classifier_scores(clf, real_train)
     out["confidence_floor"], out["kl_to_uniform_floor"] = real_scores["confidence"], real_scores["kl_to_uniform"]
     return out

@@ -100,12 +100,12 @@ class Upsample(nn.Module):
 
 class UNet(nn.Module):
     def __init__(self, in_channels=1, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2,
-                 attn_resolutions=(14,), dropout=0.1, resolution=28):
+                 attn_resolutions=(14,), dropout=0.1, resolution=28, num_classes=None):
         super().__init__()
         # Stored so that a checkpoint can rebuild the network: UNet(**model.model_args).
         self.model_args = dict(in_channels=in_channels, ch=ch, ch_mult=tuple(ch_mult),
                                num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions),
-                               dropout=dropout, resolution=resolution)
+                               dropout=dropout, resolution=resolution, num_classes=num_classes)
         if resolution % 2 ** (len(ch_mult) - 1):
             raise ValueError(f"resolution {resolution} cannot be halved {len(ch_mult) - 1} times")
         self.ch = ch
@@ -144,14 +144,33 @@ class UNet(nn.Module):
         self.norm_out = group_norm(cur)
         self.conv_out = zero_init(nn.Conv2d(cur, in_channels, 3, padding=1))
 
+        # Class-conditional (classifier-free guidance, Ho & Salimans 2022): a label embedding added
+        # to the time embedding; label `num_classes` is the null label ("no class"). Made last, so
+        # the other weights start as in the unconditional model with the same seed, and zero-initialised,
+        # so the network starts out ignoring the label.
+        self.num_classes = num_classes
+        if num_classes is not None:
+            if num_classes < 1:
+                raise ValueError(f"num_classes must be >= 1 or None, got {num_classes}")
+            self.label_emb = nn.Embedding(num_classes + 1, temb_ch)
+            nn.init.zeros_(self.label_emb.weight)
+
     @staticmethod
     def _block(in_ch, out_ch, temb_ch, dropout, attn):
         res = ResBlock(in_ch, out_ch, temb_ch, dropout)
         return nn.ModuleList([res, AttnBlock(out_ch)]) if attn else nn.ModuleList([res])
 
-    def forward(self, x, t):
-        """x: (B, C, H, W) noisy images x_t; t: (B,) integer timesteps. Returns eps_theta, (B, C, H, W)."""
+    def forward(self, x, t, y=None):
+        """x: (B, C, H, W) noisy images x_t; t: (B,) integer timesteps; y: (B,) labels in
+        [0, num_classes] (num_classes = the null label; None = all null) for a class-conditional
+        model, None otherwise. Returns eps_theta, (B, C, H, W)."""
         temb = self.temb(timestep_embedding(t, self.ch))  # (B, 4ch)
+        if self.num_classes is not None:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            temb = temb + self.label_emb(y)
+        elif y is not None:
+            raise ValueError("this UNet is unconditional (num_classes=None); call it without labels")
         hs = [self.conv_in(x)]
         for layer in self.down:
             hs.append(layer(hs[-1]) if isinstance(layer, Downsample) else self._run_block(layer, hs[-1], temb))

@@ -19,7 +19,7 @@ import torch
 from dataloader import mnist_tensors
 from diffusion import GaussianDiffusion, from_model_range
 from model import UNet, count_parameters
-from sample import add_sampler_args, sample_func, sampler_kwargs
+from sample import add_sampler_args, label_kwargs, sample_func, sampler_kwargs
 from train import TrainConfig, TrainingInterrupted, load_checkpoint, train_func
 from utils import (OneLineArgumentParser, UserError, atomic_write, check_amp, check_writable, plot_loss,
                    resolve_device, run_main, save_image_grid)
@@ -69,6 +69,10 @@ def get_parser():
     p.add_argument("--dropout", type=float, help="dropout in the residual blocks")
     p.add_argument("--var_type", choices=["fixed_large", "fixed_small"],
                    help="reverse variance sigma_t^2: fixed_large = beta_t (default, paper's CIFAR) or beta-tilde_t")
+    p.add_argument("--class_cond", action="store_true",
+                   help="class-conditional model for classifier-free guidance (Ho & Salimans 2022)")
+    p.add_argument("--p_uncond", type=float,
+                   help="with --class_cond: probability of training on the null label instead (default 0.1)")
     p.add_argument("--n_samples", type=int, default=10, help="digits to sample after training")
     add_sampler_args(p)
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
@@ -93,12 +97,12 @@ def resolve_config(args):
     """Preset values, overridden by every flag given explicitly. Returns (model_args, TrainConfig)."""
     preset = PRESETS[args.preset]
     val = {k: getattr(args, k) if getattr(args, k) is not None else preset[k] for k in preset}
-    model_args = unet_args(val)
+    model_args = dict(unet_args(val), num_classes=10 if args.class_cond else None)
     val.update({k: getattr(args, k) if getattr(args, k) is not None else d for k, d in DEFAULTS.items()})
     cfg = TrainConfig(n_epochs=val["n_epochs"], max_steps=val["max_steps"], batch_size=val["batch_size"],
                       lr=val["lr"], warmup=val["warmup"], lr_decay=val["lr_decay"], grad_clip=val["grad_clip"],
                       ema_decay=val["ema_decay"], save_every=val["save_every"], seed=val["seed"],
-                      amp=args.amp, compile=args.compile)
+                      amp=args.amp, compile=args.compile, p_uncond=0.1 if args.p_uncond is None else args.p_uncond)
     return model_args, cfg
 
 
@@ -111,6 +115,9 @@ def validate(args, model_args, cfg):
               (cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}"),
               (0 <= cfg.ema_decay < 1, f"--ema_decay must be in [0, 1), got {cfg.ema_decay}"),
               (cfg.save_every >= 1, f"--save_every must be >= 1, got {cfg.save_every}"),
+              (0 <= cfg.p_uncond <= 1, f"--p_uncond must be in [0, 1], got {cfg.p_uncond}"),
+              (args.p_uncond is None or model_args.get("num_classes") is not None,
+               "--p_uncond is for class-conditional models; add --class_cond"),
               (model_args["ch"] >= 4 and model_args["ch"] % 2 == 0,
                f"--ch must be even and >= 4 (time embedding and GroupNorm widths), got {model_args['ch']}"),
               (len(model_args["ch_mult"]) >= 1 and min(model_args["ch_mult"]) >= 1,
@@ -136,6 +143,8 @@ def check_resume_args(args, ckpt):
         given = getattr(args, flag)
         if given is not None and _norm(given) != _norm(saved[key]):
             diffs.append(f"--{flag} {_norm(given)} but the checkpoint has {_norm(saved[key])}")
+    if args.class_cond and saved.get("num_classes") is None:
+        diffs.append("--class_cond but the checkpoint is unconditional")
     if args.var_type is not None and args.var_type != ckpt["diffusion_args"]["var_type"]:
         diffs.append(f"--var_type {args.var_type} but the checkpoint has {ckpt['diffusion_args']['var_type']}")
     for k in ("batch_size", "seed"):  # the data order and the position in it depend on these
@@ -153,7 +162,7 @@ def train_config_for_resume(args, ckpt):
     """The checkpoint's training settings, with every flag given explicitly taking precedence."""
     saved = dict(ckpt["train_config"])
     saved.update({k: getattr(args, k) for k in ("n_epochs", "lr", "warmup", "lr_decay", "ema_decay", "max_steps",
-                                                "save_every", "grad_clip") if getattr(args, k) is not None})
+                                                "save_every", "grad_clip", "p_uncond") if getattr(args, k) is not None})
     saved.update(amp=args.amp, compile=args.compile)  # how to run, not what to train: from the flags
     return TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
 
@@ -194,6 +203,7 @@ def main(argv=None):
         model_args = dict(ckpt["model_args"])
         cfg = train_config_for_resume(args, ckpt)
         validate(args, model_args, cfg)
+    lkw = label_kwargs(args, model_args.get("num_classes"), args.n_samples)  # checked before training
     samples_path = os.path.join(args.out_dir, "generated_samples.jpg")
     loss_path = os.path.join(args.out_dir, "train_loss.png")
     for path in (args.checkpoint, samples_path, loss_path):
@@ -203,14 +213,15 @@ def main(argv=None):
 
     print("configuration:", json.dumps({"preset": meta.get("preset"), "device": str(device), "model": model_args,
                                          "train": asdict(cfg), "diffusion": diffusion_args,
-                                         "n_samples": args.n_samples, "sampler": skw, "checkpoint": args.checkpoint,
+                                         "n_samples": args.n_samples, "sampler": skw,
+                                         "guidance_scale": lkw["guidance_scale"], "checkpoint": args.checkpoint,
                                          "resume": args.resume, "data_dir": args.data_dir}, indent=1))
     if args.dry_run:
         return
     if not args.resume:
         protect_existing(args.checkpoint)
 
-    images, _ = mnist_tensors(args.data_dir, train=True)
+    images, labels = mnist_tensors(args.data_dir, train=True)
     torch.manual_seed(cfg.seed)
     model = UNet(**model_args)
     diffusion = GaussianDiffusion(**diffusion_args)
@@ -219,7 +230,8 @@ def main(argv=None):
     t0 = time.time()
     try:
         state = train_func(model, diffusion, images, cfg, args.checkpoint, device=device, resume=ckpt,
-                           model_meta=meta, progress=not args.no_progress)
+                           model_meta=meta, progress=not args.no_progress,
+                           labels=labels if model_args.get("num_classes") is not None else None)
     except TrainingInterrupted as e:
         print(f"\n{e}. Resume with: python {' '.join([os.path.basename(sys.argv[0])] + _resume_argv(args))}")
         sys.exit(128 + e.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
@@ -233,7 +245,7 @@ def main(argv=None):
     model.load_state_dict(state["ema"])  # sample from the EMA weights
     t0 = time.time()
     samples, _ = sample_func(model, args.n_samples, diffusion, seed=cfg.seed, device=device,
-                             progress=not args.no_progress, amp=args.amp, compile=args.compile, **skw)
+                             progress=not args.no_progress, amp=args.amp, compile=args.compile, **skw, **lkw)
     save_image_grid(from_model_range(samples), samples_path, nrow=5)
     print(f"sampled {args.n_samples} digits in {time.time() - t0:.1f} s; wrote {samples_path} and {loss_path}")
 

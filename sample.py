@@ -18,6 +18,11 @@ def add_sampler_args(p):
     p.add_argument("--sampling_steps", type=int, help="ddim: number of steps (default 50); ddpm always uses T")
     p.add_argument("--eta", type=float, default=0.0, help="ddim: 0 = deterministic, 1 = ancestral-like")
     p.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"], help="ddim timestep spacing")
+    p.add_argument("--digits", help="class-conditional models: digits to draw, e.g. 0,1,2 (repeated to fill "
+                   "--n_samples), 'all' (0-9, the default) or 'none' (unconditional, the null label)")
+    p.add_argument("--guidance_scale", type=float,
+                   help="class-conditional models: classifier-free guidance w, eps = (1+w) eps(x,y) - w eps(x,null) "
+                        "(default 0 = plain conditional)")
 
 
 def sampler_kwargs(args, T=1000):
@@ -39,11 +44,64 @@ def sampler_kwargs(args, T=1000):
     return {"sampler": "ddim", "sampling_steps": steps, "eta": args.eta, "spacing": args.spacing}
 
 
+def label_kwargs(args, num_classes, n_samples):
+    """Checked --digits / --guidance_scale -> {"labels": (n_samples,) long or None, "guidance_scale": w}.
+
+    For an unconditional model (num_classes None) both flags are refused. For a conditional one the
+    digits are repeated to fill n_samples; 'none' asks for the null label (unconditional samples).
+    """
+    if num_classes is None:
+        if args.digits is not None or args.guidance_scale is not None:
+            raise UserError("--digits and --guidance_scale need a class-conditional checkpoint (trained with "
+                            "--class_cond); this one is unconditional")
+        return {"labels": None, "guidance_scale": 0.0}
+    w = 0.0 if args.guidance_scale is None else args.guidance_scale
+    if not w >= 0:
+        raise UserError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
+    spec = ("all" if args.digits is None else args.digits).strip().lower()
+    if spec == "none":
+        if w != 0:
+            raise UserError("--guidance_scale needs digits to guide towards; drop it with --digits none")
+        return {"labels": torch.full((n_samples,), num_classes, dtype=torch.long), "guidance_scale": 0.0}
+    if spec == "all":
+        digits = list(range(num_classes))
+    else:
+        try:
+            digits = [int(v) for v in spec.split(",") if v.strip()]
+        except ValueError:
+            digits = []
+        if not digits or any(not 0 <= d < num_classes for d in digits):
+            raise UserError(f"--digits must be 'all', 'none' or comma-separated digits in 0..{num_classes - 1}, "
+                            f"got {args.digits!r}")
+    labels = torch.tensor(digits, dtype=torch.long).repeat((n_samples + len(digits) - 1) // len(digits))[:n_samples]
+    return {"labels": labels, "guidance_scale": w}
+
+
+def guided(net, y, w, null_label):
+    """The network the samplers call, eps(x, t), for labels y under classifier-free guidance
+    (Ho & Salimans 2022, eq. 6): eps = (1 + w) eps(x, y) - w eps(x, null). With w > 0 the
+    conditional and the unconditional passes run as one batch of twice the size."""
+    if y is None:
+        return net
+    if w == 0:
+        return lambda x, t: net(x, t, y)
+    y2 = torch.cat([y, torch.full_like(y, null_label)])
+
+    def eps(x, t):
+        e_cond, e_null = net(torch.cat([x, x]), torch.cat([t, t]), y2).chunk(2)
+        return (1.0 + w) * e_cond - w * e_null
+    return eps
+
+
 @torch.no_grad()
 def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, device=None,
                 batch_size=256, return_steps=(), clip_denoised=True, progress=True,
-                sampler="ddpm", sampling_steps=None, eta=0.0, spacing="uniform", amp="none", compile=False):
+                sampler="ddpm", sampling_steps=None, eta=0.0, spacing="uniform", amp="none", compile=False,
+                labels=None, guidance_scale=0.0):
     """Draw `n_samples` images with Algorithm 2 (T reverse steps from pure noise), or with DDIM.
+
+    labels: (n_samples,) class labels for a class-conditional model (its null label = unconditional),
+    guided with weight `guidance_scale` (see guided); None for an unconditional model.
 
     sampler: "ddpm" (ancestral, T steps) or "ddim" (sampling_steps steps, default 50, `eta` = 0
     deterministic, 1 ancestral-like; `spacing` uniform or quadratic).
@@ -64,6 +122,11 @@ def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, dev
     model.eval()
     m = model.model_args
     shape = (m["in_channels"], m["resolution"], m["resolution"])
+    null_label = getattr(model, "num_classes", None)
+    if (labels is None) != (null_label is None):
+        raise ValueError("labels are required by a class-conditional model and refused by an unconditional one")
+    if labels is not None and len(labels) != n_samples:
+        raise ValueError(f"need one label per sample: {len(labels)} labels for {n_samples} samples")
     samples, steps = [], {}
     net = _compiled(model, device) if compile else model
     try:
@@ -73,7 +136,9 @@ def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, dev
             kw = dict(generator=g, device=device, clip_denoised=clip_denoised, return_steps=return_steps,
                       progress=progress)
             with autocast(device, amp), _freezing(compile):
-                x, st = _loop(diffusion, net, (b, *shape), kw, sampler, sampling_steps, eta, spacing)
+                y = None if labels is None else labels[start:start + b].to(device)
+                x, st = _loop(diffusion, guided(net, y, guidance_scale, null_label), (b, *shape), kw,
+                              sampler, sampling_steps, eta, spacing)
             samples.append(x.cpu())
             for t, xt in st.items():
                 steps.setdefault(t, []).append(xt.cpu())

@@ -40,6 +40,7 @@ class TrainConfig:
     seed: int = 0               # model init, data order, noise, dropout
     amp: str = "none"           # autocast: "none", "bf16" or "fp16" (fp16 with a GradScaler)
     compile: bool = False       # torch.compile the network for the training step
+    p_uncond: float = 0.1       # class-conditional models only: share of labels replaced by the null label
 
 
 class TrainingInterrupted(Exception):
@@ -224,8 +225,11 @@ def make_optimizer_and_net(model, device, lr, compile):
 
 
 def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", resume=None,
-               model_meta=None, progress=True):
+               model_meta=None, progress=True, labels=None):
     """Train `model` (eps-prediction) with L_simple on uint8 images (N, 28, 28).
+
+    labels: (N,) digit labels, needed by a class-conditional model (model.num_classes set): each
+    is replaced by the null label with probability cfg.p_uncond (classifier-free guidance training).
 
     resume: a checkpoint dict to continue from (see load_checkpoint), or None.
     model_meta: extra entries stored in every checkpoint (e.g. the preset name).
@@ -236,12 +240,12 @@ def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", res
     if device.type == "cpu":  # bitwise-reproducible resume on CPU (issue: kill-safe training)
         torch.use_deterministic_algorithms(True)
     try:
-        return _train(model, diffusion, images, cfg, checkpoint_path, device, resume, model_meta, progress)
+        return _train(model, diffusion, images, labels, cfg, checkpoint_path, device, resume, model_meta, progress)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _train(model, diffusion, images, cfg, checkpoint_path, device, resume, model_meta, progress):
+def _train(model, diffusion, images, labels, cfg, checkpoint_path, device, resume, model_meta, progress):
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     opt, net = make_optimizer_and_net(model, device, cfg.lr, cfg.compile)
@@ -249,6 +253,11 @@ def _train(model, diffusion, images, cfg, checkpoint_path, device, resume, model
     noise_gen = torch.Generator(device=device)
     images = images.to(device)
     n, B = images.shape[0], cfg.batch_size
+    null_label = getattr(model, "num_classes", None)
+    if null_label is not None:
+        if labels is None or len(labels) != n:
+            raise UserError("a class-conditional model needs one label per training image")
+        labels = labels.to(device=device, dtype=torch.long)
     steps_per_epoch = n // B  # the last partial batch of each epoch is dropped: constant batch size
     if steps_per_epoch < 1:
         raise UserError(f"batch size {B} is larger than the {n} training images")
@@ -321,8 +330,13 @@ def _train(model, diffusion, images, cfg, checkpoint_path, device, resume, model
 
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg, total)
+            y = None
+            if null_label is not None:  # Ho & Salimans 2022, Algorithm 1: drop the label with probability p_uncond
+                y = labels[perm[pos * B:(pos + 1) * B]]
+                drop = torch.rand(B, device=device, generator=noise_gen) < cfg.p_uncond
+                y = torch.where(drop, torch.full_like(y, null_label), y)
             with autocast(device, cfg.amp):
-                loss = diffusion.training_losses(net, x0, noise_gen).mean()
+                loss = diffusion.training_losses(net, x0, noise_gen, y=y).mean()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
