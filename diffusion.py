@@ -117,13 +117,17 @@ class GaussianDiffusion:
         return extract(self.sqrt_recip_alphas_cumprod, t, xt.shape) * xt - extract(self.sqrt_recipm1_alphas_cumprod, t, xt.shape) * eps
 
     # ---- training -----------------------------------------------------------------------
-    def training_losses(self, model, x0, generator=None, y=None):
-        """L_simple (eq. 14): E_{t, eps} || eps - eps_theta(sqrt(ab_t) x0 + sqrt(1-ab_t) eps, t) ||^2,
-        t uniform in {0, ..., T-1} (the paper's {1, ..., T}). x0: (B, C, H, W) in [-1, 1];
-        y: (B,) labels for a class-conditional model, else None. Returns the per-example loss, (B,)."""
-        B = x0.shape[0]
-        t = torch.randint(0, self.T, (B,), device=x0.device, generator=generator)
-        noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+    def draw_t_and_noise(self, shape, device, dtype=torch.float32, generator=None):
+        """t uniform in {0, ..., T-1} (the paper's {1, ..., T}), (B,), and eps ~ N(0, I) of `shape`."""
+        t = torch.randint(0, self.T, (shape[0],), device=device, generator=generator)
+        return t, torch.randn(shape, device=device, dtype=dtype, generator=generator)
+
+    def training_losses(self, model, x0, generator=None, y=None, t=None, noise=None):
+        """L_simple (eq. 14): E_{t, eps} || eps - eps_theta(sqrt(ab_t) x0 + sqrt(1-ab_t) eps, t) ||^2.
+        x0: (B, C, H, W) in [-1, 1]; y: (B,) labels for a class-conditional model, else None;
+        t, noise: drawn here (draw_t_and_noise) unless given. Returns the per-example loss, (B,)."""
+        if t is None:
+            t, noise = self.draw_t_and_noise(x0.shape, x0.device, x0.dtype, generator)
         xt = self.q_sample(x0, t, noise)
         eps = model(xt, t) if y is None else model(xt, t, y)
         return (noise - eps.float()).pow(2).mean(dim=(1, 2, 3))

@@ -22,7 +22,7 @@ from model import UNet, count_parameters
 from sample import add_sampler_args, label_kwargs, sample_func, sampler_kwargs
 from train import TrainConfig, TrainingInterrupted, load_checkpoint, train_func
 from utils import (OneLineArgumentParser, UserError, atomic_write, check_amp, check_writable, plot_loss,
-                   resolve_device, run_main, save_image_grid)
+                   run_main, save_image_grid, setup_distributed)
 
 # Presets: model and recipe. "paper" is Ho et al. 2020's CIFAR-10 setup on 28x28 MNIST.
 # "cpu" was chosen by measuring short runs on a 2-core CPU (see README, "The cpu preset").
@@ -167,9 +167,10 @@ def train_config_for_resume(args, ckpt):
     return TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
 
 
-def protect_existing(path):
+def protect_existing(path, keep_copy=True):
     """A new run (no --resume) over an existing checkpoint: refuse if that holds an unfinished run,
-    else keep it as <path>.prev (written atomically) before this run's first save replaces it."""
+    else keep it as <path>.prev (written atomically; by one process under torchrun) before this
+    run's first save replaces it."""
     if not os.path.exists(path):
         return
     try:
@@ -179,6 +180,8 @@ def protect_existing(path):
     if "total_steps" in old and old["step"] < old["total_steps"]:
         raise UserError(f"{path} holds an unfinished run (step {old['step']} of {old['total_steps']}); continue it "
                         f"with --resume, or move it away (or pick another --checkpoint) to start a new run")
+    if not keep_copy:
+        return
     with open(path, "rb") as f:
         data = f.read()
     atomic_write(path + ".prev", lambda f: f.write(data))
@@ -189,7 +192,16 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     model_args, cfg = resolve_config(args)
     validate(args, model_args, cfg)
-    device = resolve_device(args.device)
+    device, rank, world = setup_distributed(args.device)  # (device, 0, 1) without torchrun
+    try:
+        _main(args, model_args, cfg, device, rank, world)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+
+
+def _main(args, model_args, cfg, device, rank, world):
+    main_process = rank == 0  # prints, writes the checkpoint, the plot and the samples
     skw = sampler_kwargs(args)
     check_amp(device, args.amp)
     ckpt = None
@@ -211,7 +223,12 @@ def main(argv=None):
     diffusion_args = ckpt["diffusion_args"] if ckpt else GaussianDiffusion(var_type=args.var_type or "fixed_large").args
     meta = ckpt.get("meta", {}) if ckpt else {"preset": args.preset}
 
-    print("configuration:", json.dumps({"preset": meta.get("preset"), "device": str(device), "model": model_args,
+    if cfg.batch_size % world:
+        raise UserError(f"--batch_size {cfg.batch_size} is the global batch and must divide evenly over the "
+                        f"{world} processes")
+    log = print if main_process else (lambda *a, **k: None)
+    log("configuration:", json.dumps({"preset": meta.get("preset"), "device": str(device), "processes": world,
+                                       "model": model_args,
                                          "train": asdict(cfg), "diffusion": diffusion_args,
                                          "n_samples": args.n_samples, "sampler": skw,
                                          "guidance_scale": lkw["guidance_scale"], "checkpoint": args.checkpoint,
@@ -219,13 +236,17 @@ def main(argv=None):
     if args.dry_run:
         return
     if not args.resume:
-        protect_existing(args.checkpoint)
+        protect_existing(args.checkpoint, keep_copy=main_process)
 
-    images, labels = mnist_tensors(args.data_dir, train=True)
+    if world > 1 and os.environ.get("LOCAL_RANK") == "0":
+        mnist_tensors(args.data_dir, train=True, verbose=False)  # one process per node fetches the data
+    if world > 1:
+        torch.distributed.barrier()
+    images, labels = mnist_tensors(args.data_dir, train=True, verbose=main_process)
     torch.manual_seed(cfg.seed)
     model = UNet(**model_args)
     diffusion = GaussianDiffusion(**diffusion_args)
-    print(f"UNet with {count_parameters(model) / 1e6:.2f}M parameters; {len(images)} training images")
+    log(f"UNet with {count_parameters(model) / 1e6:.2f}M parameters; {len(images)} training images")
 
     t0 = time.time()
     try:
@@ -233,8 +254,10 @@ def main(argv=None):
                            model_meta=meta, progress=not args.no_progress,
                            labels=labels if model_args.get("num_classes") is not None else None)
     except TrainingInterrupted as e:
-        print(f"\n{e}. Resume with: python {' '.join([os.path.basename(sys.argv[0])] + _resume_argv(args))}")
+        log(f"\n{e}. Resume with: {_resume_command(args, world)}")
         sys.exit(128 + e.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+    if not main_process:
+        return
     if ckpt is not None and state["step"] == ckpt["step"]:
         print(f"{args.checkpoint} was already at step {state['step']}: nothing to train (raise --n_epochs or "
               f"--max_steps to train further); sampling from it")
@@ -248,6 +271,11 @@ def main(argv=None):
                              progress=not args.no_progress, amp=args.amp, compile=args.compile, **skw, **lkw)
     save_image_grid(from_model_range(samples), samples_path, nrow=5)
     print(f"sampled {args.n_samples} digits in {time.time() - t0:.1f} s; wrote {samples_path} and {loss_path}")
+
+
+def _resume_command(args, world):
+    launcher = "python" if world == 1 else f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}"
+    return f"{launcher} {' '.join([os.path.basename(sys.argv[0])] + _resume_argv(args))}"
 
 
 def _resume_argv(args):

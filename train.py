@@ -168,6 +168,13 @@ def export_checkpoint(ckpt):
     return out
 
 
+def dist_rank_world():
+    """(rank, world size) of this process under torchrun; (0, 1) when not distributed."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 # ---- the training loop ---------------------------------------------------------------------
 def lr_at(step, cfg, total_steps):
     """Learning rate for optimizer step `step` (0-indexed): linear warm-up, then constant or cosine."""
@@ -207,7 +214,7 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def make_optimizer_and_net(model, device, lr, compile):
+def make_optimizer_and_net(model, device, lr, compile, ddp=False):
     """Adam, and the callable the training step runs (the model itself, or its compiled form).
 
     With compile on CUDA: channels_last weights, a fused Adam and CUDA graphs
@@ -219,9 +226,12 @@ def make_optimizer_and_net(model, device, lr, compile):
     if cuda_compile:
         model.to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True if cuda_compile else None)
+    net = model
+    if ddp:  # gradients are averaged over the processes in backward (PyTorch's DistributedDataParallel)
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if not compile:
-        return opt, model
-    return opt, torch.compile(model, mode="reduce-overhead" if cuda_compile else None)  # shares the parameters
+        return opt, net
+    return opt, torch.compile(net, mode="reduce-overhead" if cuda_compile else None)  # shares the parameters
 
 
 def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", resume=None,
@@ -246,9 +256,10 @@ def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", res
 
 
 def _train(model, diffusion, images, labels, cfg, checkpoint_path, device, resume, model_meta, progress):
+    rank, world = dist_rank_world()
     model.to(device).train()
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt, net = make_optimizer_and_net(model, device, cfg.lr, cfg.compile)
+    opt, net = make_optimizer_and_net(model, device, cfg.lr, cfg.compile, ddp=world > 1)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     noise_gen = torch.Generator(device=device)
     images = images.to(device)
@@ -261,6 +272,9 @@ def _train(model, diffusion, images, labels, cfg, checkpoint_path, device, resum
     steps_per_epoch = n // B  # the last partial batch of each epoch is dropped: constant batch size
     if steps_per_epoch < 1:
         raise UserError(f"batch size {B} is larger than the {n} training images")
+    if B % world:
+        raise UserError(f"--batch_size {B} is the global batch and must divide evenly over the {world} processes")
+    mine = slice(rank * (B // world), (rank + 1) * (B // world))  # this process's share of every global batch
     total = cfg.n_epochs * steps_per_epoch
     total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
 
@@ -303,7 +317,12 @@ def _train(model, diffusion, images, labels, cfg, checkpoint_path, device, resum
     def flush():
         if not pending:
             return
-        vals = torch.stack(pending).cpu().tolist()
+        vals = torch.stack(pending)
+        if world > 1:  # the global batch's mean loss; the gradient norm is already the same everywhere
+            loss_sum = vals[:, 0].contiguous()  # collectives need contiguous tensors
+            torch.distributed.all_reduce(loss_sum)
+            vals[:, 0] = loss_sum / world
+        vals = vals.cpu().tolist()
         for i, (v, gnorm) in enumerate(vals):
             if not math.isfinite(v) or (check_grads and not math.isfinite(gnorm)):
                 what = f"loss became {v}" if not math.isfinite(v) else f"gradient norm became {gnorm}"
@@ -316,27 +335,31 @@ def _train(model, diffusion, images, labels, cfg, checkpoint_path, device, resum
         params = list(model.parameters()) + list(ema.parameters())
         if not torch.stack([p.detach().float().abs().max() for p in params]).isfinite().all():
             raise diverged("the weights became non-finite", step)
-        save_checkpoint(checkpoint_path, state())
+        if rank == 0:
+            save_checkpoint(checkpoint_path, state())
         saved_by_this_run[0] = True
 
-    bar = tqdm(total=total, initial=step, desc="training", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="training", disable=not progress or rank != 0, dynamic_ncols=True)
     perm, perm_epoch = None, -1
     with _StopFlag() as stop:
         while step < total:
             epoch, pos = divmod(step, steps_per_epoch)
             if epoch != perm_epoch:
                 perm, perm_epoch = epoch_permutation(cfg.seed, epoch, n).to(device), epoch
-            x0 = to_model_range(images[perm[pos * B:(pos + 1) * B]].float() / 255.0).unsqueeze(1)  # (B, 1, 28, 28)
+            idx = perm[pos * B:(pos + 1) * B][mine]  # all of the global batch with one process
+            x0 = to_model_range(images[idx].float() / 255.0).unsqueeze(1)  # (B / world, 1, 28, 28)
 
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, cfg, total)
             y = None
             if null_label is not None:  # Ho & Salimans 2022, Algorithm 1: drop the label with probability p_uncond
-                y = labels[perm[pos * B:(pos + 1) * B]]
-                drop = torch.rand(B, device=device, generator=noise_gen) < cfg.p_uncond
-                y = torch.where(drop, torch.full_like(y, null_label), y)
+                drop = (torch.rand(B, device=device, generator=noise_gen) < cfg.p_uncond)[mine]
+                y = torch.where(drop, null_label, labels[idx])
+            # Every process draws the whole global batch's t and noise and keeps its share, so the run
+            # does not depend on the number of processes.
+            t, noise = diffusion.draw_t_and_noise((B, *x0.shape[1:]), device, x0.dtype, noise_gen)
             with autocast(device, cfg.amp):
-                loss = diffusion.training_losses(net, x0, noise_gen, y=y).mean()
+                loss = diffusion.training_losses(net, x0, y=y, t=t[mine], noise=noise[mine]).mean()
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -347,6 +370,10 @@ def _train(model, diffusion, images, labels, cfg, checkpoint_path, device, resum
             ema_update(ema, model, cfg.ema_decay, step)
             pending.append(torch.stack([loss.detach().float(), gnorm.detach().float()]))
             step += 1
+            if world > 1:  # a signal may reach the processes at different steps: stop together
+                flag = torch.tensor([0 if stop.signum is None else stop.signum], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+                stop.signum = int(flag.item()) or None
 
             if step % cfg.log_every == 0 or step == total or stop.signum is not None:
                 flush()

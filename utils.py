@@ -23,7 +23,8 @@ def run_main(main):
     try:
         main()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if is_main_process():  # under torchrun every process hits the same error: say it once
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -48,6 +49,37 @@ def resolve_device(name):
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return _setup(device)
+
+
+def setup_distributed(device_name):
+    """Under torchrun (WORLD_SIZE > 1): join the process group, nccl on CUDA (process i of a node
+    takes cuda:LOCAL_RANK) or gloo on the CPU. Returns (device, rank, world size); outside torchrun
+    (device, 0, 1) with the device from resolve_device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return resolve_device(device_name), 0, 1
+    import torch.distributed as dist
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device_name not in ("auto", "cpu", "cuda"):
+        raise UserError(f"under torchrun use --device auto, cuda or cpu (each process takes cuda:LOCAL_RANK), "
+                        f"not {device_name!r}")
+    use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) on this "
+                            f"node; lower --nproc_per_node")
+        torch.cuda.set_device(local_rank)
+        device = _setup(torch.device("cuda", local_rank))
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return device, rank, world
+
+
+def is_main_process():
+    """True outside torchrun and on rank 0 under it: the process that prints and writes files."""
+    return os.environ.get("RANK", "0") == "0"
 
 
 def _setup(device):

@@ -1,0 +1,93 @@
+"""torchrun: 2 CPU processes (gloo) train like one process at the same global batch; a killed
+2-process run resumes; the checkpoint is the usual one."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import evaluate
+from conftest import ROOT, TINY_FLAGS, write_tiny_mnist
+
+STEPS = 120
+FLAGS = [*TINY_FLAGS, "--batch_size", "32", "--lr", "1e-3", "--warmup", "10", "--n_samples", "1", "--sampler", "ddim",
+         "--sampling_steps", "2", "--no_progress", "--device", "cpu", "--save_every", "10"]
+
+
+def launch(work, ckpt, nproc, *extra, wait=True):
+    args = ["run.py", "--data_dir", str(work / "data"), *FLAGS, "--max_steps", str(STEPS), "--checkpoint", str(ckpt),
+            "--out_dir", str(work), *extra]
+    cmd = [sys.executable, *args] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if not wait:
+        return p
+    out, err = p.communicate(timeout=240)
+    return p.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    work = tmp_path_factory.mktemp("ddp")
+    write_tiny_mnist(str(work / "data"))
+    results = {}
+    for nproc in (1, 2):
+        rc, out, err = launch(work, work / f"p{nproc}.pt", nproc)
+        assert rc == 0, err[-3000:]
+        results[nproc] = (torch.load(work / f"p{nproc}.pt", weights_only=True), out)
+    return work, results
+
+
+def test_two_processes_match_one_at_the_same_global_batch(runs):
+    _, res = runs
+    one, two = res[1][0], res[2][0]
+    assert len(one["loss_history"]) == len(two["loss_history"]) == STEPS
+    torch.testing.assert_close(two["loss_history"], one["loss_history"], rtol=1e-4, atol=0)
+    for k in one["ema"]:
+        torch.testing.assert_close(two["ema"][k], one["ema"][k], rtol=1e-3, atol=1e-4)
+    assert set(one) == set(two) and two["train_config"]["batch_size"] == 32  # same format, global batch
+
+
+def test_only_rank_zero_prints_and_the_checkpoint_evaluates(runs, tmp_path):
+    work, res = runs
+    out = res[2][1]
+    assert out.count("configuration:") == 1 and '"processes": 2' in out and out.count("trained to step") == 1
+    evaluate.main(["--checkpoint", str(work / "p2.pt"), "--n_samples", "2", "--sampler", "ddim", "--sampling_steps",
+                   "2", "--out", str(tmp_path / "g.png"), "--no_progress", "--device", "cpu"])
+    assert (tmp_path / "g.png").exists()
+
+
+def test_batch_that_does_not_divide_is_a_clear_error(runs, tmp_path):
+    work, _ = runs
+    rc, out, err = launch(work, tmp_path / "x.pt", 2, "--batch_size", "15")
+    assert rc != 0 and err.count("must divide evenly over the 2 processes") == 1
+    # torchrun itself reports the failed workers (with its own traceback); the workers print one line
+    assert os.path.join(ROOT, "run.py") not in err and not (tmp_path / "x.pt").exists()
+
+
+def test_killed_two_process_run_resumes(runs):
+    work, res = runs
+    ckpt = work / "killed.pt"
+    p = launch(work, ckpt, 2, wait=False)
+    deadline = time.time() + 120
+    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    # torchrun and both workers (which run in process groups of their own), without warning
+    pids = subprocess.run(["pgrep", "-f", str(ckpt)], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    p.communicate()
+    saved = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < saved < STEPS, f"the run was killed at step {saved}; nothing left to resume"
+    rc, out, err = launch(work, ckpt, 2, "--resume")
+    assert rc == 0, err[-3000:]
+    done = torch.load(ckpt, weights_only=True)
+    assert done["step"] == STEPS
+    torch.testing.assert_close(done["loss_history"], res[2][0]["loss_history"], rtol=1e-6, atol=0)
