@@ -82,6 +82,7 @@ def main(argv=None):
     for path in filter(None, (args.out, args.save_samples, args.metrics_out if args.metrics else None)):
         check_writable(path)
     ckpt = load_checkpoint(args.checkpoint)
+    label_kwargs(args, ckpt["model_args"].get("num_classes"), args.n_samples)  # bad --digits: fail before the data
     if args.metrics:  # fail before minutes of sampling, not after
         from dataloader import ensure_mnist
         ensure_mnist(args.data_dir)
@@ -149,7 +150,7 @@ def print_table(r):
     if "conditional_accuracy" in r:
         print(f"{'conditional accuracy':<34} {r['conditional_accuracy']:>10.3f} {r['classifier_test_accuracy']:>13.3f}"
               f"   (classifier agrees with the requested digit; real: its test accuracy)")
-        print(f"{'  per digit 0..9':<34} {[round(a, 3) for a in r['conditional_accuracy_per_digit']]}")
+        print(f"{'  per digit 0..9':<34} {[None if a is None else round(a, 3) for a in r['conditional_accuracy_per_digit']]}")
     if "bits_per_dim" in r:
         b = r["bits_per_dim"]
         how = "exact sum over t" if b["exact_sum"] else f"stratified, {b['n_timesteps']} t per image"

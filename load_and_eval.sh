@@ -5,19 +5,21 @@
 #   sh load_and_eval.sh URL                      # download it (or set DDPM_CHECKPOINT_URL)
 #   sh load_and_eval.sh [URL] -- --n_samples 100 # arguments after -- go to evaluate.py
 #
-# The file is fetched (curl, else wget) into a temporary file, checked against
-# checkpoints/ddpm_trained.pt.sha256, and only then moved to ./ddpm_trained.pt (one rename).
-# A failed download or a wrong hash leaves no ddpm_trained.pt behind and exits non-zero.
-# A different ./ddpm_trained.pt already there (say, your own training) is kept as
-# ddpm_trained.pt.prev. Environment: DDPM_CHECKPOINT_URL, PYTHON (default python, else python3).
+# The file is fetched (curl, else wget) into a temporary file, checked against the repo's
+# checkpoints/ddpm_trained.pt.sha256, and only then moved to ./ddpm_trained.pt in the current
+# folder (one rename), where evaluate.py looks by default. A failed download or a wrong hash
+# leaves no ddpm_trained.pt behind and exits non-zero. A different ddpm_trained.pt already there
+# (say, your own training) is never replaced: the script stops and says so.
+# Environment: DDPM_CHECKPOINT_URL; DDPM_CHECKPOINT_DEST (default ddpm_trained.pt);
+# PYTHON (default python, else python3).
 set -eu
 
 die() { echo "load_and_eval.sh: error: $*" >&2; exit 1; }
 
-cd "$(dirname "$0")"
-SUM_FILE=checkpoints/ddpm_trained.pt.sha256
-PUBLISHED=checkpoints/ddpm_trained.pt
-DEST=ddpm_trained.pt
+REPO=$(cd "$(dirname "$0")" && pwd)
+SUM_FILE=$REPO/checkpoints/ddpm_trained.pt.sha256
+PUBLISHED=$REPO/checkpoints/ddpm_trained.pt
+DEST=${DDPM_CHECKPOINT_DEST:-ddpm_trained.pt}
 
 URL=""
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then
@@ -52,7 +54,11 @@ sha256_of() {
     fi
 }
 
-TMP=$(mktemp ./.ddpm_trained.pt.XXXXXX) || die "cannot create a temporary file in $(pwd)"
+if [ -e "$DEST" ] && [ "$(sha256_of "$DEST")" != "$EXPECTED" ]; then
+    die "$DEST exists and is not the published checkpoint (your own training?); move it away, or set DDPM_CHECKPOINT_DEST to another file name"
+fi
+DEST_DIR=$(dirname "$DEST")
+TMP=$(mktemp "$DEST_DIR/.ddpm_trained.pt.XXXXXX") || die "cannot create a temporary file in $DEST_DIR"
 trap 'rm -f "$TMP"' EXIT
 trap 'rm -f "$TMP"; exit 130' INT
 trap 'rm -f "$TMP"; exit 143' TERM
@@ -60,9 +66,11 @@ trap 'rm -f "$TMP"; exit 143' TERM
 if [ -n "$URL" ]; then
     echo "downloading $URL"
     if command -v curl >/dev/null 2>&1; then
-        curl -fL --retry 2 --connect-timeout 20 -sS -o "$TMP" "$URL" || die "download failed: $URL"
+        # fail on HTTP errors; give up on a stalled transfer (under 1 kB/s for a minute)
+        curl -fL --retry 2 --connect-timeout 20 --speed-limit 1024 --speed-time 60 -sS -o "$TMP" --url "$URL" \
+            || die "download failed: $URL"
     elif command -v wget >/dev/null 2>&1; then
-        wget -q -T 20 -t 3 -O "$TMP" "$URL" || die "download failed: $URL"
+        wget -q -T 60 -t 3 -O "$TMP" -- "$URL" || die "download failed: $URL"
     else
         die "neither curl nor wget is installed; install one, or run without a URL to use $PUBLISHED"
     fi
@@ -76,13 +84,10 @@ ACTUAL=$(sha256_of "$TMP")
 [ "$ACTUAL" = "$EXPECTED" ] || die "SHA-256 mismatch: got $ACTUAL, expected $EXPECTED ($SUM_FILE); nothing was installed"
 echo "SHA-256 verified ($EXPECTED)"
 
-if [ -f "$DEST" ] && [ "$(sha256_of "$DEST")" != "$EXPECTED" ]; then
-    mv -f "$DEST" "$DEST.prev"
-    echo "$DEST was a different checkpoint; kept it as $DEST.prev"
-fi
 chmod 644 "$TMP"
+sync
 mv -f "$TMP" "$DEST"
 trap - EXIT INT TERM
 echo "installed $DEST"
 
-exec "$PY" evaluate.py --checkpoint "$DEST" "$@"
+exec "$PY" "$REPO/evaluate.py" --checkpoint "$DEST" "$@"

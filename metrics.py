@@ -136,12 +136,12 @@ def load_classifier(data_dir="./data", retrain=False, progress=True):
 
 def conditional_accuracy(predicted, requested, num_classes=10):
     """Share of samples whose predicted class is the requested digit (requests of -1 ignored),
-    overall and per digit (nan for a digit never requested)."""
+    overall and per digit (None for a digit never requested)."""
     asked = requested >= 0
     if not asked.any():
         raise ValueError("no sample has a requested digit")
     hit = (predicted[asked] == requested[asked]).double()
-    per_digit = [hit[requested[asked] == d].mean().item() if (requested[asked] == d).any() else float("nan")
+    per_digit = [hit[requested[asked] == d].mean().item() if (requested[asked] == d).any() else None
                  for d in range(num_classes)]
     return {"conditional_accuracy": hit.mean().item(), "conditional_accuracy_per_digit": per_digit}
 

@@ -177,7 +177,7 @@ def protect_existing(path, keep_copy=True):
         old = load_checkpoint(path)
     except UserError:
         old = {}
-    if "total_steps" in old and old["step"] < old["total_steps"]:
+    if "optimizer" in old and "total_steps" in old and old["step"] < old["total_steps"]:
         raise UserError(f"{path} holds an unfinished run (step {old['step']} of {old['total_steps']}); continue it "
                         f"with --resume, or move it away (or pick another --checkpoint) to start a new run")
     if not keep_copy:

@@ -1,5 +1,6 @@
 """Sampling: the 1000-step ancestral reverse process (Algorithm 2 of Ho et al. 2020), or DDIM
 (Song et al. 2021) with fewer steps, from the same trained model."""
+import math
 import weakref
 
 import torch
@@ -56,7 +57,7 @@ def label_kwargs(args, num_classes, n_samples):
                             "--class_cond); this one is unconditional")
         return {"labels": None, "guidance_scale": 0.0}
     w = 0.0 if args.guidance_scale is None else args.guidance_scale
-    if not w >= 0:
+    if not (w >= 0 and math.isfinite(w)):
         raise UserError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
     spec = ("all" if args.digits is None else args.digits).strip().lower()
     if spec == "none":
@@ -88,7 +89,7 @@ def guided(net, y, w, null_label):
     y2 = torch.cat([y, torch.full_like(y, null_label)])
 
     def eps(x, t):
-        e_cond, e_null = net(torch.cat([x, x]), torch.cat([t, t]), y2).chunk(2)
+        e_cond, e_null = net(torch.cat([x, x]), torch.cat([t, t]), y2).float().chunk(2)  # fp32 even under autocast
         return (1.0 + w) * e_cond - w * e_null
     return eps
 

@@ -168,6 +168,19 @@ def export_checkpoint(ckpt):
     return out
 
 
+def agreed_signal(signum, world, step, every, device):
+    """The signal (a number) to stop at after this step, or 0. Under torchrun a signal may reach
+    the processes at different steps; they agree (all-reduce, max) every `every` steps, so that
+    all stop at the same step and the collectives stay matched."""
+    if world == 1:
+        return signum or 0
+    if step % every:
+        return 0
+    flag = torch.tensor([signum or 0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return int(flag.item())
+
+
 def dist_rank_world():
     """(rank, world size) of this process under torchrun; (0, 1) when not distributed."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -294,6 +307,11 @@ def _train(model, diffusion, images, labels, cfg, checkpoint_path, device, resum
         step, losses = resume["step"], resume["loss_history"].tolist()
         set_rng_state(resume["rng"])
         noise_gen.set_state(resume["rng"]["noise"].cpu())
+    if world > 1:
+        # Dropout: a stream of its own per process (the checkpoint holds rank 0's), so the processes
+        # do not repeat each other's masks. With dropout > 0 a distributed run therefore follows
+        # its own trajectory, and a resumed one is not bitwise the uninterrupted one.
+        torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (rank + 1) + step)
 
     def state():
         return {"format": CHECKPOINT_FORMAT, "model_args": model.model_args, "diffusion_args": diffusion.args,
@@ -370,20 +388,17 @@ def _train(model, diffusion, images, labels, cfg, checkpoint_path, device, resum
             ema_update(ema, model, cfg.ema_decay, step)
             pending.append(torch.stack([loss.detach().float(), gnorm.detach().float()]))
             step += 1
-            if world > 1:  # a signal may reach the processes at different steps: stop together
-                flag = torch.tensor([0 if stop.signum is None else stop.signum], device=device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                stop.signum = int(flag.item()) or None
+            signum = agreed_signal(stop.signum, world, step, cfg.log_every, device)
 
-            if step % cfg.log_every == 0 or step == total or stop.signum is not None:
+            if step % cfg.log_every == 0 or step == total or signum:
                 flush()
                 bar.set_postfix(epoch=step // steps_per_epoch, loss=f"{losses[-1]:.4f}", refresh=False)
             bar.update(1)
-            if step % cfg.save_every == 0 or step == total or stop.signum is not None:
+            if step % cfg.save_every == 0 or step == total or signum:
                 save()
-            if stop.signum is not None:
+            if signum:
                 bar.close()
-                raise TrainingInterrupted(step, checkpoint_path, stop.signum)
+                raise TrainingInterrupted(step, checkpoint_path, signum)
     bar.close()
     flush()
     return state()

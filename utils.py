@@ -23,8 +23,8 @@ def run_main(main):
     try:
         main()
     except UserError as e:
-        if is_main_process():  # under torchrun every process hits the same error: say it once
-            print(f"error: {e}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0")  # under torchrun: which process says it
+        print(f"{'' if rank == '0' else f'[rank {rank}] '}error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -59,12 +59,14 @@ def setup_distributed(device_name):
     if world == 1:
         return resolve_device(device_name), 0, 1
     import torch.distributed as dist
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if device_name not in ("auto", "cpu", "cuda"):
         raise UserError(f"under torchrun use --device auto, cuda or cpu (each process takes cuda:LOCAL_RANK), "
                         f"not {device_name!r}")
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if use_cuda:
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda asked for, but CUDA is not available here; use --device cpu or auto")
         if local_rank >= torch.cuda.device_count():
             raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) on this "
                             f"node; lower --nproc_per_node")
@@ -75,11 +77,6 @@ def setup_distributed(device_name):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return device, rank, world
-
-
-def is_main_process():
-    """True outside torchrun and on rank 0 under it: the process that prints and writes files."""
-    return os.environ.get("RANK", "0") == "0"
 
 
 def _setup(device):

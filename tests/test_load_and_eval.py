@@ -120,19 +120,35 @@ def test_no_url_uses_the_published_copy_and_checks_it(repo, files):
     assert not (repo / "ddpm_trained.pt").exists() and leftovers(repo) == []
 
 
-def test_a_different_existing_checkpoint_is_kept(repo, files):
+def test_a_different_existing_checkpoint_is_never_replaced(repo, files):
     (repo / "ddpm_trained.pt").write_bytes(b"my own training")
     r = run_script(repo, *EVAL_ARGS)
+    assert r.returncode != 0 and "is not the published checkpoint" in r.stderr
+    assert (repo / "ddpm_trained.pt").read_bytes() == b"my own training" and leftovers(repo) == []
+    r = run_script(repo, *EVAL_ARGS, env={"DDPM_CHECKPOINT_DEST": "published.pt"})
     assert r.returncode == 0, r.stderr
-    assert (repo / "ddpm_trained.pt.prev").read_bytes() == b"my own training"
-    assert (repo / "ddpm_trained.pt").read_bytes() == files["good"]
+    assert (repo / "published.pt").read_bytes() == files["good"]
+    assert (repo / "ddpm_trained.pt").read_bytes() == b"my own training"
+
+
+def test_run_from_another_folder_installs_and_writes_there(repo, tmp_path, files):
+    here = tmp_path / "elsewhere"
+    here.mkdir()
+    e = dict(os.environ, PYTHON=sys.executable)
+    e.pop("DDPM_CHECKPOINT_URL", None)
+    r = subprocess.run(["sh", str(repo / "load_and_eval.sh"), *EVAL_ARGS], cwd=here, env=e,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert (here / "ddpm_trained.pt").read_bytes() == files["good"] and (here / "grid.png").exists()
+    assert not (repo / "ddpm_trained.pt").exists()
 
 
 def test_without_curl_or_wget_a_clear_error(repo, tmp_path, server):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    for tool in ("sh", "dirname", "awk", "mktemp", "rm", "cp", "mv", "chmod", "sha256sum"):
-        os.symlink(shutil.which(tool), bin_dir / tool)
+    for tool in ("sh", "dirname", "awk", "mktemp", "rm", "cp", "mv", "chmod", "sync", "sha256sum", "shasum"):
+        if shutil.which(tool):
+            os.symlink(shutil.which(tool), bin_dir / tool)
     r = run_script(repo, f"{server}/good.pt", *EVAL_ARGS, env={"PATH": str(bin_dir)})
     assert r.returncode != 0 and "neither curl nor wget" in r.stderr
     assert not (repo / "ddpm_trained.pt").exists() and leftovers(repo) == []
