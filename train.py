@@ -355,6 +355,8 @@ def _train(model, diffusion, images, labels, cfg, checkpoint_path, device, resum
             raise diverged("the weights became non-finite", step)
         if rank == 0:
             save_checkpoint(checkpoint_path, state())
+        if world > 1:  # no process exits (say, on a signal) before the checkpoint is complete
+            torch.distributed.barrier()
         saved_by_this_run[0] = True
 
     bar = tqdm(total=total, initial=step, desc="training", disable=not progress or rank != 0, dynamic_ncols=True)

@@ -93,3 +93,25 @@ def test_killed_two_process_run_resumes(runs):
     done = torch.load(ckpt, weights_only=True)
     assert done["step"] == STEPS
     torch.testing.assert_close(done["loss_history"], res[2][0]["loss_history"], rtol=1e-6, atol=0)
+
+
+def test_sigterm_to_one_process_stops_all_at_the_same_step_and_resumes(runs):
+    work, res = runs
+    ckpt, total = work / "term.pt", 400  # the paper preset's 100 epochs of 4 steps; lr constant after warm-up
+    p = launch(work, ckpt, 2, "--max_steps", str(total), wait=False)
+    deadline = time.time() + 120
+    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    pids = [int(pid) for pid in subprocess.run(["pgrep", "-f", str(ckpt)], capture_output=True, text=True).stdout.split()]
+    rank1 = [pid for pid in pids if b"\0RANK=1\0" in b"\0" + open(f"/proc/{pid}/environ", "rb").read()]
+    assert len(rank1) == 1, pids
+    os.kill(rank1[0], signal.SIGTERM)  # one process only, as a scheduler or `kill` might do
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "interrupted by signal 15 at step" in out, (out[-1500:], err[-1500:])
+    stopped = torch.load(ckpt, weights_only=True)
+    assert 0 < stopped["step"] < total and stopped["step"] % 25 == 0  # agreed at a logging boundary
+    rc, out, err = launch(work, ckpt, 2, "--resume", "--max_steps", str(total))
+    assert rc == 0, err[-3000:]
+    done = torch.load(ckpt, weights_only=True)
+    assert done["step"] == total
+    torch.testing.assert_close(done["loss_history"][:STEPS], res[2][0]["loss_history"], rtol=1e-6, atol=0)
