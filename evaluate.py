@@ -82,13 +82,12 @@ def main(argv=None):
     for path in filter(None, (args.out, args.save_samples, args.metrics_out if args.metrics else None)):
         check_writable(path)
     ckpt = load_checkpoint(args.checkpoint)
-    label_kwargs(args, ckpt["model_args"].get("num_classes"), args.n_samples)  # bad --digits: fail before the data
+    lkw = label_kwargs(args, ckpt["model_args"].get("num_classes"), args.n_samples)  # bad --digits: fail before the data
     if args.metrics:  # fail before minutes of sampling, not after
         from dataloader import ensure_mnist
         ensure_mnist(args.data_dir)
     model, diffusion = build_model(ckpt, use_ema=not args.no_ema, device=device)
     skw = sampler_kwargs(args, diffusion.T)
-    lkw = label_kwargs(args, model.num_classes, args.n_samples)
     weights = weights_kind(ckpt, use_ema=not args.no_ema)
     print(f"loaded {args.checkpoint} (step {ckpt.get('step', '?')}, {weights} weights); "
           f"sampling {args.n_samples} with {skw['sampler']} ({skw.get('sampling_steps', diffusion.T)} steps) on {device}")
@@ -98,15 +97,16 @@ def main(argv=None):
                              batch_size=args.batch_size, progress=not args.no_progress, amp=args.amp, compile=args.compile,
                              **skw, **lkw)
     sampling_seconds = time.time() - t0
+    digits = requested_digits(lkw["labels"], model, args.n_samples)
     save_image_grid(from_model_range(samples), args.out, nrow=args.nrow)
     msg = f"wrote {args.out}"
     if args.save_samples:
         # labels: the requested digit per sample, -1 where none was (unconditional model or sampling)
-        save_npz(args.save_samples, samples=to_uint8(samples).numpy(), labels=requested_digits(lkw["labels"], model, args.n_samples).numpy())
+        save_npz(args.save_samples, samples=to_uint8(samples).numpy(), labels=digits.numpy())
         msg += f" and {args.save_samples}"
     print(f"{msg} in {time.time() - t0:.1f} s")
     if args.metrics:
-        results = compute_metrics(model, diffusion, to_uint8(samples), args, requested_digits(lkw["labels"], model, args.n_samples))
+        results = compute_metrics(model, diffusion, to_uint8(samples), args, digits)
         results.update(sampler=skw, guidance_scale=lkw["guidance_scale"], sampling_seconds=sampling_seconds, device=str(device))
         print_table(results)
         atomic_write(args.metrics_out, lambda f: f.write(json.dumps(results, indent=1).encode()))
