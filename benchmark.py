@@ -2,6 +2,7 @@
 
     python benchmark.py --preset cpu --batch_size 128
     python benchmark.py --preset paper --device cuda --json bench.json
+    python benchmark.py --preset cpu --sample_only --compile   # sampling alone, compiled
 
 Reports: the bare training step (forward, backward, Adam) against the full `train_func` step
 (adds batch drawing, EMA, LR schedule, loss bookkeeping), training images/s, FLOPs per forward
@@ -42,6 +43,27 @@ def count_flops(model, batch, device):
         model(x, t).square().mean().backward()
     model.zero_grad(set_to_none=True)
     return fwd, fc.get_total_flops() / batch
+
+
+def dense_op_share(model, batch, device, reps=5):
+    """Share of an eager no-grad forward's CPU time spent inside the convolution, matmul and
+    attention kernels (torch.profiler self time). torch.compile hands those to the same oneDNN
+    kernels; what it can fuse or remove is the rest (norms, activations, adds, dispatch), so
+    1 / share bounds its speed-up. CPU only (None elsewhere)."""
+    if device.type != "cpu":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+    x, t = torch.randn(batch, 1, 28, 28), torch.randint(0, 1000, (batch,))
+    with torch.no_grad():
+        model(x, t)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(reps):
+                model(x, t)
+    times = {e.key: e.self_cpu_time_total for e in prof.key_averages()}
+    kernels = ("mkldnn_convolution", "_slow_conv2d", "aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm",
+               "scaled_dot_product", "flash_attention")
+    dense = sum(v for k, v in times.items() if any(n in k for n in kernels))
+    return dense / sum(times.values())
 
 
 def peak_matmul_flops(device, dtype=torch.float32):
@@ -105,6 +127,21 @@ def sample_time(net, n, sampler, device, amp, compile):
     return time.perf_counter() - t0
 
 
+def training_figures(model, diffusion, device, args):
+    """Peak matmul FLOP/s, bare and full training step times, and what follows from them."""
+    res = {"peak_matmul_flops": peak_matmul_flops(device, torch.bfloat16 if args.amp == "bf16" else
+                                                  torch.float16 if args.amp == "fp16" else torch.float32)}
+    speed = dict(amp=args.amp, compile=args.compile)
+    res["bare_step_s"] = bare_step_time(model, diffusion, args.batch_size, device, args.steps, **speed)
+    res["full_step_s"] = full_step_time(model, diffusion, args.batch_size, device, args.steps,
+                                        os.path.join(tempfile.gettempdir(), "_ddpm_bench.pt"), **speed)
+    res["overhead_fraction"] = 1 - res["bare_step_s"] / res["full_step_s"]
+    res["train_img_per_s"] = args.batch_size / res["full_step_s"]
+    res["achieved_flops"] = res["flops_per_train_image"] * res["train_img_per_s"]  # forward + backward
+    res["fraction_of_peak"] = res["achieved_flops"] / res["peak_matmul_flops"]
+    return res
+
+
 def main(argv=None):
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
@@ -114,6 +151,7 @@ def main(argv=None):
     p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast mode")
     p.add_argument("--compile", action="store_true", help="torch.compile the network")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--sample_only", action="store_true", help="skip the training measurements")
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.steps < 1:
         raise UserError("--batch_size and --steps must be >= 1")
@@ -126,16 +164,9 @@ def main(argv=None):
            "compile": args.compile,
            "threads": torch.get_num_threads(), "params": count_parameters(model)}
     res["flops_per_forward"], res["flops_per_train_image"] = count_flops(model, 8, device)
-    res["peak_matmul_flops"] = peak_matmul_flops(device, torch.bfloat16 if args.amp == "bf16" else
-                                                 torch.float16 if args.amp == "fp16" else torch.float32)
-    speed = dict(amp=args.amp, compile=args.compile)
-    res["bare_step_s"] = bare_step_time(model, diffusion, args.batch_size, device, args.steps, **speed)
-    res["full_step_s"] = full_step_time(model, diffusion, args.batch_size, device, args.steps,
-                                        os.path.join(tempfile.gettempdir(), "_ddpm_bench.pt"), **speed)
-    res["overhead_fraction"] = 1 - res["bare_step_s"] / res["full_step_s"]
-    res["train_img_per_s"] = args.batch_size / res["full_step_s"]
-    res["achieved_flops"] = res["flops_per_train_image"] * res["train_img_per_s"]  # forward + backward
-    res["fraction_of_peak"] = res["achieved_flops"] / res["peak_matmul_flops"]
+    if not args.sample_only:
+        res.update(training_figures(model, diffusion, device, args))
+    res["dense_op_share_b100"] = dense_op_share(model, 100, device)
     res["sample_10_s"] = sample_time(model, 10, "ddpm", device, args.amp, args.compile)
     res["sample_100_ddim50_s"] = sample_time(model, 100, "ddim", device, args.amp, args.compile)
     res["sample_img_nfe_per_s"] = 100 * 50 / res["sample_100_ddim50_s"]  # images x network evaluations / s
@@ -144,20 +175,25 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{res['threads']} threads"
     print(f"{args.preset} preset, {res['params'] / 1e6:.2f}M params, batch {args.batch_size}, {device} ({name}), "
           f"amp {args.amp}, compile {args.compile}")
-    rows = [("bare step (fwd+bwd+Adam)", f"{res['bare_step_s'] * 1e3:.1f} ms"),
-            ("full train_func step", f"{res['full_step_s'] * 1e3:.1f} ms"),
-            ("loop overhead (data, EMA, logging)", f"{100 * res['overhead_fraction']:.1f} %"),
-            ("training images/s", f"{res['train_img_per_s']:.0f}"),
-            ("training steps/s", f"{1 / res['full_step_s']:.1f}"),
-            ("GFLOP per forward / per training image", f"{res['flops_per_forward'] / 1e9:.3f} / "
-                                                       f"{res['flops_per_train_image'] / 1e9:.3f}"),
-            ("achieved GFLOP/s (training)", f"{res['achieved_flops'] / 1e9:.1f}"),
-            ("peak matmul GFLOP/s (measured)", f"{res['peak_matmul_flops'] / 1e9:.1f}"),
-            ("fraction of peak", f"{100 * res['fraction_of_peak']:.0f} %"),
-            ("sample 10 digits, DDPM 1000 steps", f"{res['sample_10_s']:.1f} s"),
-            ("sample 100 digits, DDIM 50 steps", f"{res['sample_100_ddim50_s']:.1f} s"),
-            ("sampling images x NFE / s (batch 100)", f"{res['sample_img_nfe_per_s']:.0f}"),
-            ("peak memory", f"{res['peak_mem_mb']:.0f} MB")]
+    rows = []
+    if not args.sample_only:
+        rows += [("bare step (fwd+bwd+Adam)", f"{res['bare_step_s'] * 1e3:.1f} ms"),
+                 ("full train_func step", f"{res['full_step_s'] * 1e3:.1f} ms"),
+                 ("loop overhead (data, EMA, logging)", f"{100 * res['overhead_fraction']:.1f} %"),
+                 ("training images/s", f"{res['train_img_per_s']:.0f}"),
+                 ("training steps/s", f"{1 / res['full_step_s']:.1f}")]
+    rows.append(("GFLOP per forward / per training image", f"{res['flops_per_forward'] / 1e9:.3f} / "
+                                                           f"{res['flops_per_train_image'] / 1e9:.3f}"))
+    if not args.sample_only:
+        rows += [("achieved GFLOP/s (training)", f"{res['achieved_flops'] / 1e9:.1f}"),
+                 ("peak matmul GFLOP/s (measured)", f"{res['peak_matmul_flops'] / 1e9:.1f}"),
+                 ("fraction of peak", f"{100 * res['fraction_of_peak']:.0f} %")]
+    rows += [("sample 10 digits, DDPM 1000 steps", f"{res['sample_10_s']:.1f} s"),
+             ("sample 100 digits, DDIM 50 steps", f"{res['sample_100_ddim50_s']:.1f} s"),
+             ("sampling images x NFE / s (batch 100)", f"{res['sample_img_nfe_per_s']:.0f}"),
+             ("conv/matmul/attention share, eager fwd", "-" if res["dense_op_share_b100"] is None
+                                                        else f"{100 * res['dense_op_share_b100']:.0f} %"),
+             ("peak memory", f"{res['peak_mem_mb']:.0f} MB")]
     for name, val in rows:
         print(f"  {name:<38} {val:>12}")
     if args.json:
