@@ -4,22 +4,29 @@
 #   sh load_and_eval.sh                          # the repo's published copy (checkpoints/)
 #   sh load_and_eval.sh URL                      # download it (or set DDPM_CHECKPOINT_URL)
 #   sh load_and_eval.sh [URL] -- --n_samples 100 # arguments after -- go to evaluate.py
+#   DDPM_CHECKPOINT=ddpm_cond.pt sh load_and_eval.sh -- --digits 3 --guidance_scale 1
+#                                                # the class-conditional one instead
 #
 # The file is fetched (curl, else wget) into a temporary file, checked against the repo's
-# checkpoints/ddpm_trained.pt.sha256, and only then moved to ./ddpm_trained.pt in the current
+# checkpoints/$DDPM_CHECKPOINT.sha256, and only then moved to ./$DDPM_CHECKPOINT in the current
 # folder (one rename), where evaluate.py looks by default. A failed download or a wrong hash
-# leaves no ddpm_trained.pt behind and exits non-zero. A different ddpm_trained.pt already there
+# leaves no checkpoint behind and exits non-zero. A different checkpoint of that name already there
 # (say, your own training) is never replaced: the script stops and says so.
-# Environment: DDPM_CHECKPOINT_URL; DDPM_CHECKPOINT_DEST (default ddpm_trained.pt);
+# Environment: DDPM_CHECKPOINT (which published checkpoint: ddpm_trained.pt, the default, or
+# ddpm_cond.pt); DDPM_CHECKPOINT_URL; DDPM_CHECKPOINT_DEST (default: the DDPM_CHECKPOINT name);
 # PYTHON (default python, else python3).
 set -eu
 
 die() { echo "load_and_eval.sh: error: $*" >&2; exit 1; }
 
 REPO=$(cd "$(dirname "$0")" && pwd)
-SUM_FILE=$REPO/checkpoints/ddpm_trained.pt.sha256
-PUBLISHED=$REPO/checkpoints/ddpm_trained.pt
-DEST=${DDPM_CHECKPOINT_DEST:-ddpm_trained.pt}
+NAME=${DDPM_CHECKPOINT:-ddpm_trained.pt}
+case "$NAME" in
+    */*|"") die "DDPM_CHECKPOINT must be a file name in checkpoints/ (ddpm_trained.pt or ddpm_cond.pt), got '$NAME'" ;;
+esac
+SUM_FILE=$REPO/checkpoints/$NAME.sha256
+PUBLISHED=$REPO/checkpoints/$NAME
+DEST=${DDPM_CHECKPOINT_DEST:-$NAME}
 
 URL=""
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then
@@ -40,7 +47,10 @@ if [ -z "$PY" ]; then
     fi
 fi
 
-[ -f "$SUM_FILE" ] || die "$SUM_FILE is missing; it holds the published checksum (is this a complete clone?)"
+if [ ! -f "$SUM_FILE" ]; then
+    [ -n "${DDPM_CHECKPOINT:-}" ] && die "no published checkpoint '$NAME': $SUM_FILE is missing; choose one of: $(cd "$REPO/checkpoints" && ls *.sha256 2>/dev/null | sed 's/\.sha256$//' | tr '\n' ' ')"
+    die "$SUM_FILE is missing; it holds the published checksum (is this a complete clone?)"
+fi
 EXPECTED=$(awk 'NR == 1 { print $1 }' "$SUM_FILE")
 case "$EXPECTED" in
     *[!0-9a-f]*|"") die "$SUM_FILE does not start with a SHA-256 hex digest" ;;
@@ -58,7 +68,7 @@ if [ -e "$DEST" ] && [ "$(sha256_of "$DEST")" != "$EXPECTED" ]; then
     die "$DEST exists and is not the published checkpoint (your own training?); move it away, or set DDPM_CHECKPOINT_DEST to another file name"
 fi
 DEST_DIR=$(dirname "$DEST")
-TMP=$(mktemp "$DEST_DIR/.ddpm_trained.pt.XXXXXX") || die "cannot create a temporary file in $DEST_DIR"
+TMP=$(mktemp "$DEST_DIR/.$NAME.XXXXXX") || die "cannot create a temporary file in $DEST_DIR"
 trap 'rm -f "$TMP"' EXIT
 trap 'rm -f "$TMP"; exit 130' INT
 trap 'rm -f "$TMP"; exit 143' TERM

@@ -157,3 +157,17 @@ def test_without_curl_or_wget_a_clear_error(repo, tmp_path, server):
 def test_bad_arguments(repo):
     r = run_script(repo, "http://127.0.0.1:1/x", "--n_samples", "2")
     assert r.returncode != 0 and "unexpected argument" in r.stderr
+
+
+def test_choose_another_published_checkpoint(repo, files):
+    (repo / "checkpoints" / "ddpm_cond.pt").write_bytes(files["other"])
+    digest = hashlib.sha256(files["other"]).hexdigest()
+    (repo / "checkpoints" / "ddpm_cond.pt.sha256").write_text(f"{digest}  ddpm_cond.pt\n")
+    r = run_script(repo, *EVAL_ARGS, env={"DDPM_CHECKPOINT": "ddpm_cond.pt"})
+    assert r.returncode == 0, r.stderr
+    assert (repo / "ddpm_cond.pt").read_bytes() == files["other"] and not (repo / "ddpm_trained.pt").exists()
+    for bad in ("nope.pt", "../ddpm_cond.pt"):
+        r = run_script(repo, *EVAL_ARGS, env={"DDPM_CHECKPOINT": bad})
+        assert r.returncode != 0 and ("must be a file name" in r.stderr or "no published checkpoint" in r.stderr)
+        assert not (repo / bad.split("/")[-1]).exists() and leftovers(repo) == []
+    assert "ddpm_cond.pt ddpm_trained.pt" in run_script(repo, env={"DDPM_CHECKPOINT": "nope.pt"}).stderr
