@@ -74,7 +74,7 @@ def run_script(repo, *args, env=None):
 
 
 def leftovers(repo):
-    return sorted(p.name for p in repo.iterdir() if p.name.startswith(".ddpm_trained"))
+    return sorted(p.name for p in repo.iterdir() if p.name.startswith(".ddpm_"))
 
 
 def test_good_download_is_verified_installed_and_evaluated(repo, server, files):
@@ -169,5 +169,5 @@ def test_choose_another_published_checkpoint(repo, files):
     for bad in ("nope.pt", "../ddpm_cond.pt"):
         r = run_script(repo, *EVAL_ARGS, env={"DDPM_CHECKPOINT": bad})
         assert r.returncode != 0 and ("must be a file name" in r.stderr or "no published checkpoint" in r.stderr)
-        assert not (repo / bad.split("/")[-1]).exists() and leftovers(repo) == []
+        assert not (repo / "nope.pt").exists() and leftovers(repo) == []
     assert "ddpm_cond.pt ddpm_trained.pt" in run_script(repo, env={"DDPM_CHECKPOINT": "nope.pt"}).stderr
