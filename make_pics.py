@@ -8,6 +8,12 @@ writes, in --out_dir:
   reverse process.png    x_t at 10 timesteps (columns, t = 1000 ... 0) for the first --n_reverse samples
   generated_samples.jpg  the first 10 of those digits, 5 per row (what evaluate.py writes)
 All digits come from one sampling pass with --seed, so the pictures agree with each other.
+
+    python make_pics.py --checkpoint checkpoints/ddpm_cond.pt --guidance_panel 0,0.5,1,2,4
+
+writes only 'guidance.png' for a class-conditional checkpoint: one panel per guidance scale w,
+digits 0-9 as rows, --per_digit samples each, all from the same noise (same --seed), so the
+panels differ only by w.
 """
 import os
 import time
@@ -46,6 +52,51 @@ def plot_reverse_process(steps, path, n_rows):
     plt.close(fig)
 
 
+def plot_guidance_panel(panels, path, per_digit):
+    """panels: {w: (10 * per_digit, 1, H, W) in [-1, 1], digit-major} -> one panel per w."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(0.55 * per_digit * len(panels) + 0.4, 6.2), squeeze=False)
+    for ax, (w, imgs) in zip(axes[0], panels.items()):
+        grid = make_grid(from_model_range(imgs).clamp(0, 1), nrow=per_digit, padding=2, pad_value=1.0)
+        ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(f"w = {w:g}", fontsize=10)
+    fig.suptitle("classifier-free guidance: digits 0-9 (rows), same noise in every panel", fontsize=10)
+    fig.tight_layout()
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
+def guidance_panel(args, ckpt, device):
+    try:
+        scales = [float(v) for v in args.guidance_panel.split(",") if v.strip()]
+    except ValueError:
+        scales = []
+    if not scales or any(not (w >= 0 and w < float("inf")) for w in scales):
+        raise UserError(f"--guidance_panel must be comma-separated guidance scales >= 0, got {args.guidance_panel!r}")
+    if args.per_digit < 1:
+        raise UserError("--per_digit must be >= 1")
+    path = os.path.join(args.out_dir, "guidance.png")
+    check_writable(path)
+    model, diffusion = build_model(ckpt, device=device)
+    if model.num_classes is None:
+        raise UserError(f"{args.checkpoint} is unconditional; --guidance_panel needs a checkpoint trained with --class_cond")
+    labels = torch.arange(model.num_classes).repeat_interleave(args.per_digit)
+    panels, t0 = {}, time.time()
+    for w in scales:
+        panels[w], _ = sample_func(model, len(labels), diffusion, seed=args.seed, device=device,
+                                   batch_size=args.batch_size, progress=not args.no_progress,
+                                   labels=labels, guidance_scale=w)
+    print(f"sampled {len(scales)} x {len(labels)} digits (1000 steps) in {time.time() - t0:.0f} s on {device}")
+    plot_guidance_panel(panels, path, args.per_digit)
+    print(f"wrote '{path}'")
+
+
 def main(argv=None):
     p = OneLineArgumentParser(description="Remake the README pictures from a checkpoint and its loss history.")
     p.add_argument("--checkpoint", default="checkpoints/ddpm_trained.pt", help="checkpoint (with its loss history)")
@@ -57,12 +108,17 @@ def main(argv=None):
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--digits", help="class-conditional checkpoints: as in evaluate.py (default all: 0-9 in every row)")
     p.add_argument("--guidance_scale", type=float, help="class-conditional checkpoints: guidance w (default 0)")
+    p.add_argument("--guidance_panel", metavar="W,W,...",
+                   help="class-conditional checkpoints: write only 'guidance.png', one panel per guidance scale")
+    p.add_argument("--per_digit", type=int, default=4, help="--guidance_panel: samples of each digit per panel")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.n_samples < 10 or not 1 <= args.n_reverse <= args.n_samples or args.batch_size < 1:
         raise UserError("need --n_samples >= 10, 1 <= --n_reverse <= --n_samples and --batch_size >= 1")
     if not os.path.isdir(args.out_dir):
         raise UserError(f"--out_dir {args.out_dir} does not exist; create it first")
+    if args.guidance_panel is not None:
+        return guidance_panel(args, load_checkpoint(args.checkpoint), resolve_device(args.device))
     names = ["train loss.png", "generated samples.png", "reverse process.png", "generated_samples.jpg"]
     paths = {n: os.path.join(args.out_dir, n) for n in names}
     for path in paths.values():

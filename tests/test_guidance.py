@@ -191,3 +191,20 @@ def test_old_unconditional_checkpoint_without_num_classes_still_loads(tmp_path):
                    "--out", str(tmp_path / "o.png"), "--save_samples", str(tmp_path / "o.npz"),
                    "--no_progress", "--device", "cpu"])
     assert np.load(tmp_path / "o.npz")["labels"].tolist() == [-1, -1]
+
+
+def test_make_pics_guidance_panel(cond_run, tmp_path):
+    import make_pics
+    work, ckpt = cond_run
+    make_pics.main(["--checkpoint", ckpt, "--out_dir", str(tmp_path), "--guidance_panel", "0,2", "--per_digit", "1",
+                    "--no_progress", "--device", "cpu"])
+    assert (tmp_path / "guidance.png").stat().st_size > 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["guidance.png"]  # only that picture
+    with pytest.raises(UserError, match="--guidance_panel must be"):
+        make_pics.main(["--checkpoint", ckpt, "--out_dir", str(tmp_path), "--guidance_panel", "1,-2"])
+    uncond = str(tmp_path / "u.pt")
+    m = UNet(**TINY)
+    torch.save({"model_args": m.model_args, "diffusion_args": GaussianDiffusion().args, "model": m.state_dict(),
+                "step": 1, "total_steps": 1}, uncond)
+    with pytest.raises(UserError, match="is unconditional"):
+        make_pics.main(["--checkpoint", uncond, "--out_dir", str(tmp_path), "--guidance_panel", "1", "--device", "cpu"])
