@@ -196,7 +196,7 @@ def test_old_unconditional_checkpoint_without_num_classes_still_loads(tmp_path):
 def test_make_pics_guidance_panel(cond_run, tmp_path):
     import make_pics
     work, ckpt = cond_run
-    make_pics.main(["--checkpoint", ckpt, "--out_dir", str(tmp_path), "--guidance_panel", "0,2", "--per_digit", "1",
+    make_pics.main(["--checkpoint", ckpt, "--out_dir", str(tmp_path), "--guidance_panel", "2", "--per_digit", "1",
                     "--no_progress", "--device", "cpu"])
     assert (tmp_path / "guidance.png").stat().st_size > 1000
     assert sorted(p.name for p in tmp_path.iterdir()) == ["guidance.png"]  # only that picture
