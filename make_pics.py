@@ -21,55 +21,56 @@ import time
 import torch
 
 from diffusion import from_model_range
-from sample import label_kwargs, sample_func
+from sample import label_kwargs, sample_func, valid_guidance_scale
 from train import build_model, load_checkpoint
-from utils import OneLineArgumentParser, UserError, atomic_write, check_writable, plot_loss, resolve_device, run_main, save_image_grid
+from utils import (OneLineArgumentParser, UserError, atomic_write, check_writable, image_grid, plot_loss, resolve_device,
+                   run_main, save_image_grid)
 
 # Denser near t = 0, where the digit takes shape.
 REVERSE_TIMESTEPS = (1000, 800, 600, 450, 300, 200, 120, 60, 20, 0)
 
 
-def plot_reverse_process(steps, path, n_rows):
-    """steps: {t: (N, 1, H, W) in [-1, 1]} -> a grid, one row per sample, one column per t."""
+def _figure(n_rows, n_cols, figsize):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt.subplots(n_rows, n_cols, figsize=figsize, squeeze=False)
 
-    ts = sorted(steps, reverse=True)
-    fig, axes = plt.subplots(n_rows, len(ts), figsize=(1.1 * len(ts), 1.1 * n_rows + 0.4), squeeze=False)
-    for j, t in enumerate(ts):
-        imgs = from_model_range(steps[t][:n_rows]).clamp(0, 1)
-        for i in range(n_rows):
-            ax = axes[i, j]
-            ax.imshow(imgs[i, 0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(f"t = {t}", fontsize=9)
-    fig.suptitle("reverse process: x_t from noise (t = 1000) to sample (t = 0)", fontsize=10)
+
+def _show(ax, img, title=None, fontsize=9):
+    """img: (H, W) in [0, 1], drawn without ticks."""
+    ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if title is not None:
+        ax.set_title(title, fontsize=fontsize)
+
+
+def _save_figure(fig, title, path):
+    import matplotlib.pyplot as plt
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
+
+
+def plot_reverse_process(steps, path, n_rows):
+    """steps: {t: (N, 1, H, W) in [-1, 1]} -> a grid, one row per sample, one column per t."""
+    ts = sorted(steps, reverse=True)
+    fig, axes = _figure(n_rows, len(ts), (1.1 * len(ts), 1.1 * n_rows + 0.4))
+    for j, t in enumerate(ts):
+        imgs = from_model_range(steps[t][:n_rows]).clamp(0, 1)
+        for i in range(n_rows):
+            _show(axes[i, j], imgs[i, 0], f"t = {t}" if i == 0 else None)
+    _save_figure(fig, "reverse process: x_t from noise (t = 1000) to sample (t = 0)", path)
 
 
 def plot_guidance_panel(panels, path, per_digit):
     """panels: {w: (10 * per_digit, 1, H, W) in [-1, 1], digit-major} -> one panel per w."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from torchvision.utils import make_grid
-
-    fig, axes = plt.subplots(1, len(panels), figsize=(0.55 * per_digit * len(panels) + 0.4, 6.2), squeeze=False)
+    fig, axes = _figure(1, len(panels), (0.55 * per_digit * len(panels) + 0.4, 6.2))
     for ax, (w, imgs) in zip(axes[0], panels.items()):
-        grid = make_grid(from_model_range(imgs).clamp(0, 1), nrow=per_digit, padding=2, pad_value=1.0)
-        ax.imshow(grid[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(f"w = {w:g}", fontsize=10)
-    fig.suptitle("classifier-free guidance: digits 0-9 (rows), same noise in every panel", fontsize=10)
-    fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+        _show(ax, image_grid(from_model_range(imgs).clamp(0, 1), per_digit), f"w = {w:g}", fontsize=10)
+    _save_figure(fig, "classifier-free guidance: digits 0-9 (rows), same noise in every panel", path)
 
 
 def guidance_panel(args, ckpt, device):
@@ -77,7 +78,7 @@ def guidance_panel(args, ckpt, device):
         scales = [float(v) for v in args.guidance_panel.split(",") if v.strip()]
     except ValueError:
         scales = []
-    if not scales or any(not (w >= 0 and w < float("inf")) for w in scales):
+    if not scales or not all(map(valid_guidance_scale, scales)):
         raise UserError(f"--guidance_panel must be comma-separated guidance scales >= 0, got {args.guidance_panel!r}")
     if args.per_digit < 1:
         raise UserError("--per_digit must be >= 1")

@@ -45,6 +45,11 @@ def sampler_kwargs(args, T=1000):
     return {"sampler": "ddim", "sampling_steps": steps, "eta": args.eta, "spacing": args.spacing}
 
 
+def valid_guidance_scale(w):
+    """A guidance scale w of eq. (6) in Ho & Salimans (2022) must be finite and >= 0."""
+    return w >= 0 and math.isfinite(w)
+
+
 def label_kwargs(args, num_classes, n_samples):
     """Checked --digits / --guidance_scale -> {"labels": (n_samples,) long or None, "guidance_scale": w}.
 
@@ -57,7 +62,7 @@ def label_kwargs(args, num_classes, n_samples):
                             "--class_cond); this one is unconditional")
         return {"labels": None, "guidance_scale": 0.0}
     w = 0.0 if args.guidance_scale is None else args.guidance_scale
-    if not (w >= 0 and math.isfinite(w)):
+    if not valid_guidance_scale(w):
         raise UserError(f"--guidance_scale must be >= 0, got {args.guidance_scale}")
     spec = ("all" if args.digits is None else args.digits).strip().lower()
     if spec == "none":

@@ -145,13 +145,17 @@ def atomic_write(path, write_fn):
         raise
 
 
+def image_grid(images01, nrow):
+    """images01: (N, 1, H, W) floats in [0, 1] -> (H', W') grid, `nrow` images per row, white 2 px borders."""
+    from torchvision.utils import make_grid
+    return make_grid(images01.float().cpu(), nrow=nrow, padding=2, pad_value=1.0)[0]
+
+
 def save_image_grid(images01, path, nrow=5):
     """images01: (N, 1, H, W) floats in [0, 1] -> a JPEG/PNG grid with `nrow` images per row."""
     from PIL import Image
-    from torchvision.utils import make_grid
 
-    grid = make_grid(images01.float().cpu(), nrow=nrow, padding=2, pad_value=1.0)  # (3, H', W')
-    arr = (grid[0] * 255).round().clamp(0, 255).to(torch.uint8).numpy()
+    arr = (image_grid(images01, nrow) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
     fmt = "JPEG" if path.lower().endswith((".jpg", ".jpeg")) else "PNG"
     img = Image.fromarray(arr, mode="L")
     img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)  # 28 px digits are too small to see
