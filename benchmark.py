@@ -17,11 +17,12 @@ import time
 
 import torch
 
+import config
+from config import TrainConfig
 from diffusion import GaussianDiffusion
 from model import UNet, count_parameters
-from run import PRESETS, unet_args
 from sample import sample_func
-from train import TrainConfig, make_optimizer_and_net, train_func
+from train import make_optimizer_and_net, train_func
 from utils import OneLineArgumentParser, UserError, atomic_write, autocast, check_amp, resolve_device, run_main
 
 
@@ -144,12 +145,11 @@ def training_figures(model, diffusion, device, args):
 
 def main(argv=None):
     p = OneLineArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--preset", default="cpu", choices=sorted(PRESETS))
-    p.add_argument("--device", default="auto")
+    p.add_argument("--preset", default="cpu", choices=sorted(config.PRESETS))
+    config.add_device_flag(p)
     p.add_argument("--batch_size", type=int, default=128)
     p.add_argument("--steps", type=int, default=20, help="timed training steps")
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast mode")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    config.add_speed_flags(p)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--sample_only", action="store_true", help="skip the training measurements")
     args = p.parse_args(argv)
@@ -158,7 +158,7 @@ def main(argv=None):
     device = resolve_device(args.device)
     check_amp(device, args.amp)
     torch.manual_seed(0)
-    model = UNet(**unet_args(PRESETS[args.preset])).to(device)
+    model = UNet(**config.resolve(args.preset)[0]).to(device)
     diffusion = GaussianDiffusion()
     res = {"preset": args.preset, "device": str(device), "batch_size": args.batch_size, "amp": args.amp,
            "compile": args.compile,

@@ -1,10 +1,23 @@
-"""All diffusion math of Ho, Jain, Abbeel 2020 ("DDPM"), in one place.
+"""All diffusion math of Ho, Jain, Abbeel 2020 ("DDPM"), in one place; the network is an argument.
 
 Notation follows the paper: beta_t, alpha_t = 1 - beta_t, alphabar_t = prod_{s<=t} alpha_s.
 Timesteps are 0-indexed here: t in {0, ..., T-1} is the paper's t+1 in {1, ..., T}.
-The schedule is computed in float64 and cast to float32 only when it meets a batch (`extract`).
+The schedule is computed in float64 and cast to float32 only when it meets a batch (`bcast`).
 Data live in [-1, 1] (paper section 3.3): `to_model_range` / `from_model_range` are the only
 place where pixels are scaled.
+
+Where to find the paper here (equation numbers are the DDPM paper's unless another paper is named):
+    eq. 4         q(x_t | x_0), the forward process in closed form   q_mean_variance, q_sample
+    eq. 5         the variational bound L_T + sum L_{t-1} + L_0       prior_bpd, vb_term_bpd
+    eqs. 6-7      the posterior q(x_{t-1} | x_t, x_0)                 q_posterior_mean_variance
+    section 3.2   sigma_t^2 = beta_t or beta-tilde_t                  GaussianDiffusion(var_type=...)
+    eq. 11        the mean mu_theta(x_t, t) from eps_theta           p_mean_variance
+    eqs. 12, 14   the eps-prediction loss and L_simple                training_losses
+    Algorithm 1   training                                            training_losses (the loop: train.py)
+    Algorithm 2   sampling                                            p_sample, p_sample_loop
+    eq. 13        the discrete decoder p_theta(x_0 | x_1)             discretized_gaussian_log_likelihood
+    DDIM eqs. 12, 16 (Song, Meng, Ermon 2021)                         ddim_mean_variance, ddim_sample_loop
+Both samplers share one skeleton, `reverse_loop`, and differ only in their step.
 """
 import math
 
@@ -27,10 +40,16 @@ def to_uint8(x):
     return (from_model_range(x) * 255.0).round().to(torch.uint8)[:, 0]
 
 
+def bcast(c, ndim):
+    """(B,) per-example coefficients (float64 schedule values, or a mask) -> float32 (B, 1, ..., 1)
+    that broadcasts over a batch of `ndim` dimensions. The one place where broadcasting happens:
+    every formula below computes its coefficients in float64 and casts them here."""
+    return c.float().reshape(-1, *([1] * (ndim - 1)))
+
+
 def extract(arr, t, shape):
-    """Gather arr[t] (float64 schedule) for a batch of timesteps, as float32 shaped (B, 1, 1, 1)."""
-    out = arr.to(t.device)[t].float()
-    return out.reshape(t.shape[0], *([1] * (len(shape) - 1)))
+    """arr[t] of a float64 schedule for a batch of timesteps t (B,), as float32 (B, 1, 1, 1)."""
+    return bcast(arr.to(t.device)[t], len(shape))
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -40,7 +59,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
 
 
 def discretized_gaussian_log_likelihood(x, mean, log_scale):
-    """log p(x) of the discretised Gaussian decoder (paper section 3.3, eq. 13), elementwise.
+    """log p(x) of the discrete decoder (eq. 13, section 3.3), elementwise.
 
     x holds pixel values 2u/255 - 1 for u in {0..255}; each is given the Gaussian mass of its bin
     [x - 1/255, x + 1/255], the edge bins extended to -inf and +inf so the 256 masses sum to 1.
@@ -109,12 +128,14 @@ class GaussianDiffusion:
 
     def q_posterior_mean_variance(self, x0, xt, t):
         """Mean and variance of q(x_{t-1} | x_t, x_0), eqs. 6-7."""
-        mean = extract(self.posterior_mean_coef1, t, xt.shape) * x0 + extract(self.posterior_mean_coef2, t, xt.shape) * xt
+        mean = (extract(self.posterior_mean_coef1, t, xt.shape) * x0
+                + extract(self.posterior_mean_coef2, t, xt.shape) * xt)
         return mean, extract(self.posterior_variance, t, xt.shape)
 
     def predict_x0_from_eps(self, xt, t, eps):
         """x_0 = (x_t - sqrt(1 - alphabar_t) eps) / sqrt(alphabar_t), inverting eq. 4."""
-        return extract(self.sqrt_recip_alphas_cumprod, t, xt.shape) * xt - extract(self.sqrt_recipm1_alphas_cumprod, t, xt.shape) * eps
+        return (extract(self.sqrt_recip_alphas_cumprod, t, xt.shape) * xt
+                - extract(self.sqrt_recipm1_alphas_cumprod, t, xt.shape) * eps)
 
     # ---- training -----------------------------------------------------------------------
     def draw_t_and_noise(self, shape, device, dtype=torch.float32, generator=None):
@@ -123,7 +144,8 @@ class GaussianDiffusion:
         return t, torch.randn(shape, device=device, dtype=dtype, generator=generator)
 
     def training_losses(self, model, x0, generator=None, y=None, t=None, noise=None):
-        """L_simple (eq. 14): E_{t, eps} || eps - eps_theta(sqrt(ab_t) x0 + sqrt(1-ab_t) eps, t) ||^2.
+        """Algorithm 1, lines 2-5: L_simple (eq. 14), the loss of eq. 12 without its weight:
+        E_{t, eps} || eps - eps_theta(sqrt(ab_t) x0 + sqrt(1-ab_t) eps, t) ||^2.
         x0: (B, C, H, W) in [-1, 1]; y: (B,) labels for a class-conditional model, else None;
         t, noise: drawn here (draw_t_and_noise) unless given. Returns the per-example loss, (B,)."""
         if t is None:
@@ -155,31 +177,56 @@ class GaussianDiffusion:
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * torch.log(var)).flatten(1).mean(1)
         return torch.where(t == 0, nll, kl) / math.log(2.0)
 
-    # ---- reverse process ------------------------------------------------------------------
+    # ---- reverse process: one step of each sampler ------------------------------------------------
+    def predict_x0(self, model, xt, t, clip_denoised=True):
+        """x_0 implied by the network's eps_theta(x_t, t) (eq. 4 inverted); with clip_denoised it is
+        clipped to the data range [-1, 1] (authors' code, default on), which keeps rare samples
+        from blowing up to saturated squares."""
+        x0 = self.predict_x0_from_eps(xt, t, model(xt, t).float())
+        return x0.clamp(-1.0, 1.0) if clip_denoised else x0
+
     def p_mean_variance(self, model, xt, t, clip_denoised=True):
-        """Mean and variance of p_theta(x_{t-1} | x_t).
+        """Mean and variance of p_theta(x_{t-1} | x_t) (section 3.2).
 
         The mean is mu_theta = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - alphabar_t) eps_theta)
-        (eq. 11). We compute it, as the authors' code does, through the predicted x_0 and the
-        posterior mean of eq. 7, which is algebraically identical; with clip_denoised the
-        predicted x_0 is first clipped to the data range [-1, 1] (authors' code, default on),
-        which keeps rare samples from blowing up to saturated squares.
+        (eq. 11). We compute it, as the authors' code does, as the posterior mean of eq. 7 at the
+        predicted x_0, which is algebraically identical without clipping. Returns (mean, sigma_t^2, x_0).
         """
-        eps = model(xt, t).float()
-        x0 = self.predict_x0_from_eps(xt, t, eps)
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
+        x0 = self.predict_x0(model, xt, t, clip_denoised)
         mean, _ = self.q_posterior_mean_variance(x0, xt, t)
         return mean, extract(self.model_variance, t, xt.shape), x0
 
     def p_sample(self, model, xt, t, generator=None, clip_denoised=True):
-        """One step of Algorithm 2: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at the last step."""
+        """One step of Algorithm 2 (line 4): x_{t-1} = mu_theta(x_t, t) + sigma_t z, z ~ N(0, I),
+        with z = 0 at the last step (the paper's t = 1)."""
         mean, var, _ = self.p_mean_variance(model, xt, t, clip_denoised)
         z = torch.randn(xt.shape, device=xt.device, dtype=xt.dtype, generator=generator)
-        nonzero = (t != 0).float().reshape(-1, *([1] * (xt.dim() - 1)))
-        return mean + nonzero * var.sqrt() * z
+        return mean + bcast(t != 0, xt.dim()) * var.sqrt() * z
 
-    # ---- DDIM (Song, Meng, Ermon 2021) ------------------------------------------------------------
+    def ddim_mean_variance(self, model, xt, t, t_prev, eta=0.0, clip_denoised=True):
+        """Mean and variance of one DDIM step x_t -> x_{t_prev} (DDIM eq. 12, Song et al. 2021):
+        x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z, with
+        sigma^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev) (DDIM eq. 16).
+        t_prev = -1 means x_0 (ab = 1). eta = 1 with consecutive steps is the ancestral sampler
+        with sigma_t^2 = beta-tilde_t."""
+        x0 = self.predict_x0(model, xt, t, clip_denoised)
+        # With eps re-derived from the (clipped) x0, eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab), the mean is
+        # a combination of x0 and x_t whose coefficients are computed in float64 (1 - ab/ab_prev cancels).
+        ab = self.alphas_cumprod.to(t.device)[t]
+        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod]).to(t.device)[t_prev + 1]
+        var = eta ** 2 * (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
+        c_eps = (1 - ab_prev - var).clamp(min=0).sqrt() / (1 - ab).sqrt()
+        c_x0, c_xt = ab_prev.sqrt() - c_eps * ab.sqrt(), c_eps
+        return bcast(c_x0, xt.dim()) * x0 + bcast(c_xt, xt.dim()) * xt, bcast(var, xt.dim())
+
+    def ddim_step(self, model, xt, t, t_prev, generator, clip_denoised, eta):
+        """x_t -> x_{t_prev} by DDIM; noise is drawn only when eta > 0 (eta = 0: deterministic)."""
+        mean, var = self.ddim_mean_variance(model, xt, t, t.new_full(t.shape, t_prev), eta, clip_denoised)
+        if eta == 0:
+            return mean
+        return mean + var.sqrt() * torch.randn(xt.shape, device=xt.device, generator=generator)
+
+    # ---- reverse process: the loop the samplers share ----------------------------------------------
     def ddim_timesteps(self, S, spacing="uniform"):
         """S increasing 0-indexed timesteps from 0 to T-1: evenly spaced, or quadratic (denser near 0,
         as in the DDIM paper's CIFAR runs)."""
@@ -199,63 +246,40 @@ class GaussianDiffusion:
                              f"use fewer steps or uniform spacing")
         return ts
 
-    def ddim_mean_variance(self, model, xt, t, t_prev, eta=0.0, clip_denoised=True):
-        """Mean and variance of one DDIM step x_t -> x_{t_prev} (eq. 12 of Song et al. 2021):
-        x_prev = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - sigma^2) eps_hat + sigma z, with
-        sigma^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev). t_prev = -1 means x_0 (ab = 1).
-        eta = 1 with consecutive steps is the ancestral sampler with sigma_t^2 = beta-tilde_t."""
-        eps = model(xt, t).float()
-        x0 = self.predict_x0_from_eps(xt, t, eps)
-        if clip_denoised:
-            x0 = x0.clamp(-1.0, 1.0)
-        # With eps re-derived from the (clipped) x0, eps = (x_t - sqrt(ab) x0) / sqrt(1 - ab), the mean is
-        # a combination of x0 and x_t whose coefficients are computed in float64 (1 - ab/ab_prev cancels).
-        ab = self.alphas_cumprod.to(t.device)[t]
-        ab_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod]).to(t.device)[t_prev + 1]
-        var = eta ** 2 * (1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)
-        c_eps = (1 - ab_prev - var).clamp(min=0).sqrt() / (1 - ab).sqrt()
-        c_x0, c_xt = ab_prev.sqrt() - c_eps * ab.sqrt(), c_eps
-
-        def b(c):  # (B,) float64 -> (B, 1, 1, 1) float32
-            return c.float().reshape(-1, *([1] * (xt.dim() - 1)))
-
-        return b(c_x0) * x0 + b(c_xt) * xt, b(var)
-
     @torch.no_grad()
-    def ddim_sample_loop(self, model, shape, generator=None, device="cpu", clip_denoised=True,
-                         return_steps=(), progress=True, sampling_steps=50, eta=0.0, spacing="uniform"):
-        """DDIM sampling over `sampling_steps` timesteps; eta = 0 is deterministic given x_T.
-        Same signature and return value as p_sample_loop (return_steps are matched to the nearest
-        visited timestep)."""
-        ts = self.ddim_timesteps(sampling_steps, spacing).tolist()
-        x = torch.randn(shape, device=device, generator=generator)
-        keep = set(return_steps)
-        steps = {self.T: x.clone()} if self.T in keep else {}
-        prevs = [-1] + ts[:-1]
-        for i, (t_cur, t_prev) in enumerate(tqdm(list(zip(ts, prevs))[::-1], desc="sampling (ddim)",
-                                                 disable=not progress, leave=False)):
-            t = torch.full((shape[0],), t_cur, device=device, dtype=torch.long)
-            mean, var = self.ddim_mean_variance(model, x, t, t.new_full(t.shape, t_prev), eta, clip_denoised)
-            x = mean + var.sqrt() * torch.randn(shape, device=device, generator=generator) if eta > 0 else mean
-            for k in [k for k in keep if t_prev < k <= t_cur and k != self.T]:
-                steps[k] = x.clone()  # x_{t_prev + 1} in the paper's 1-indexed terms covers this range
-        return x, steps
+    def reverse_loop(self, step, model, shape, timesteps, generator=None, device="cpu", return_steps=(),
+                     progress=True, desc="sampling"):
+        """The skeleton of every sampler: x_T ~ N(0, I), then x <- step(model, x, t, t_prev, generator)
+        for the increasing 0-indexed `timesteps`, from the last down to the first (t_prev = -1: x_0).
 
-    @torch.no_grad()
-    def p_sample_loop(self, model, shape, generator=None, device="cpu", clip_denoised=True,
-                      return_steps=(), progress=True):
-        """Algorithm 2: x_T ~ N(0, I), then T reverse steps down to x_0.
-
-        return_steps: the paper's t in {0, ..., T} whose x_t are returned: T is the initial
-        noise x_T, 0 the final sample x_0 (the step with index i produces x_i).
-        Returns (x_0, {t: x_t}).
+        return_steps: the paper's t in {0, ..., T} whose x_t are returned: T is the initial noise x_T,
+        0 the final sample x_0; a step from t to t_prev gives the x_k for t_prev < k <= t (the nearest
+        visited timestep). Returns (x_0, {t: x_t}).
         """
         x = torch.randn(shape, device=device, generator=generator)
         keep = set(return_steps)
         steps = {self.T: x.clone()} if self.T in keep else {}
-        for i in tqdm(reversed(range(self.T)), total=self.T, desc="sampling", disable=not progress, leave=False):
-            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
-            x = self.p_sample(model, x, t, generator, clip_denoised)
-            if i in keep:
-                steps[i] = x.clone()
+        pairs = list(zip(timesteps, [-1] + timesteps[:-1]))[::-1]
+        for t_cur, t_prev in tqdm(pairs, desc=desc, disable=not progress, leave=False):
+            t = torch.full((shape[0],), t_cur, device=device, dtype=torch.long)
+            x = step(model, x, t, t_prev, generator)
+            for k in [k for k in keep if t_prev < k <= t_cur and k != self.T]:
+                steps[k] = x.clone()
         return x, steps
+
+    def p_sample_loop(self, model, shape, generator=None, device="cpu", clip_denoised=True, return_steps=(),
+                      progress=True):
+        """Algorithm 2: x_T ~ N(0, I), then all T reverse steps (p_sample) down to x_0."""
+        def step(model, x, t, t_prev, generator):  # consecutive steps: t_prev = t - 1
+            return self.p_sample(model, x, t, generator, clip_denoised)
+        return self.reverse_loop(step, model, shape, list(range(self.T)), generator, device, return_steps,
+                                 progress, "sampling")
+
+    def ddim_sample_loop(self, model, shape, sampling_steps, generator=None, device="cpu", clip_denoised=True,
+                         return_steps=(), progress=True, eta=0.0, spacing="uniform"):
+        """DDIM sampling over `sampling_steps` timesteps (ddim_timesteps); eta = 0 is deterministic
+        given x_T. Same return value as p_sample_loop."""
+        def step(model, x, t, t_prev, generator):
+            return self.ddim_step(model, x, t, t_prev, generator, clip_denoised, eta)
+        return self.reverse_loop(step, model, shape, self.ddim_timesteps(sampling_steps, spacing).tolist(),
+                                 generator, device, return_steps, progress, "sampling (ddim)")

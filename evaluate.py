@@ -13,11 +13,21 @@ import time
 import numpy as np
 import torch
 
+import checkpoint
+import config
 from diffusion import from_model_range, to_uint8
-from sample import add_sampler_args, label_kwargs, sample_func, sampler_kwargs
-from train import build_model, load_checkpoint, weights_kind
-from utils import (OneLineArgumentParser, UserError, atomic_write, check_amp, check_writable, resolve_device,
-                   run_main, save_image_grid)
+from sample import check_n_samples, label_kwargs, sample_func, sampler_kwargs
+from utils import (
+    OneLineArgumentParser,
+    UserError,
+    atomic_write,
+    check_amp,
+    check_writable,
+    image_format,
+    resolve_device,
+    run_main,
+    save_image_grid,
+)
 
 
 def get_parser():
@@ -25,14 +35,17 @@ def get_parser():
     p.add_argument("--checkpoint", default="ddpm_trained.pt", help="checkpoint to load")
     p.add_argument("--n_samples", type=int, default=10, help="number of digits to generate")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same digits)")
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
+    config.add_device_flag(p)
     p.add_argument("--batch_size", type=int, default=256, help="samples drawn in parallel")
     p.add_argument("--out", default="generated_samples.jpg", help="sample grid (.jpg or .png)")
     p.add_argument("--nrow", type=int, default=5, help="digits per row of the grid")
-    p.add_argument("--save_samples", metavar="PATH.npz", help="also write the samples as uint8 (N, 28, 28), key 'samples'")
+    p.add_argument("--save_samples", metavar="PATH.npz",
+                   help="also write the samples as uint8 (N, 28, 28), key 'samples'")
     p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    add_sampler_args(p)
+    config.add_sampler_flags(p)
+    config.add_label_flags(p)
+    config.add_speed_flags(p)
     p.add_argument("--metrics", action="store_true", help="judge the samples (feature-FID, precision/recall, "
                    "classifier confidence) and compute the bits/dim bound on MNIST test images")
     p.add_argument("--metrics_out", help="with --metrics: the numbers as JSON (default metrics.json)")
@@ -68,34 +81,44 @@ def check_metrics_args(args):
                         f"the 10,000 test images), got {args.n_samples}")
 
 
-def main(argv=None):
-    args = get_parser().parse_args(argv)
-    if args.n_samples < 1:
-        raise UserError(f"--n_samples must be >= 1, got {args.n_samples}")
+def check_args(args):
+    """Every flag, checked before the checkpoint is read and before any sampling."""
+    check_n_samples(args.n_samples)
     if args.batch_size < 1 or args.nrow < 1:
         raise UserError(f"--batch_size and --nrow must be >= 1, got {args.batch_size} and {args.nrow}")
     check_metrics_args(args)
+    image_format(args.out)
     if args.save_samples and not args.save_samples.endswith(".npz"):
         raise UserError(f"--save_samples must name a .npz file, got {args.save_samples}")
-    device = resolve_device(args.device)
-    check_amp(device, args.amp)
     for path in filter(None, (args.out, args.save_samples, args.metrics_out if args.metrics else None)):
         check_writable(path)
-    ckpt = load_checkpoint(args.checkpoint)
-    lkw = label_kwargs(args, ckpt["model_args"].get("num_classes"), args.n_samples)  # bad --digits: fail before the data
+
+
+def load(args, device):
+    """The model, its diffusion and the sampler and label settings, all checked before sampling."""
+    ckpt = checkpoint.load(args.checkpoint)
+    lkw = label_kwargs(args, ckpt["model_args"].get("num_classes"), args.n_samples)
+    model, diffusion = checkpoint.build_model(ckpt, use_ema=not args.no_ema, device=device)
+    skw = sampler_kwargs(args, diffusion.T)
     if args.metrics:  # fail before minutes of sampling, not after
         from dataloader import ensure_mnist
         ensure_mnist(args.data_dir)
-    model, diffusion = build_model(ckpt, use_ema=not args.no_ema, device=device)
-    skw = sampler_kwargs(args, diffusion.T)
-    weights = weights_kind(ckpt, use_ema=not args.no_ema)
-    print(f"loaded {args.checkpoint} (step {ckpt.get('step', '?')}, {weights} weights); "
-          f"sampling {args.n_samples} with {skw['sampler']} ({skw.get('sampling_steps', diffusion.T)} steps) on {device}")
+    print(f"loaded {args.checkpoint} (step {ckpt.get('step', '?')}, {checkpoint.weights_kind(ckpt, not args.no_ema)} "
+          f"weights); sampling {args.n_samples} with {skw['sampler']} ({skw.get('sampling_steps', diffusion.T)} steps) "
+          f"on {device}")
+    return model, diffusion, skw, lkw
 
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    check_args(args)
+    device = resolve_device(args.device)
+    check_amp(device, args.amp)
+    model, diffusion, skw, lkw = load(args, device)
     t0 = time.time()
     samples, _ = sample_func(model, args.n_samples, diffusion, seed=args.seed, device=device,
-                             batch_size=args.batch_size, progress=not args.no_progress, amp=args.amp, compile=args.compile,
-                             **skw, **lkw)
+                             batch_size=args.batch_size, progress=not args.no_progress, amp=args.amp,
+                             compile=args.compile, **skw, **lkw)
     sampling_seconds = time.time() - t0
     digits = requested_digits(lkw["labels"], model, args.n_samples)
     save_image_grid(from_model_range(samples), args.out, nrow=args.nrow)
@@ -107,7 +130,8 @@ def main(argv=None):
     print(f"{msg} in {time.time() - t0:.1f} s")
     if args.metrics:
         results = compute_metrics(model, diffusion, to_uint8(samples), args, digits)
-        results.update(sampler=skw, guidance_scale=lkw["guidance_scale"], sampling_seconds=sampling_seconds, device=str(device))
+        results.update(sampler=skw, guidance_scale=lkw["guidance_scale"], sampling_seconds=sampling_seconds,
+                       device=str(device))
         print_table(results)
         atomic_write(args.metrics_out, lambda f: f.write(json.dumps(results, indent=1).encode()))
         print(f"wrote {args.metrics_out}")
@@ -150,11 +174,13 @@ def print_table(r):
     if "conditional_accuracy" in r:
         print(f"{'conditional accuracy':<34} {r['conditional_accuracy']:>10.3f} {r['classifier_test_accuracy']:>13.3f}"
               f"   (classifier agrees with the requested digit; real: its test accuracy)")
-        print(f"{'  per digit 0..9':<34} {[None if a is None else round(a, 3) for a in r['conditional_accuracy_per_digit']]}")
+        per_digit = [None if a is None else round(a, 3) for a in r["conditional_accuracy_per_digit"]]
+        print(f"{'  per digit 0..9':<34} {per_digit}")
     if "bits_per_dim" in r:
         b = r["bits_per_dim"]
         how = "exact sum over t" if b["exact_sum"] else f"stratified, {b['n_timesteps']} t per image"
-        print(f"{'NLL bound, bits/dim':<34} {b['bpd']:>10.4f}  +- {b['bpd_se']:.4f} (SE; {b['n_images']} test images, {how})")
+        print(f"{'NLL bound, bits/dim':<34} {b['bpd']:>10.4f}  +- {b['bpd_se']:.4f} "
+              f"(SE; {b['n_images']} test images, {how})")
         print(f"{'  L_T (prior) / L_0 (decoder)':<34} {b['prior']:>10.5f}  / {b['decoder']:.4f}")
         print(f"{'  sum of L_1..L_(T-1)':<34} {b['terms']:>10.4f}")
         for k, v in b["breakdown"].items():

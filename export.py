@@ -8,12 +8,9 @@ the format `sha256sum -c` reads). The exported file loads in evaluate.py like an
 cannot be resumed (no optimizer state).
 """
 import hashlib
-import io
 import os
 
-import torch
-
-from train import export_checkpoint, load_checkpoint
+import checkpoint
 from utils import OneLineArgumentParser, UserError, atomic_write, check_writable, run_main
 
 
@@ -22,21 +19,20 @@ def sha256_line(data, name):
 
 
 def main(argv=None):
-    p = OneLineArgumentParser(description="Export the EMA weights of a checkpoint for publication, with a SHA-256 file.")
+    p = OneLineArgumentParser(description="Export the EMA weights of a checkpoint for publication, with a SHA-256.")
     p.add_argument("--checkpoint", default="ddpm_trained.pt", help="training checkpoint to export")
-    p.add_argument("--out", default="checkpoints/ddpm_trained.pt", help="exported checkpoint (a .sha256 file goes beside it)")
+    p.add_argument("--out", default="checkpoints/ddpm_trained.pt",
+                   help="exported checkpoint (a .sha256 file goes beside it)")
     args = p.parse_args(argv)
     if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
         raise UserError("--out must differ from --checkpoint (the training checkpoint is kept)")
     for path in (args.out, args.out + ".sha256"):
         check_writable(path)
-    ckpt = load_checkpoint(args.checkpoint)
-    out = export_checkpoint(ckpt)
-    if "total_steps" in out and out["step"] < out["total_steps"]:
-        print(f"note: {args.checkpoint} is an unfinished run (step {out['step']} of {out['total_steps']})")
-    buf = io.BytesIO()
-    torch.save(out, buf)
-    data = buf.getvalue()
+    ckpt = checkpoint.load(args.checkpoint)
+    out = checkpoint.export(ckpt)
+    if checkpoint.is_unfinished(ckpt):
+        print(f"note: {args.checkpoint} is an unfinished run (step {ckpt['step']} of {ckpt['total_steps']})")
+    data = checkpoint.to_bytes(out)
     atomic_write(args.out, lambda f: f.write(data))
     line = sha256_line(data, os.path.basename(args.out))
     atomic_write(args.out + ".sha256", lambda f: f.write(line.encode()))

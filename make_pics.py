@@ -20,14 +20,29 @@ import time
 
 import torch
 
+import checkpoint
+import config
 from diffusion import from_model_range
 from sample import label_kwargs, sample_func, valid_guidance_scale
-from train import build_model, load_checkpoint
-from utils import (OneLineArgumentParser, UserError, atomic_write, check_writable, image_grid, plot_loss, resolve_device,
-                   run_main, save_image_grid)
+from utils import (
+    OneLineArgumentParser,
+    UserError,
+    atomic_write,
+    check_writable,
+    image_grid,
+    plot_loss,
+    resolve_device,
+    run_main,
+    save_image_grid,
+)
 
 # Denser near t = 0, where the digit takes shape.
-REVERSE_TIMESTEPS = (1000, 800, 600, 450, 300, 200, 120, 60, 20, 0)
+REVERSE_TIMESTEPS = (1000, 800, 600, 450, 300, 200, 120, 60, 20, 0)  # the columns of 'reverse process.png'
+
+
+def reverse_timesteps(T):
+    """REVERSE_TIMESTEPS for a chain of T steps (the same columns, scaled; unchanged for T = 1000)."""
+    return tuple(round(k * T / 1000) for k in REVERSE_TIMESTEPS)
 
 
 def _figure(n_rows, n_cols, figsize):
@@ -84,16 +99,17 @@ def guidance_panel(args, ckpt, device):
         raise UserError("--per_digit must be >= 1")
     path = os.path.join(args.out_dir, "guidance.png")
     check_writable(path)
-    model, diffusion = build_model(ckpt, device=device)
+    model, diffusion = checkpoint.build_model(ckpt, device=device)
     if model.num_classes is None:
-        raise UserError(f"{args.checkpoint} is unconditional; --guidance_panel needs a checkpoint trained with --class_cond")
+        raise UserError(f"{args.checkpoint} is unconditional; --guidance_panel needs a checkpoint trained with "
+                        f"--class_cond")
     labels = torch.arange(model.num_classes).repeat_interleave(args.per_digit)
     panels, t0 = {}, time.time()
     for w in scales:
         panels[w], _ = sample_func(model, len(labels), diffusion, seed=args.seed, device=device,
                                    batch_size=args.batch_size, progress=not args.no_progress,
                                    labels=labels, guidance_scale=w)
-    print(f"sampled {len(scales)} x {len(labels)} digits (1000 steps) in {time.time() - t0:.0f} s on {device}")
+    print(f"sampled {len(scales)} x {len(labels)} digits ({diffusion.T} steps) in {time.time() - t0:.0f} s on {device}")
     plot_guidance_panel(panels, path, args.per_digit)
     print(f"wrote '{path}'")
 
@@ -106,9 +122,8 @@ def main(argv=None):
     p.add_argument("--n_reverse", type=int, default=8, help="rows of 'reverse process.png'")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch_size", type=int, default=100, help="samples drawn in parallel")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--digits", help="class-conditional checkpoints: as in evaluate.py (default all: 0-9 in every row)")
-    p.add_argument("--guidance_scale", type=float, help="class-conditional checkpoints: guidance w (default 0)")
+    config.add_device_flag(p)
+    config.add_label_flags(p)
     p.add_argument("--guidance_panel", metavar="W,W,...",
                    help="class-conditional checkpoints: write only 'guidance.png', one panel per guidance scale")
     p.add_argument("--per_digit", type=int, default=4, help="--guidance_panel: samples of each digit per panel")
@@ -119,25 +134,25 @@ def main(argv=None):
     if not os.path.isdir(args.out_dir):
         raise UserError(f"--out_dir {args.out_dir} does not exist; create it first")
     if args.guidance_panel is not None:
-        return guidance_panel(args, load_checkpoint(args.checkpoint), resolve_device(args.device))
+        return guidance_panel(args, checkpoint.load(args.checkpoint), resolve_device(args.device))
     names = ["train loss.png", "generated samples.png", "reverse process.png", "generated_samples.jpg"]
     paths = {n: os.path.join(args.out_dir, n) for n in names}
     for path in paths.values():
         check_writable(path)
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = checkpoint.load(args.checkpoint)
     losses = ckpt.get("loss_history")
     if losses is None or len(losses) == 0:
         raise UserError(f"{args.checkpoint} has no loss history; use a checkpoint written by run.py or export.py")
     device = resolve_device(args.device)
-    model, diffusion = build_model(ckpt, device=device)
+    model, diffusion = checkpoint.build_model(ckpt, device=device)
     lkw = label_kwargs(args, model.num_classes, args.n_samples)
 
     plot_loss(losses, paths["train loss.png"])
     t0 = time.time()
     samples, steps = sample_func(model, args.n_samples, diffusion, seed=args.seed, device=device,
-                                 batch_size=args.batch_size, return_steps=REVERSE_TIMESTEPS,
+                                 batch_size=args.batch_size, return_steps=reverse_timesteps(diffusion.T),
                                  progress=not args.no_progress, **lkw)
-    print(f"sampled {args.n_samples} digits (1000 steps) in {time.time() - t0:.0f} s on {device}")
+    print(f"sampled {args.n_samples} digits ({diffusion.T} steps) in {time.time() - t0:.0f} s on {device}")
     save_image_grid(from_model_range(samples), paths["generated samples.png"], nrow=10)
     plot_reverse_process(steps, paths["reverse process.png"], args.n_reverse)
     save_image_grid(from_model_range(samples[:10]), paths["generated_samples.jpg"], nrow=5)

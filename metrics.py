@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoint
 from dataloader import epoch_permutation, mnist_tensors
 from utils import OneLineArgumentParser, atomic_write, run_main
 
@@ -119,7 +120,7 @@ def load_classifier(data_dir="./data", retrain=False, progress=True):
         with open(path + ".sha256") as f:
             ok = f.read().split()[0] == _sha256(path)
         if ok:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            ckpt = checkpoint.load_file(path)
             model = MNISTClassifier()
             model.load_state_dict(ckpt["model"])
             return model.eval(), ckpt["test_accuracy"]
@@ -128,7 +129,7 @@ def load_classifier(data_dir="./data", retrain=False, progress=True):
     model, acc = train_classifier(data_dir, progress=progress)
     print(f"trained the MNIST classifier in {time.time() - t0:.0f} s: test accuracy {acc:.4f}")
     os.makedirs(data_dir, exist_ok=True)
-    atomic_write(path, lambda f: torch.save({"model": model.state_dict(), "test_accuracy": acc}, f))
+    checkpoint.save(path, {"model": model.state_dict(), "test_accuracy": acc})
     digest = _sha256(path)
     atomic_write(path + ".sha256", lambda f: f.write(f"{digest}  {CLASSIFIER_FILE}\n".encode()))
     return model, acc
@@ -231,7 +232,8 @@ def nll_bpd(model, diffusion, images, n_timesteps=None, batch_size=128, seed=0, 
         B = x0.shape[0]
         prior.append(diffusion.prior_bpd(x0).double().cpu())
         t0 = torch.zeros(B, dtype=torch.long, device=device)
-        decoder.append(diffusion.vb_term_bpd(model, x0, t0, torch.randn(x0.shape, generator=g, device=device)).double().cpu())
+        noise = torch.randn(x0.shape, generator=g, device=device)
+        decoder.append(diffusion.vb_term_bpd(model, x0, t0, noise).double().cpu())
         total, by_range = torch.zeros(B, dtype=torch.float64), torch.zeros(B, 10, dtype=torch.float64)
         bar.update(1)
         for j in range(k):
@@ -260,12 +262,12 @@ def reference_stats(clf, data_dir, digest):
     """Feature mean and covariance of the 10,000 MNIST test images, cached beside the classifier."""
     path = os.path.join(data_dir, "mnist_test_feature_stats.pt")
     if os.path.exists(path):
-        cached = torch.load(path, weights_only=True)
+        cached = checkpoint.load_file(path)
         if cached.get("classifier_sha256") == digest:
             return cached["mean"], cached["cov"]
     xt, _ = mnist_tensors(data_dir, train=False, verbose=False)
     mean, cov = feature_stats(features(clf, xt))
-    atomic_write(path, lambda f: torch.save({"mean": mean, "cov": cov, "classifier_sha256": digest}, f))
+    checkpoint.save(path, {"mean": mean, "cov": cov, "classifier_sha256": digest})
     return mean, cov
 
 

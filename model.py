@@ -106,8 +106,7 @@ class UNet(nn.Module):
         self.model_args = dict(in_channels=in_channels, ch=ch, ch_mult=tuple(ch_mult),
                                num_res_blocks=num_res_blocks, attn_resolutions=tuple(attn_resolutions),
                                dropout=dropout, resolution=resolution, num_classes=num_classes)
-        if resolution % 2 ** (len(ch_mult) - 1):
-            raise ValueError(f"resolution {resolution} cannot be halved {len(ch_mult) - 1} times")
+        self._check_args(ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resolution, num_classes)
         self.ch = ch
         temb_ch = 4 * ch
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
@@ -150,10 +149,29 @@ class UNet(nn.Module):
         # so the network starts out ignoring the label.
         self.num_classes = num_classes
         if num_classes is not None:
-            if num_classes < 1:
-                raise ValueError(f"num_classes must be >= 1 or None, got {num_classes}")
             self.label_emb = nn.Embedding(num_classes + 1, temb_ch)
             nn.init.zeros_(self.label_emb.weight)
+
+    @staticmethod
+    def _check_args(ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resolution, num_classes):
+        """Refuse a layout that cannot be built, naming the argument (run.py's flags share the names)."""
+        if ch < 4 or ch % 2:
+            raise ValueError(f"ch must be even and >= 4 (time embedding and GroupNorm widths), got {ch}")
+        if not ch_mult or min(ch_mult) < 1:
+            raise ValueError(f"ch_mult needs positive integers, got {tuple(ch_mult)}")
+        if resolution % 2 ** (len(ch_mult) - 1):
+            raise ValueError(f"ch_mult {tuple(ch_mult)}: resolution {resolution} cannot be halved "
+                             f"{len(ch_mult) - 1} times")
+        if num_res_blocks < 1:
+            raise ValueError(f"num_res_blocks must be >= 1, got {num_res_blocks}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        resolutions = [resolution // 2 ** i for i in range(len(ch_mult))]
+        for r in attn_resolutions:
+            if r not in resolutions:
+                raise ValueError(f"attn_res {r} is not a resolution of this model {resolutions}")
+        if num_classes is not None and num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 or None, got {num_classes}")
 
     @staticmethod
     def _block(in_ch, out_ch, temb_ch, dropout, attn):

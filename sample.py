@@ -5,44 +5,32 @@ import weakref
 
 import torch
 
+from config import DDIM_STEPS
 from diffusion import GaussianDiffusion
 from utils import UserError, autocast
 
 
-def add_sampler_args(p):
-    """The sampler and speed flags shared by run.py and evaluate.py."""
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
-                   help="mixed precision (autocast; fp16 trains with a GradScaler)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
-                   help="ddpm: the paper's T-step ancestral sampler; ddim: Song et al. 2021, fewer steps")
-    p.add_argument("--sampling_steps", type=int, help="ddim: number of steps (default 50); ddpm always uses T")
-    p.add_argument("--eta", type=float, default=0.0, help="ddim: 0 = deterministic, 1 = ancestral-like")
-    p.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"], help="ddim timestep spacing")
-    p.add_argument("--digits", help="class-conditional models: digits to draw, e.g. 0,1,2 (repeated to fill "
-                   "--n_samples), 'all' (0-9, the default) or 'none' (unconditional, the null label)")
-    p.add_argument("--guidance_scale", type=float,
-                   help="class-conditional models: classifier-free guidance w, eps = (1+w) eps(x,y) - w eps(x,null) "
-                        "(default 0 = plain conditional)")
-
-
-def sampler_kwargs(args, T=1000):
-    """Checked sampler settings from parsed flags; none is accepted and silently ignored."""
+def sampler_kwargs(args, T):
+    """Checked sampler settings from parsed flags (config.add_sampler_flags) for a diffusion of T
+    steps; none is accepted and silently ignored."""
     if args.sampler == "ddpm":
         if args.sampling_steps not in (None, T) or args.eta != 0.0 or args.spacing != "uniform":
             raise UserError("--sampling_steps, --eta and --spacing are for --sampler ddim; "
                             f"the ddpm sampler always takes all T={T} steps")
         return {"sampler": "ddpm"}
-    steps = 50 if args.sampling_steps is None else args.sampling_steps
-    if not 1 <= steps <= T:
-        raise UserError(f"--sampling_steps must be in [1, {T}], got {steps}")
+    steps = DDIM_STEPS if args.sampling_steps is None else args.sampling_steps
     if args.eta < 0:
         raise UserError(f"--eta must be >= 0, got {args.eta}")
     try:
         GaussianDiffusion(T=T).ddim_timesteps(steps, args.spacing)
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise UserError(f"--sampling_steps {steps}: {e}") from None
     return {"sampler": "ddim", "sampling_steps": steps, "eta": args.eta, "spacing": args.spacing}
+
+
+def check_n_samples(n):
+    if n < 1:
+        raise UserError(f"--n_samples must be >= 1, got {n}")
 
 
 def valid_guidance_scale(w):
@@ -109,7 +97,7 @@ def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, dev
     labels: (n_samples,) class labels for a class-conditional model (its null label = unconditional),
     guided with weight `guidance_scale` (see guided); None for an unconditional model.
 
-    sampler: "ddpm" (ancestral, T steps) or "ddim" (sampling_steps steps, default 50, `eta` = 0
+    sampler: "ddpm" (ancestral, T steps) or "ddim" (sampling_steps steps, default DDIM_STEPS, `eta` = 0
     deterministic, 1 ancestral-like; `spacing` uniform or quadratic).
     seed / generator: reproducibility. With a seed, batch k uses its own generator seeded with
     seed + k, so the first batches are the same whatever n_samples is. A torch.Generator (on the
@@ -118,8 +106,7 @@ def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, dev
     Returns (samples, steps): samples (n_samples, C, H, W) in [-1, 1] on the CPU, and
     steps {t: (n_samples, C, H, W)} for the reverse-process figure.
     """
-    if n_samples < 1:
-        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    check_n_samples(n_samples)
     if sampler not in ("ddpm", "ddim"):
         raise ValueError(f"sampler must be ddpm or ddim, got {sampler!r}")
     diffusion = diffusion or GaussianDiffusion()
@@ -175,6 +162,6 @@ def _freezing(on):
 
 def _loop(diffusion, model, shape, kw, sampler, sampling_steps, eta, spacing):
     if sampler == "ddim":
-        return diffusion.ddim_sample_loop(model, shape, sampling_steps=sampling_steps or 50, eta=eta,
+        return diffusion.ddim_sample_loop(model, shape, sampling_steps=sampling_steps or DDIM_STEPS, eta=eta,
                                           spacing=spacing, **kw)
     return diffusion.p_sample_loop(model, shape, **kw)

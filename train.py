@@ -1,46 +1,26 @@
-"""Training (Algorithm 1 of Ho et al. 2020) and the self-describing checkpoint format.
+"""Training: Algorithm 1 of Ho et al. 2020 with Adam, warm-up, gradient clipping and an EMA.
 
-The loop reads straight down: draw a batch by index, L_simple, Adam step with warm-up and
-gradient clipping, EMA update, and every `save_every` steps an atomic checkpoint that holds
-everything resume needs (weights, EMA, optimizer, step, RNG states, loss history). The data
-order is a function of (seed, epoch), so a resumed run sees exactly the batches it would have.
+`train_func` runs a `Trainer`, whose loop (`Trainer.run`) reads straight down: draw a batch by
+index, take one optimizer step on L_simple, update the EMA, and every `save_every` steps write a
+checkpoint (checkpoint.py) that holds everything resume needs (weights, EMA, optimizer, step,
+random-number states, loss history). The data order is a function of (seed, epoch), so a resumed
+run sees exactly the batches it would have seen.
 """
 import copy
 import math
-import os
-import random
 import signal
 import threading
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+import checkpoint
+from config import TrainConfig  # noqa: F401 - the training settings, imported from here by the notebook
 from dataloader import epoch_permutation
-from diffusion import GaussianDiffusion, to_model_range
-from model import UNet
-from utils import UserError, atomic_write, autocast
-
-CHECKPOINT_FORMAT = "ddpm-mnist/1"
-
-
-@dataclass
-class TrainConfig:
-    n_epochs: int = 100         # passes over the 60k training images
-    max_steps: int = 0          # stop after this many optimizer steps (0 = no limit)
-    batch_size: int = 128       # paper: 128
-    lr: float = 2e-4            # paper: 2e-4 (CIFAR-10), Adam
-    warmup: int = 5000          # linear learning-rate warm-up steps (paper: 5000)
-    lr_decay: str = "none"      # "none" (paper: constant after warm-up) or "cosine" (to 0 at the last step)
-    grad_clip: float = 1.0      # clip the global gradient norm (paper's code: 1.0)
-    ema_decay: float = 0.9999   # paper: 0.9999; warmed up as min(decay, (1+n)/(10+n))
-    save_every: int = 1000      # checkpoint every N steps (and at the end)
-    log_every: int = 25         # move the loss to the host and check it is finite every N steps
-    seed: int = 0               # model init, data order, noise, dropout
-    amp: str = "none"           # autocast: "none", "bf16" or "fp16" (fp16 with a GradScaler)
-    compile: bool = False       # torch.compile the network for the training step
-    p_uncond: float = 0.1       # class-conditional models only: share of labels replaced by the null label
+from diffusion import to_model_range
+from utils import UserError, autocast
 
 
 class TrainingInterrupted(Exception):
@@ -53,119 +33,6 @@ class TrainingInterrupted(Exception):
 
 class TrainingDiverged(UserError):
     pass
-
-
-# ---- checkpoints ----------------------------------------------------------------------------
-def rng_state():
-    state = {"torch": torch.get_rng_state(), "numpy": _numpy_state(), "python": _python_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _numpy_state():  # as tensors and numbers, so that torch.load(weights_only=True) accepts it
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
-
-
-def _python_state():
-    version, internal, gauss_next = random.getstate()
-    return [version, list(internal), gauss_next]
-
-
-def save_checkpoint(path, state):
-    """Atomically write a checkpoint dict (temporary file, fsync, rename)."""
-    atomic_write(path, lambda f: torch.save(state, f))
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Load a checkpoint with weights_only=True (no pickled code can run), with one-line errors.
-
-    Returns a dict with at least model_args, diffusion_args and model (and ema if present).
-    A bare UNet state dict is accepted and given the default arguments.
-    """
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint {path} does not exist; train one with 'python run.py' or pass --checkpoint PATH")
-    if os.path.isdir(path):
-        raise UserError(f"checkpoint {path} is a folder, not a file")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - every failure here is the file's fault
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if "unsupported global" in str(e).lower():  # a pickled class or function: code could run
-            raise UserError(f"{path} holds pickled Python objects, not only tensors; refusing to load it "
-                            f"(it could run code). Only load checkpoints you trust") from None
-        raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {msg}") from None
-    if isinstance(ckpt, dict) and "model" in ckpt and "model_args" in ckpt:
-        return ckpt
-    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
-        return {"model_args": UNet().model_args, "diffusion_args": GaussianDiffusion().args, "model": ckpt}
-    raise UserError(f"{path} is not a DDPM checkpoint (no model weights and arguments found)")
-
-
-def load_weights(model, state_dict, source):
-    """load_state_dict that names the mismatching keys and shapes in a one-line UserError."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        parts = []
-        for name, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
-            if items:
-                parts.append(f"{name} ({len(items)}): " + ", ".join(items[:5]) + (", ..." if len(items) > 5 else ""))
-        raise UserError(f"{source} does not match the model architecture: " + "; ".join(parts))
-    model.load_state_dict(state_dict)
-
-
-def weights_kind(ckpt, use_ema=True):
-    """Which weights build_model(ckpt, use_ema) loads: "EMA" or "raw"."""
-    if ckpt.get("weights") == "ema":  # an exported checkpoint: "model" holds the EMA weights
-        if not use_ema:
-            raise UserError("this checkpoint was exported with the EMA weights only; drop --no_ema "
-                            "(the raw weights are in the training checkpoint it came from)")
-        return "EMA"
-    return "EMA" if use_ema and ckpt.get("ema") is not None else "raw"
-
-
-def build_model(ckpt, use_ema=True, device="cpu"):
-    """Rebuild (UNet, GaussianDiffusion) from a checkpoint dict, with EMA weights if present."""
-    try:
-        model = UNet(**ckpt["model_args"])
-        diffusion = GaussianDiffusion(**ckpt["diffusion_args"])
-    except (TypeError, ValueError) as e:
-        raise UserError(f"checkpoint arguments are invalid: {e}") from None
-    kind = weights_kind(ckpt, use_ema)
-    weights = ckpt["ema"] if kind == "EMA" and ckpt.get("ema") is not None else ckpt["model"]
-    load_weights(model, weights, "checkpoint")
-    return model.to(device).eval(), diffusion
-
-
-def export_checkpoint(ckpt):
-    """The published form of a training checkpoint: the EMA weights in fp32 under "model" (marked
-    weights="ema"), the arguments that rebuild the model and the diffusion, the training settings
-    and the loss history; no raw weights, optimizer or random-number state (it cannot be resumed)."""
-    if ckpt.get("ema") is None and ckpt.get("weights") != "ema":
-        raise UserError("this checkpoint has no EMA weights to export")
-    weights = ckpt["model"] if ckpt.get("weights") == "ema" else ckpt["ema"]
-    out = {"format": ckpt.get("format", CHECKPOINT_FORMAT), "weights": "ema",
-           "model": {k: v.float().contiguous() if v.is_floating_point() else v for k, v in weights.items()}}
-    for k in ("model_args", "diffusion_args", "train_config", "meta", "step", "epoch", "steps_per_epoch",
-              "total_steps", "device_type", "loss_history"):
-        if k in ckpt:
-            out[k] = ckpt[k]
-    return out
 
 
 def agreed_signal(signum, world, step, every, device):
@@ -247,160 +114,213 @@ def make_optimizer_and_net(model, device, lr, compile, ddp=False):
     return opt, torch.compile(net, mode="reduce-overhead" if cuda_compile else None)  # shares the parameters
 
 
+def check_batch_divides(batch_size, world):
+    """Under torchrun --batch_size is the global batch: each of the `world` processes takes a share."""
+    if batch_size % world:
+        raise UserError(f"--batch_size {batch_size} is the global batch and must divide evenly over the "
+                        f"{world} processes")
+
+
+class Trainer:
+    """One training run: the network, its EMA, the optimizer and the random streams, and the
+    methods that advance them. Every method reads and writes only these attributes."""
+
+    def __init__(self, model, diffusion, images, labels, cfg, checkpoint_path, device, meta=None, speed_hint=None):
+        self.rank, self.world = dist_rank_world()
+        self.model, self.diffusion, self.cfg, self.path, self.device = model, diffusion, cfg, checkpoint_path, device
+        self.meta, self.speed_hint = meta or {}, speed_hint
+        model.to(device).train()
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+        self.opt, self.net = make_optimizer_and_net(model, device, cfg.lr, cfg.compile, ddp=self.world > 1)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+        self.check_grads = not self.scaler.is_enabled()  # fp16's GradScaler skips steps with inf gradients by design
+        self.noise_gen = torch.Generator(device=device)  # t, noise and label dropout
+        self.images, self.labels = images.to(device), self._labels(labels, len(images))
+        B = cfg.batch_size
+        self.steps_per_epoch = len(images) // B  # the last partial batch of each epoch is dropped
+        if self.steps_per_epoch < 1:
+            raise UserError(f"batch size {B} is larger than the {len(images)} training images")
+        check_batch_divides(B, self.world)
+        self.mine = slice(self.rank * (B // self.world), (self.rank + 1) * (B // self.world))  # this process's share
+        total = cfg.n_epochs * self.steps_per_epoch
+        self.total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
+        self.step, self.losses, self.pending = 0, [], []  # pending: (loss, grad norm) still on the device
+        self.saved = False  # has this run written the checkpoint (or resumed from it)?
+        self.perm, self.perm_epoch = None, -1
+        self.speed_mark, self.speed_reported = None, False  # (step, time) at the first logging point
+
+    def _labels(self, labels, n):
+        if getattr(self.model, "num_classes", None) is None:
+            return None
+        if labels is None or len(labels) != n:
+            raise UserError("a class-conditional model needs one label per training image")
+        return labels.to(device=self.device, dtype=torch.long)
+
+    def start(self, resume=None):
+        """Seed the random streams of a new run, or restore everything from a checkpoint dict."""
+        if resume is None:
+            torch.manual_seed(self.cfg.seed)  # the dropout stream; the model was initialised by the caller
+            self.noise_gen.manual_seed(self.cfg.seed + 1)
+        else:
+            self._restore(resume)
+        if self.world > 1:
+            # Dropout: a stream of its own per process (the checkpoint holds rank 0's), so the processes
+            # do not repeat each other's masks. With dropout > 0 a distributed run therefore follows
+            # its own trajectory, and a resumed one is not bitwise the uninterrupted one.
+            torch.manual_seed(self.cfg.seed * 1_000_003 + 7919 * (self.rank + 1) + self.step)
+
+    def _restore(self, ckpt):
+        if ckpt.get("device_type", "cpu") != self.device.type:
+            raise UserError(f"this run was trained on {ckpt['device_type']}; resume it there (--device "
+                            f"{ckpt['device_type']}) so that its random streams can be restored")
+        checkpoint.load_weights(self.model, ckpt["model"], "checkpoint")
+        checkpoint.load_weights(self.ema, ckpt["ema"], "checkpoint EMA")
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.losses, self.saved = ckpt["step"], ckpt["loss_history"].tolist(), True
+        checkpoint.set_rng_state(ckpt["rng"])
+        self.noise_gen.set_state(ckpt["rng"]["noise"].cpu())
+
+    def state(self):
+        """The checkpoint dict of the run as it is now (the format is described in checkpoint.py)."""
+        return {"format": checkpoint.FORMAT, "model_args": self.model.model_args, "diffusion_args": self.diffusion.args,
+                "train_config": asdict(self.cfg), "meta": self.meta,
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "step": self.step, "epoch": self.step // self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total, "device_type": self.device.type,
+                "loss_history": torch.tensor(self.losses, dtype=torch.float32),
+                "rng": {**checkpoint.rng_state(), "noise": self.noise_gen.get_state()}}
+
+    def batch(self):
+        """This process's share of the global batch at self.step: (x0 (B/world, 1, 28, 28) in [-1, 1], indices)."""
+        epoch, pos = divmod(self.step, self.steps_per_epoch)
+        if epoch != self.perm_epoch:
+            self.perm = epoch_permutation(self.cfg.seed, epoch, len(self.images)).to(self.device)
+            self.perm_epoch = epoch
+        B = self.cfg.batch_size
+        idx = self.perm[pos * B:(pos + 1) * B][self.mine]
+        return to_model_range(self.images[idx].float() / 255.0).unsqueeze(1), idx
+
+    def train_step(self, x0, idx):
+        """One optimizer step on L_simple (Algorithm 1), then the EMA update."""
+        cfg, B = self.cfg, self.cfg.batch_size
+        for group in self.opt.param_groups:
+            group["lr"] = lr_at(self.step, cfg, self.total)
+        y = None
+        if self.labels is not None:  # Ho & Salimans 2022, Algorithm 1: drop the label with probability p_uncond
+            drop = (torch.rand(B, device=self.device, generator=self.noise_gen) < cfg.p_uncond)[self.mine]
+            y = torch.where(drop, self.model.num_classes, self.labels[idx])
+        # Every process draws the whole global batch's t and noise and keeps its share, so the run
+        # does not depend on the number of processes.
+        t, noise = self.diffusion.draw_t_and_noise((B, *x0.shape[1:]), self.device, x0.dtype, self.noise_gen)
+        with autocast(self.device, cfg.amp):
+            loss = self.diffusion.training_losses(self.net, x0, y=y, t=t[self.mine], noise=noise[self.mine]).mean()
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        # the global gradient norm, clipped at grad_clip (inf = measured only; scaling by 1 is exact)
+        clip = cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        ema_update(self.ema, self.model, cfg.ema_decay, self.step)
+        self.pending.append(torch.stack([loss.detach().float(), gnorm.detach().float()]))
+        self.step += 1
+
+    def flush(self):
+        """Move the pending losses to the host (one sync per log_every steps) and stop on a non-finite one."""
+        if not self.pending:
+            return
+        vals = torch.stack(self.pending)
+        if self.world > 1:  # the global batch's mean loss; the gradient norm is already the same everywhere
+            loss_sum = vals[:, 0].contiguous()  # collectives need contiguous tensors
+            torch.distributed.all_reduce(loss_sum)
+            vals[:, 0] = loss_sum / self.world
+        vals = vals.cpu().tolist()
+        for i, (v, gnorm) in enumerate(vals):
+            if not math.isfinite(v) or (self.check_grads and not math.isfinite(gnorm)):
+                what = f"loss became {v}" if not math.isfinite(v) else f"gradient norm became {gnorm}"
+                raise self.diverged(what, self.step - len(vals) + i + 1)
+        self.losses.extend(v for v, _ in vals)
+        self.pending.clear()
+
+    def diverged(self, what, at):
+        kept = (f"the last good checkpoint ({self.path}) was kept" if self.saved
+                else f"this run saved nothing; {self.path} is untouched by it")
+        return TrainingDiverged(f"{what} at step {at}; stopped, {kept}. Lower --lr or check the data")
+
+    def save(self):
+        """Write the checkpoint atomically (rank 0), after checking that the weights are finite."""
+        self.flush()
+        params = list(self.model.parameters()) + list(self.ema.parameters())
+        if not torch.stack([p.detach().float().abs().max() for p in params]).isfinite().all():
+            raise self.diverged("the weights became non-finite", self.step)
+        if self.rank == 0:
+            checkpoint.save(self.path, self.state())
+        if self.world > 1:  # no process exits (say, on a signal) before the checkpoint is complete
+            torch.distributed.barrier()
+        self.saved = True
+
+    def report_speed(self):
+        """At the second logging point: seconds per step (timed from the first, so set-up and
+        compilation are left out) and the estimated time of the rest of the run, printed once."""
+        now = (self.step, time.perf_counter())
+        if self.speed_mark is None:
+            self.speed_mark = now
+            return
+        if self.speed_reported or self.rank != 0:
+            return
+        per_step = (now[1] - self.speed_mark[1]) / max(1, now[0] - self.speed_mark[0])
+        self.speed_reported = True
+        left = per_step * (self.total - self.step)
+        eta = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.1f} min" if left >= 60 else f"{left:.0f} s"
+        tqdm.write(f"speed: {per_step:.3f} s/step on {self.device}; the remaining {self.total - self.step:,} steps "
+                   f"take about {eta}" + (f". {self.speed_hint}" if self.speed_hint else ""))
+
+    def run(self, progress=True):
+        """Train from self.step to self.total; returns the final checkpoint dict."""
+        bar = tqdm(total=self.total, initial=self.step, desc="training", dynamic_ncols=True,
+                   disable=not progress or self.rank != 0)
+        with _StopFlag() as stop:
+            while self.step < self.total:
+                self.train_step(*self.batch())
+                signum = agreed_signal(stop.signum, self.world, self.step, self.cfg.log_every, self.device)
+                if self.step % self.cfg.log_every == 0 or self.step == self.total or signum:
+                    self.flush()
+                    self.report_speed()
+                    bar.set_postfix(epoch=self.step // self.steps_per_epoch, loss=f"{self.losses[-1]:.4f}",
+                                    refresh=False)
+                bar.update(1)
+                if self.step % self.cfg.save_every == 0 or self.step == self.total or signum:
+                    self.save()
+                if signum:
+                    bar.close()
+                    raise TrainingInterrupted(self.step, self.path, signum)
+        bar.close()
+        self.flush()
+        return self.state()
+
+
 def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", resume=None,
-               model_meta=None, progress=True, labels=None):
+               model_meta=None, progress=True, labels=None, speed_hint=None):
     """Train `model` (eps-prediction) with L_simple on uint8 images (N, 28, 28).
 
     labels: (N,) digit labels, needed by a class-conditional model (model.num_classes set): each
     is replaced by the null label with probability cfg.p_uncond (classifier-free guidance training).
-
-    resume: a checkpoint dict to continue from (see load_checkpoint), or None.
+    resume: a checkpoint dict to continue from (checkpoint.load), or None.
     model_meta: extra entries stored in every checkpoint (e.g. the preset name).
+    speed_hint: a sentence printed after the estimated time of the run (e.g. a faster preset).
     Returns the final checkpoint dict. Raises TrainingInterrupted or TrainingDiverged.
     """
     device = torch.device(device)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
-    if device.type == "cpu":  # bitwise-reproducible resume on CPU (issue: kill-safe training)
+    if device.type == "cpu":  # bitwise-reproducible resume on CPU
         torch.use_deterministic_algorithms(True)
     try:
-        return _train(model, diffusion, images, labels, cfg, checkpoint_path, device, resume, model_meta, progress)
+        trainer = Trainer(model, diffusion, images, labels, cfg, checkpoint_path, device, model_meta, speed_hint)
+        trainer.start(resume)
+        return trainer.run(progress)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
-
-
-def _train(model, diffusion, images, labels, cfg, checkpoint_path, device, resume, model_meta, progress):
-    rank, world = dist_rank_world()
-    model.to(device).train()
-    ema = copy.deepcopy(model).eval().requires_grad_(False)
-    opt, net = make_optimizer_and_net(model, device, cfg.lr, cfg.compile, ddp=world > 1)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
-    noise_gen = torch.Generator(device=device)
-    images = images.to(device)
-    n, B = images.shape[0], cfg.batch_size
-    null_label = getattr(model, "num_classes", None)
-    if null_label is not None:
-        if labels is None or len(labels) != n:
-            raise UserError("a class-conditional model needs one label per training image")
-        labels = labels.to(device=device, dtype=torch.long)
-    steps_per_epoch = n // B  # the last partial batch of each epoch is dropped: constant batch size
-    if steps_per_epoch < 1:
-        raise UserError(f"batch size {B} is larger than the {n} training images")
-    if B % world:
-        raise UserError(f"--batch_size {B} is the global batch and must divide evenly over the {world} processes")
-    mine = slice(rank * (B // world), (rank + 1) * (B // world))  # this process's share of every global batch
-    total = cfg.n_epochs * steps_per_epoch
-    total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total
-
-    step, losses = 0, []
-    if resume is None:
-        torch.manual_seed(cfg.seed)  # the dropout stream; the model was initialised by the caller
-        noise_gen.manual_seed(cfg.seed + 1)
-    else:
-        if resume.get("device_type", "cpu") != device.type:
-            raise UserError(f"this run was trained on {resume['device_type']}; resume it there (--device "
-                            f"{resume['device_type']}) so that its random streams can be restored")
-        load_weights(model, resume["model"], "checkpoint")
-        load_weights(ema, resume["ema"], "checkpoint EMA")
-        opt.load_state_dict(resume["optimizer"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        step, losses = resume["step"], resume["loss_history"].tolist()
-        set_rng_state(resume["rng"])
-        noise_gen.set_state(resume["rng"]["noise"].cpu())
-    if world > 1:
-        # Dropout: a stream of its own per process (the checkpoint holds rank 0's), so the processes
-        # do not repeat each other's masks. With dropout > 0 a distributed run therefore follows
-        # its own trajectory, and a resumed one is not bitwise the uninterrupted one.
-        torch.manual_seed(cfg.seed * 1_000_003 + 7919 * (rank + 1) + step)
-
-    def state():
-        return {"format": CHECKPOINT_FORMAT, "model_args": model.model_args, "diffusion_args": diffusion.args,
-                "train_config": asdict(cfg), "meta": model_meta or {},
-                "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                "step": step, "epoch": step // steps_per_epoch, "steps_per_epoch": steps_per_epoch,
-                "total_steps": total, "device_type": device.type,
-                "loss_history": torch.tensor(losses, dtype=torch.float32),
-                "rng": {**rng_state(), "noise": noise_gen.get_state()}}
-
-    pending = []  # per-step (loss, grad norm) still on the device: one host sync per log_every steps
-    check_grads = not scaler.is_enabled()  # fp16's GradScaler skips steps with inf gradients by design
-    saved_by_this_run = [resume is not None]
-
-    def diverged(what, at):
-        kept = (f"the last good checkpoint ({checkpoint_path}) was kept" if saved_by_this_run[0]
-                else f"this run saved nothing; {checkpoint_path} is untouched by it")
-        return TrainingDiverged(f"{what} at step {at}; stopped, {kept}. Lower --lr or check the data")
-
-    def flush():
-        if not pending:
-            return
-        vals = torch.stack(pending)
-        if world > 1:  # the global batch's mean loss; the gradient norm is already the same everywhere
-            loss_sum = vals[:, 0].contiguous()  # collectives need contiguous tensors
-            torch.distributed.all_reduce(loss_sum)
-            vals[:, 0] = loss_sum / world
-        vals = vals.cpu().tolist()
-        for i, (v, gnorm) in enumerate(vals):
-            if not math.isfinite(v) or (check_grads and not math.isfinite(gnorm)):
-                what = f"loss became {v}" if not math.isfinite(v) else f"gradient norm became {gnorm}"
-                raise diverged(what, step - len(vals) + i + 1)
-        losses.extend(v for v, _ in vals)
-        pending.clear()
-
-    def save():
-        flush()
-        params = list(model.parameters()) + list(ema.parameters())
-        if not torch.stack([p.detach().float().abs().max() for p in params]).isfinite().all():
-            raise diverged("the weights became non-finite", step)
-        if rank == 0:
-            save_checkpoint(checkpoint_path, state())
-        if world > 1:  # no process exits (say, on a signal) before the checkpoint is complete
-            torch.distributed.barrier()
-        saved_by_this_run[0] = True
-
-    bar = tqdm(total=total, initial=step, desc="training", disable=not progress or rank != 0, dynamic_ncols=True)
-    perm, perm_epoch = None, -1
-    with _StopFlag() as stop:
-        while step < total:
-            epoch, pos = divmod(step, steps_per_epoch)
-            if epoch != perm_epoch:
-                perm, perm_epoch = epoch_permutation(cfg.seed, epoch, n).to(device), epoch
-            idx = perm[pos * B:(pos + 1) * B][mine]  # all of the global batch with one process
-            x0 = to_model_range(images[idx].float() / 255.0).unsqueeze(1)  # (B / world, 1, 28, 28)
-
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, cfg, total)
-            y = None
-            if null_label is not None:  # Ho & Salimans 2022, Algorithm 1: drop the label with probability p_uncond
-                drop = (torch.rand(B, device=device, generator=noise_gen) < cfg.p_uncond)[mine]
-                y = torch.where(drop, null_label, labels[idx])
-            # Every process draws the whole global batch's t and noise and keeps its share, so the run
-            # does not depend on the number of processes.
-            t, noise = diffusion.draw_t_and_noise((B, *x0.shape[1:]), device, x0.dtype, noise_gen)
-            with autocast(device, cfg.amp):
-                loss = diffusion.training_losses(net, x0, y=y, t=t[mine], noise=noise[mine]).mean()
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            # the global gradient norm, clipped at grad_clip (inf = measured only; scaling by 1 is exact)
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            scaler.step(opt)
-            scaler.update()
-            ema_update(ema, model, cfg.ema_decay, step)
-            pending.append(torch.stack([loss.detach().float(), gnorm.detach().float()]))
-            step += 1
-            signum = agreed_signal(stop.signum, world, step, cfg.log_every, device)
-
-            if step % cfg.log_every == 0 or step == total or signum:
-                flush()
-                bar.set_postfix(epoch=step // steps_per_epoch, loss=f"{losses[-1]:.4f}", refresh=False)
-            bar.update(1)
-            if step % cfg.save_every == 0 or step == total or signum:
-                save()
-            if signum:
-                bar.close()
-                raise TrainingInterrupted(step, checkpoint_path, signum)
-    bar.close()
-    flush()
-    return state()

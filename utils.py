@@ -24,7 +24,10 @@ def run_main(main):
         main()
     except UserError as e:
         rank = os.environ.get("RANK", "0")  # under torchrun: which process says it
-        print(f"{'' if rank == '0' else f'[rank {rank}] '}error: {e}", file=sys.stderr)
+        # One write of the whole line: under torchrun several processes share stderr, and a message
+        # written in pieces (print writes the text, then the newline) can interleave with another's.
+        sys.stderr.write(f"{'' if rank == '0' else f'[rank {rank}] '}error: {e}\n")
+        sys.stderr.flush()
         sys.exit(2)
 
 
@@ -151,12 +154,24 @@ def image_grid(images01, nrow):
     return make_grid(images01.float().cpu(), nrow=nrow, padding=2, pad_value=1.0)[0]
 
 
+IMAGE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}
+
+
+def image_format(path):
+    """The picture format a file name asks for (by its extension), or a UserError for one that
+    save_image_grid cannot write. Scripts call it on their arguments before any work starts."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in IMAGE_FORMATS:
+        raise UserError(f"cannot write a picture as {path!r}: use a .png, .jpg or .jpeg file name")
+    return IMAGE_FORMATS[ext]
+
+
 def save_image_grid(images01, path, nrow=5):
     """images01: (N, 1, H, W) floats in [0, 1] -> a JPEG/PNG grid with `nrow` images per row."""
     from PIL import Image
 
+    fmt = image_format(path)
     arr = (image_grid(images01, nrow) * 255).round().clamp(0, 255).to(torch.uint8).numpy()
-    fmt = "JPEG" if path.lower().endswith((".jpg", ".jpeg")) else "PNG"
     img = Image.fromarray(arr, mode="L")
     img = img.resize((img.width * 4, img.height * 4), Image.NEAREST)  # 28 px digits are too small to see
     atomic_write(path, lambda f: img.save(f, format=fmt, quality=95))

@@ -38,6 +38,26 @@ def write_tiny_mnist(data_dir, n_train=128, n_test=32):
     return data_dir
 
 
+def undo_zero_init(model, std=0.05):
+    """Give every zero-initialised weight (the last conv of each residual branch and of the output,
+    the label embedding) random values, as training would: then the output, and each branch and t,
+    reach the result. Returns the model."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1 and not p.any():
+                p.normal_(0, std)
+    return model
+
+
+def short_chain(path, out, T=100):
+    """A copy of the checkpoint at `path` whose diffusion has T steps instead of 1000: the scripts'
+    1000-step sampler then runs the same loop in a tenth of the time. Returns `out`."""
+    import checkpoint
+    ckpt = checkpoint.load(path)
+    checkpoint.save(out, dict(ckpt, diffusion_args=dict(ckpt["diffusion_args"], T=T)))
+    return str(out)
+
+
 @pytest.fixture
 def tiny_data(tmp_path):
     return write_tiny_mnist(str(tmp_path / "data"))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import dataloader
-from dataloader import DataError, convert_mnist_pickle, epoch_permutation, load_mnist, mnist_tensors
 from conftest import fake_digits, write_tiny_mnist
+from dataloader import DataError, convert_mnist_pickle, epoch_permutation, load_mnist, mnist_tensors
 
 
 def write_pickle(path, sizes=(50, 10, 10)):

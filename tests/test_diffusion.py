@@ -64,7 +64,8 @@ def test_posterior_coefficients_eq7(diff):
 
 def test_posterior_is_bayes_rule(diff):
     """q(x_{t-1}|x_t,x_0) from the product of the Gaussians q(x_t|x_{t-1}) q(x_{t-1}|x_0):
-    precision = alpha_t/beta_t + 1/(1-abar_{t-1}); mean = var * (sqrt(alpha_t) x_t/beta_t + sqrt(abar_{t-1}) x_0/(1-abar_{t-1}))."""
+    precision = alpha_t/beta_t + 1/(1-abar_{t-1});
+    mean = var * (sqrt(alpha_t) x_t/beta_t + sqrt(abar_{t-1}) x_0/(1-abar_{t-1}))."""
     betas, abar, abar_prev = np_schedule()
     x0, xt = torch.tensor([[[[0.3]]]]), torch.tensor([[[[-1.2]]]])
     for ti in (1, 50, 999):

@@ -8,12 +8,15 @@ import torch
 
 import evaluate
 import run
-from conftest import TINY, TINY_FLAGS, fake_digits, write_tiny_mnist
+from checkpoint import build_model
+from checkpoint import load as load_checkpoint
+from config import TrainConfig
+from conftest import TINY, TINY_FLAGS, fake_digits, short_chain, undo_zero_init, write_tiny_mnist
 from diffusion import GaussianDiffusion
 from metrics import conditional_accuracy
 from model import UNet
 from sample import guided, label_kwargs, sample_func
-from train import TrainConfig, build_model, load_checkpoint, train_func
+from train import train_func
 from utils import UserError
 
 NULL = 10
@@ -86,7 +89,8 @@ def test_p_uncond_zero_trains_on_the_true_labels_and_one_on_null_only():
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_conditional_and_unconditional_sampling_shapes(sampler):
     model = _cond_unet()
-    kw = dict(sampler=sampler, sampling_steps=4 if sampler == "ddim" else None, progress=False, batch_size=3)
+    kw = dict(sampler=sampler, sampling_steps=4 if sampler == "ddim" else None, progress=False, batch_size=3,
+              diffusion=GaussianDiffusion(T=100))  # a short chain: the same loop, faster
     x, _ = sample_func(model, 5, labels=torch.tensor([0, 1, 2, 3, 4]), guidance_scale=2.0, **kw)
     assert x.shape == (5, 1, 28, 28) and torch.isfinite(x).all()
     x_null, _ = sample_func(model, 4, labels=torch.full((4,), NULL), **kw)
@@ -101,10 +105,7 @@ def test_label_embedding_changes_the_output_once_trained():
     model = _cond_unet()
     x, t = torch.randn(2, 1, 28, 28), torch.tensor([5, 5])
     assert torch.equal(model(x, t, torch.tensor([1, 1])), model(x, t, torch.tensor([2, 2])))  # zero-init: ignored
-    with torch.no_grad():  # as if trained: give the zero-initialised layers (and the label embedding) weights
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0, 0.1)
+    undo_zero_init(model, std=0.1)  # as if trained, the label embedding included
     assert not torch.allclose(model(x, t, torch.tensor([1, 1])), model(x, t, torch.tensor([2, 2])))
     with pytest.raises(ValueError, match="unconditional"):
         UNet(**TINY)(x, t, torch.tensor([1, 1]))
@@ -173,7 +174,8 @@ def test_class_cond_refusals(cond_run, tmp_path):
     m = UNet(**TINY)
     torch.save({"model_args": {k: v for k, v in m.model_args.items() if k != "num_classes"},
                 "diffusion_args": GaussianDiffusion().args, "model": m.state_dict(), "ema": m.state_dict(),
-                "optimizer": {}, "train_config": {"batch_size": 16, "seed": 0}, "step": 1, "total_steps": 2}, uncond)
+                "optimizer": {}, "rng": {}, "train_config": {"batch_size": 16, "seed": 0}, "step": 1, "total_steps": 2},
+               uncond)
     with pytest.raises(UserError, match="checkpoint is unconditional"):
         run.main(["--resume", "--class_cond", "--checkpoint", uncond, "--device", "cpu", "--out_dir", str(tmp_path)])
     with pytest.raises(UserError, match="class-conditional checkpoint"):
@@ -196,10 +198,11 @@ def test_old_unconditional_checkpoint_without_num_classes_still_loads(tmp_path):
 def test_make_pics_guidance_panel(cond_run, tmp_path):
     import make_pics
     work, ckpt = cond_run
+    ckpt = short_chain(ckpt, tmp_path / "short.pt")
     make_pics.main(["--checkpoint", ckpt, "--out_dir", str(tmp_path), "--guidance_panel", "2", "--per_digit", "1",
                     "--no_progress", "--device", "cpu"])
     assert (tmp_path / "guidance.png").stat().st_size > 1000
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["guidance.png"]  # only that picture
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["guidance.png", "short.pt"]  # only that picture
     with pytest.raises(UserError, match="--guidance_panel must be"):
         make_pics.main(["--checkpoint", ckpt, "--out_dir", str(tmp_path), "--guidance_panel", "1,-2"])
     uncond = str(tmp_path / "u.pt")

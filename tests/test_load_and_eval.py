@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
+import checkpoint
+from checkpoint import export as export_checkpoint
 from conftest import ROOT, TINY
 from diffusion import GaussianDiffusion
 from model import UNet
-from train import export_checkpoint
 
 EVAL_ARGS = ["--", "--n_samples", "2", "--sampler", "ddim", "--sampling_steps", "3", "--no_progress",
              "--device", "cpu", "--out", "grid.png"]
@@ -24,12 +25,7 @@ def _checkpoint_bytes(seed):
     net = UNet(**TINY)
     ckpt = export_checkpoint({"model_args": net.model_args, "diffusion_args": GaussianDiffusion().args,
                               "model": net.state_dict(), "ema": net.state_dict(), "step": 1, "total_steps": 1})
-    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"_ckpt_{os.getpid()}_{seed}.pt")
-    torch.save(ckpt, path)
-    with open(path, "rb") as f:
-        data = f.read()
-    os.remove(path)
-    return data
+    return checkpoint.to_bytes(ckpt)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +52,8 @@ def server(tmp_path_factory, files):
     d = tmp_path_factory.mktemp("srv")
     (d / "good.pt").write_bytes(files["good"])
     (d / "other.pt").write_bytes(files["other"])
-    proc = subprocess.Popen([sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(d)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    cmd = [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(d)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = proc.stdout.readline()  # "Serving HTTP on 127.0.0.1 port 41234 (http://127.0.0.1:41234/) ..."
     port = int(line.split(" port ")[1].split()[0])
     yield f"http://127.0.0.1:{port}"

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from conftest import undo_zero_init
 from model import UNet, count_parameters
 
 
@@ -24,9 +25,7 @@ def test_final_conv_is_zero_initialised(tiny_unet):
 
 
 def test_output_depends_on_t(tiny_unet):
-    for m in tiny_unet.modules():  # undo the zero inits, else every residual branch (and t) is silent
-        if isinstance(m, torch.nn.Conv2d) and not m.weight.any():
-            torch.nn.init.normal_(m.weight, std=0.1)
+    undo_zero_init(tiny_unet, std=0.1)  # else every residual branch (and t) is silent
     x = torch.randn(1, 1, 28, 28).repeat(2, 1, 1, 1)
     out = tiny_unet(x, torch.tensor([5, 700]))
     assert not torch.allclose(out[0], out[1], atol=1e-4)

@@ -9,11 +9,21 @@ from conftest import ROOT, write_tiny_mnist
 NOTEBOOK = os.path.join(ROOT, "train_model.ipynb")
 
 
-def test_notebook_is_committed_without_bulky_outputs():
+def test_notebook_is_committed_executed_and_small():
+    """The committed notebook is the full run, executed top to bottom: a reader sees its figures and
+    numbers without running it. It stays small."""
     assert os.path.getsize(NOTEBOOK) < 300_000
     nb = nbformat.read(NOTEBOOK, as_version=4)
     nbformat.validate(nb)
-    assert sum(c.cell_type == "code" for c in nb.cells) >= 8
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert [c.execution_count for c in code] == list(range(1, len(code) + 1))  # every cell, in order, once
+    outputs = [o for c in code for o in c.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 6  # data, noising, loss, samples, ...
+    text = "\n".join(o.get("text", "") for o in outputs)
+    assert "default run" in text and "quick smoke run" not in text  # the full mode, not the tests' one
+    assert "fid_floor" in text and "bits/dim" in text
+    assert "Executed" in nb.cells[0].source and "python" in nb.cells[0].source  # how, where, how long
 
 
 def test_notebook_executes_quick(tmp_path, monkeypatch):

@@ -5,11 +5,12 @@ import os
 import pytest
 import torch
 
+import checkpoint
 import evaluate
 import export
 import make_pics
 import run
-from conftest import TINY_FLAGS, write_tiny_mnist
+from conftest import TINY_FLAGS, short_chain, write_tiny_mnist
 from utils import UserError
 
 
@@ -28,7 +29,7 @@ def test_export_keeps_ema_weights_arguments_and_history_and_writes_checksum(trai
     out = str(work / "pub" / "ddpm_trained.pt")
     os.makedirs(work / "pub")
     export.main(["--checkpoint", src, "--out", out])
-    pub, full = torch.load(out, weights_only=True), torch.load(src, weights_only=True)
+    pub, full = checkpoint.load(out), checkpoint.load(src)
     assert pub["weights"] == "ema" and not {"optimizer", "ema", "rng"} & set(pub)
     assert all(torch.equal(pub["model"][k], full["ema"][k]) for k in full["ema"])
     assert not all(torch.equal(pub["model"][k], full["model"][k]) for k in full["model"])  # EMA, not raw
@@ -55,6 +56,7 @@ def test_exported_checkpoint_samples_but_cannot_resume_or_give_raw_weights(train
 
 def test_make_pics_writes_the_four_pictures(trained):
     work, src = trained
+    src = short_chain(src, work / "short.pt")
     pics = work / "pics"
     pics.mkdir()
     make_pics.main(["--checkpoint", src, "--out_dir", str(pics), "--n_samples", "10", "--n_reverse", "2",

@@ -1,7 +1,6 @@
 """Kill-safe training: SIGKILL + --resume is bitwise identical, saves are atomic, signals save,
 NaN stops cleanly, hostile or broken checkpoints are refused."""
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -10,16 +9,21 @@ import time
 import pytest
 import torch
 
+import checkpoint
 import run
+from checkpoint import load as load_checkpoint
+from checkpoint import load_weights
+from config import TrainConfig
 from conftest import ROOT, TINY, TINY_FLAGS, write_tiny_mnist
 from diffusion import GaussianDiffusion
 from model import UNet
-from train import TrainConfig, TrainingDiverged, load_checkpoint, load_weights, train_func
-from utils import UserError
 from test_scripts import expect_user_error, sh
+from train import TrainingDiverged, train_func
+from utils import UserError
 
 TRAIN = [os.path.join(ROOT, "run.py"), "--device", "cpu", *TINY_FLAGS, "--dropout", "0.1", "--batch_size", "16",
-         "--max_steps", "200", "--save_every", "10", "--n_samples", "1", "--no_progress"]
+         "--max_steps", "100", "--save_every", "10", "--n_samples", "1", "--sampler", "ddim", "--sampling_steps", "2",
+         "--no_progress"]
 
 
 def wait_for(path, proc, timeout=120):
@@ -47,24 +51,39 @@ def work(tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(work):
     sh([*TRAIN, "--data_dir", "data", "--checkpoint", "ref.pt"], cwd=work)
-    return torch.load(work / "ref.pt", weights_only=True)
+    return checkpoint.load(work / "ref.pt")
 
 
-def test_sigkill_then_resume_is_bitwise_identical(work, reference):
-    rng = random.Random(os.getpid())  # a different kill point on each run, logged if it fails
-    proc = subprocess.Popen([sys.executable, *TRAIN, "--data_dir", "data", "--checkpoint", "k.pt"], cwd=work,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_for(work / "k.pt", proc)
-    delay = rng.uniform(0.0, 0.4)
-    time.sleep(delay)  # somewhere in training, maybe inside a save
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = torch.load(work / "k.pt", weights_only=True)["step"]
-    assert 0 < killed_at < 200, (killed_at, delay)  # it really was interrupted
-    sh([os.path.join(ROOT, "run.py"), "--resume", "--checkpoint", "k.pt", "--data_dir", "data", "--device", "cpu",
-        "--n_samples", "1", "--no_progress"], cwd=work)
-    resumed = torch.load(work / "k.pt", weights_only=True)
-    assert resumed["step"] == 200 and torch.equal(resumed["loss_history"], reference["loss_history"])
+# run.py in a process that SIGKILLs itself right after optimizer step KILL_AT, before that step's
+# checkpoint could be written: a crash at a step the test chooses, not after a clock delay.
+KILL_AT_STEP = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import run, train
+step = train.Trainer.train_step
+def train_step(self, *batch):
+    step(self, *batch)
+    if self.step == {kill_at}:
+        os.kill(os.getpid(), signal.SIGKILL)
+train.Trainer.train_step = train_step
+run.main({argv!r})
+"""
+
+
+@pytest.mark.parametrize("kill_at", [37, 80])  # inside a save interval, and just before a save
+def test_sigkill_then_resume_is_bitwise_identical(work, reference, kill_at):
+    print(f"SIGKILL after optimizer step {kill_at}")
+    argv = TRAIN[1:] + ["--data_dir", "data", "--checkpoint", f"k{kill_at}.pt"]
+    script = KILL_AT_STEP.format(root=ROOT, kill_at=kill_at, argv=argv)
+    p = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=240)
+    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
+    killed = checkpoint.load(work / f"k{kill_at}.pt")
+    assert killed["step"] == 10 * ((kill_at - 1) // 10)  # the last save before the crash (save_every 10)
+    sh([os.path.join(ROOT, "run.py"), "--resume", "--checkpoint", f"k{kill_at}.pt", "--data_dir", "data",
+        "--device", "cpu", "--n_samples", "1", "--sampler", "ddim", "--sampling_steps", "2", "--no_progress"],
+       cwd=work)
+    resumed = checkpoint.load(work / f"k{kill_at}.pt")
+    assert resumed["step"] == 100 and torch.equal(resumed["loss_history"], reference["loss_history"])
     same_weights(resumed, reference)
 
 
@@ -79,7 +98,7 @@ def test_sigint_saves_and_exits_cleanly(work):
         assert proc.returncode == code, err
         assert "Traceback" not in err and "--resume" in out
         at = int(out.split(" at step ")[1].split(";")[0])
-        assert torch.load(work / "int.pt", weights_only=True)["step"] == at  # saved at the interruption
+        assert checkpoint.load(work / "int.pt")["step"] == at  # saved at the interruption
         os.remove(work / "int.pt")
 
 
@@ -92,7 +111,7 @@ def test_kill_during_save_keeps_previous_checkpoint(work, reference):
     p = subprocess.run([sys.executable, "-c", script], cwd=work)
     assert p.returncode == -signal.SIGKILL
     assert (work / "ref.pt").read_bytes() == before
-    assert load_checkpoint(str(work / "ref.pt"))["step"] == 200
+    assert load_checkpoint(str(work / "ref.pt"))["step"] == 100
 
 
 @pytest.mark.parametrize("flags, match", [
@@ -109,16 +128,16 @@ def test_resume_with_other_model_or_data_order_is_refused(work, reference, capsy
 def test_resume_honours_explicit_default_values(work, reference):
     args = run.get_parser().parse_args(["--resume", "--max_steps", "0", "--save_every", "1000"])
     cfg = run.train_config_for_resume(args, reference)
-    assert cfg.max_steps == 0 and cfg.save_every == 1000 and cfg.batch_size == 16  # not the saved 200 / 10
+    assert cfg.max_steps == 0 and cfg.save_every == 1000 and cfg.batch_size == 16  # not the saved 100 / 10
 
 
 def test_new_run_over_an_unfinished_one_is_refused(work, reference, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    ckpt = dict(reference, step=50)  # an interrupted run: 50 of 200 steps
-    torch.save(ckpt, tmp_path / "ddpm_trained.pt")
+    ckpt = dict(reference, step=50)  # an interrupted run: 50 of 100 steps
+    checkpoint.save(str(tmp_path / "ddpm_trained.pt"), ckpt)
     expect_user_error(capsys, run.main, ["--data_dir", str(work / "data"), "--device", "cpu"],
-                      "holds an unfinished run (step 50 of 200)")
-    assert torch.load(tmp_path / "ddpm_trained.pt", weights_only=True)["step"] == 50
+                      "holds an unfinished run (step 50 of 100)")
+    assert checkpoint.load(tmp_path / "ddpm_trained.pt")["step"] == 50
 
 
 def test_checkpoint_with_pickled_code_is_refused_and_not_run(tmp_path, capsys):
@@ -152,7 +171,7 @@ def test_architecture_mismatch_names_keys_and_shapes():
 
 
 def test_checkpoint_of_another_preset_loads_with_its_own_arguments(work, reference):
-    from train import build_model
+    from checkpoint import build_model
     model, _ = build_model(load_checkpoint(str(work / "ref.pt")))
     assert model.model_args["ch"] == 8 and model.model_args != UNet().model_args
 
@@ -221,3 +240,16 @@ def test_missing_output_folder_fails_before_training(tmp_path, capsys, monkeypat
     t0 = time.time()
     expect_user_error(capsys, run.main, ["--out_dir", "nowhere", "--data_dir", "nodata"], "does not exist")
     assert time.time() - t0 < 5 and not (tmp_path / "nodata").exists()  # refused before loading any data
+
+
+def test_speed_and_estimated_time_are_printed_once(tmp_path, capsys):
+    """After the second logging point: seconds per step, the time left, and the hint (run.py: the
+    cpu preset, for the paper preset on a CPU)."""
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
+    cfg = TrainConfig(n_epochs=100, max_steps=12, batch_size=8, log_every=3, warmup=0, save_every=100)
+    train_func(UNet(**TINY), GaussianDiffusion(), images, cfg, str(tmp_path / "s.pt"), progress=False,
+               speed_hint="try --preset cpu")
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("speed:")]
+    assert len(lines) == 1 and "the remaining 6 steps take about" in lines[0], lines
+    assert lines[0].endswith(". try --preset cpu")

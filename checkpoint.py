@@ -1,0 +1,183 @@
+"""The checkpoint format, in one place: what a checkpoint holds, how it is written and read, and
+how a model is rebuilt from it. No other module calls torch.save or torch.load.
+
+A checkpoint is a dict of tensors, numbers, strings, lists and dicts (so that
+torch.load(weights_only=True) reads it and no pickled code can run):
+
+    format          FORMAT ("ddpm-mnist/1")
+    model_args      UNet(**model_args) rebuilds the network
+    diffusion_args  GaussianDiffusion(**diffusion_args) rebuilds the schedule
+    model           the raw weights (state dict); in an exported checkpoint the EMA weights
+    ema             the EMA weights (training checkpoints; sampling uses them by default)
+    weights         "ema" in an exported checkpoint: `model` holds the EMA weights
+    train_config    the TrainConfig of the run, as a dict; meta: e.g. {"preset": "cpu"}
+    optimizer, scaler, rng, step, epoch, steps_per_epoch, total_steps, device_type, loss_history
+                    what --resume needs (training checkpoints only)
+
+Kinds: a training checkpoint can be resumed (it has the optimizer and random-number state); an
+exported one (export.py) holds only the EMA weights, the arguments and the loss history. A bare
+UNet state dict is accepted too, with the paper's default arguments.
+"""
+import io
+import os
+import random
+
+import numpy as np
+import torch
+
+from diffusion import GaussianDiffusion
+from model import UNet
+from utils import UserError, atomic_write
+
+FORMAT = "ddpm-mnist/1"
+KNOWN_FORMATS = (FORMAT,)  # a later format adds its name here and keeps reading these
+
+
+# ---- safe file I/O -------------------------------------------------------------------------------
+def save(path, obj):
+    """Atomically write obj (tensors and plain data) to path: readers see the old or the new file."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def to_bytes(obj):
+    """The bytes `save` would write (for a checksum computed before the file is written)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def load_file(path, map_location="cpu"):
+    """torch.load with weights_only=True (tensors and plain data only: no pickled code runs),
+    every failure turned into a one-line UserError."""
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, not a file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - every failure here is the file's fault
+        if "unsupported global" in str(e).lower():  # a pickled class or function: code could run
+            raise UserError(f"{path} holds pickled Python objects, not only tensors; refusing to load it "
+                            f"(it could run code). Only load checkpoints you trust") from None
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {msg}") from None
+
+
+def load(path, map_location="cpu"):
+    """Read a DDPM checkpoint: a dict with at least model_args, diffusion_args and model.
+    A bare UNet state dict is given the paper's default arguments. An unknown format is refused."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist; train one with 'python run.py' or pass --checkpoint PATH")
+    ckpt = load_file(path, map_location)
+    if isinstance(ckpt, dict) and "model" in ckpt and "model_args" in ckpt:
+        fmt = ckpt.get("format", FORMAT)  # files written before the field existed are format 1
+        if fmt not in KNOWN_FORMATS:
+            raise UserError(f"{path} has checkpoint format {fmt!r}, which this code does not know (it reads "
+                            f"{', '.join(KNOWN_FORMATS)}); update the repo or re-export the checkpoint")
+        return ckpt
+    if isinstance(ckpt, dict) and ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        return {"model_args": UNet().model_args, "diffusion_args": GaussianDiffusion().args, "model": ckpt}
+    raise UserError(f"{path} is not a DDPM checkpoint (no model weights and arguments found)")
+
+
+# ---- what a checkpoint is ------------------------------------------------------------------------
+def is_exported(ckpt):
+    """True for a published checkpoint: `model` holds the EMA weights, nothing else is there."""
+    return ckpt.get("weights") == "ema"
+
+
+def is_resumable(ckpt):
+    """True if --resume can continue it: it has the optimizer and random-number state."""
+    return not is_exported(ckpt) and all(k in ckpt for k in ("optimizer", "rng", "step", "train_config"))
+
+
+def is_unfinished(ckpt):
+    """True for a resumable run that stopped before its last step (interrupted or killed)."""
+    return is_resumable(ckpt) and "total_steps" in ckpt and ckpt["step"] < ckpt["total_steps"]
+
+
+def weights_kind(ckpt, use_ema=True):
+    """Which weights build_model(ckpt, use_ema) loads: "EMA" or "raw"."""
+    if is_exported(ckpt):
+        if not use_ema:
+            raise UserError("this checkpoint was exported with the EMA weights only; drop --no_ema "
+                            "(the raw weights are in the training checkpoint it came from)")
+        return "EMA"
+    return "EMA" if use_ema and ckpt.get("ema") is not None else "raw"
+
+
+def ema_weights(ckpt):
+    """The EMA state dict of a training or an exported checkpoint."""
+    if is_exported(ckpt):
+        return ckpt["model"]
+    if ckpt.get("ema") is None:
+        raise UserError("this checkpoint has no EMA weights")
+    return ckpt["ema"]
+
+
+# ---- building a model from a checkpoint ----------------------------------------------------------
+def load_weights(model, state_dict, source):
+    """load_state_dict that names the mismatching keys and shapes in a one-line UserError."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    parts = [f"{name} ({len(items)}): " + ", ".join(items[:5]) + (", ..." if len(items) > 5 else "")
+             for name, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                                 ("shape mismatches", shapes)) if items]
+    if parts:
+        raise UserError(f"{source} does not match the model architecture: " + "; ".join(parts))
+    model.load_state_dict(state_dict)
+
+
+def build_model(ckpt, use_ema=True, device="cpu"):
+    """(UNet in eval mode, GaussianDiffusion) rebuilt from a checkpoint, with its EMA weights
+    unless use_ema is False (then the raw weights; an exported checkpoint has only EMA)."""
+    try:
+        model = UNet(**ckpt["model_args"])
+        diffusion = GaussianDiffusion(**ckpt["diffusion_args"])
+    except (TypeError, ValueError) as e:
+        raise UserError(f"checkpoint arguments are invalid: {e}") from None
+    weights = ema_weights(ckpt) if weights_kind(ckpt, use_ema) == "EMA" else ckpt["model"]
+    load_weights(model, weights, "checkpoint")
+    return model.to(device).eval(), diffusion
+
+
+EXPORTED_KEYS = ("model_args", "diffusion_args", "train_config", "meta", "step", "epoch", "steps_per_epoch",
+                 "total_steps", "device_type", "loss_history")
+
+
+def export(ckpt):
+    """The published form of a checkpoint: the EMA weights in fp32 under "model" (weights="ema"),
+    the arguments that rebuild the model and the diffusion, the training settings and the loss
+    history; no raw weights, optimizer or random-number state (it cannot be resumed)."""
+    weights = ema_weights(ckpt)
+    out = {"format": ckpt.get("format", FORMAT), "weights": "ema",
+           "model": {k: v.float().contiguous() if v.is_floating_point() else v for k, v in weights.items()}}
+    out.update({k: ckpt[k] for k in EXPORTED_KEYS if k in ckpt})
+    return out
+
+
+# ---- random-number state, in a form weights_only accepts -----------------------------------------
+def rng_state():
+    """The global torch, numpy and Python random states (and CUDA's, where present)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)],
+             "python": [version, list(internal), gauss_next]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    """Restore what rng_state() returned."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

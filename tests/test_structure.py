@@ -1,0 +1,91 @@
+"""The repo's structural promises, checked on the source itself: one owner of the checkpoint
+format, short functions, a short front page, and checkpoints that say what format they are."""
+import ast
+import glob
+import hashlib
+import json
+import os
+
+import pytest
+import torch
+
+import checkpoint
+from conftest import ROOT, TINY
+from model import UNet
+from utils import UserError
+
+SOURCES = sorted(glob.glob(os.path.join(ROOT, "*.py")))
+
+
+def _calls(tree, names):
+    """(line, 'torch.save') for each call of torch.save / torch.load in a parsed module."""
+    return [(n.lineno, f"torch.{n.func.attr}") for n in ast.walk(tree)
+            if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr in names
+            and isinstance(n.func.value, ast.Name) and n.func.value.id == "torch"]
+
+
+def test_only_checkpoint_py_calls_torch_save_or_load():
+    found = {}
+    for path in SOURCES:
+        if os.path.basename(path) != "checkpoint.py":
+            found[os.path.basename(path)] = _calls(ast.parse(open(path).read()), ("save", "load"))
+    nb = json.load(open(os.path.join(ROOT, "train_model.ipynb")))
+    code = "\n".join("".join(c["source"]) for c in nb["cells"] if c["cell_type"] == "code")
+    found["train_model.ipynb"] = _calls(ast.parse(code), ("save", "load"))
+    assert not {k: v for k, v in found.items() if v}
+    assert _calls(ast.parse(open(os.path.join(ROOT, "checkpoint.py")).read()), ("save", "load"))  # the check sees calls
+
+
+def test_no_function_longer_than_60_lines():
+    long = [(os.path.basename(path), n.name, n.end_lineno - n.lineno + 1) for path in SOURCES
+            for n in ast.walk(ast.parse(open(path).read()))
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.end_lineno - n.lineno + 1 > 60]
+    assert not long
+
+
+def test_front_page_is_at_most_200_lines_and_its_links_resolve():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    assert len(text.splitlines()) <= 200
+    for page in ("docs/experiments.md", "docs/performance.md", "docs/guidance.md", "docs/flags.md"):
+        assert f"({page})" in text and os.path.exists(os.path.join(ROOT, page)), page
+    assert "bash .ci/run" in text
+
+
+@pytest.mark.parametrize("name", ["ddpm_trained.pt", "ddpm_cond.pt"])
+def test_published_checkpoints_load_and_match_their_checksums(name):
+    path = os.path.join(ROOT, "checkpoints", name)
+    digest, fname = open(path + ".sha256").read().split()
+    assert fname == name and digest == hashlib.sha256(open(path, "rb").read()).hexdigest()
+    ckpt = checkpoint.load(path)
+    assert ckpt["format"] == checkpoint.FORMAT and checkpoint.is_exported(ckpt)
+    assert not checkpoint.is_resumable(ckpt) and not checkpoint.is_unfinished(ckpt)
+    model, diffusion = checkpoint.build_model(ckpt)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ckpt["model"].items())
+    assert diffusion.T == 1000 and (model.num_classes is not None) == (name == "ddpm_cond.pt")
+
+
+def _tiny_checkpoint(**extra):
+    net = UNet(**TINY)
+    return {"model_args": net.model_args, "diffusion_args": {"T": 1000, "beta_start": 1e-4, "beta_end": 0.02,
+                                                             "var_type": "fixed_large"},
+            "model": net.state_dict(), "ema": net.state_dict(), **extra}
+
+
+def test_unknown_format_is_refused_and_a_file_without_one_is_format_1(tmp_path):
+    path = str(tmp_path / "x.pt")
+    checkpoint.save(path, _tiny_checkpoint(format="ddpm-mnist/99"))
+    with pytest.raises(UserError, match="format 'ddpm-mnist/99', which this code does not know"):
+        checkpoint.load(path)
+    checkpoint.save(path, _tiny_checkpoint())  # written before the field existed
+    assert checkpoint.build_model(checkpoint.load(path))[0].model_args == UNet(**TINY).model_args
+
+
+def test_predicates_tell_training_exported_and_unfinished_apart():
+    run = _tiny_checkpoint(optimizer={}, rng={}, train_config={}, step=5, total_steps=10)
+    assert checkpoint.is_resumable(run) and checkpoint.is_unfinished(run)
+    assert not checkpoint.is_unfinished(dict(run, step=10))
+    pub = checkpoint.export(run)
+    assert checkpoint.is_exported(pub) and not checkpoint.is_resumable(pub) and not checkpoint.is_unfinished(pub)
+    assert checkpoint.weights_kind(run) == "EMA" and checkpoint.weights_kind(run, use_ema=False) == "raw"
+    with pytest.raises(UserError, match="EMA weights only"):
+        checkpoint.weights_kind(pub, use_ema=False)
