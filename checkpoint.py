@@ -148,14 +148,22 @@ EXPORTED_KEYS = ("model_args", "diffusion_args", "train_config", "meta", "step",
                  "total_steps", "device_type", "loss_history")
 
 
-def export(ckpt):
-    """The published form of a checkpoint: the EMA weights in fp32 under "model" (weights="ema"),
-    the arguments that rebuild the model and the diffusion, the training settings and the loss
-    history; no raw weights, optimizer or random-number state (it cannot be resumed)."""
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def export(ckpt, dtype="float32"):
+    """The published form of a checkpoint: the EMA weights under "model" (weights="ema"), in fp32
+    unless `dtype` says otherwise (float16 halves the file; meta["weights_dtype"] records it, and
+    loading casts back to the model's fp32), the arguments that rebuild the model and the diffusion,
+    the training settings and the loss history; no raw weights, optimizer or random-number state
+    (it cannot be resumed)."""
+    cast = EXPORT_DTYPES[dtype]
     weights = ema_weights(ckpt)
     out = {"format": ckpt.get("format", FORMAT), "weights": "ema",
-           "model": {k: v.float().contiguous() if v.is_floating_point() else v for k, v in weights.items()}}
+           "model": {k: v.to(cast).contiguous() if v.is_floating_point() else v for k, v in weights.items()}}
     out.update({k: ckpt[k] for k in EXPORTED_KEYS if k in ckpt})
+    if dtype != "float32":
+        out["meta"] = dict(out.get("meta") or {}, weights_dtype=dtype)
     return out
 
 

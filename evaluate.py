@@ -2,6 +2,7 @@
 
     python evaluate.py                                   # ddpm_trained.pt -> generated_samples.jpg
     python evaluate.py --n_samples 100 --save_samples samples.npz
+    python evaluate.py --metrics --from_samples samples.npz   # score samples drawn earlier or elsewhere
 
 The checkpoint is self-describing (model and diffusion arguments inside); a bare UNet state
 dict is also accepted and built with the default arguments. Sampling uses the EMA weights.
@@ -54,6 +55,9 @@ def get_parser():
     p.add_argument("--bpd_timesteps", type=int,
                    help="with --metrics: timesteps per image for bits/dim (default 100; T-1 = the exact sum, "
                         "fewer = a stratified estimate)")
+    p.add_argument("--from_samples", metavar="FILE.npz",
+                   help="with --metrics: score the samples in FILE.npz (from --save_samples, here or on another "
+                        "machine) instead of sampling; bits/dim only if --bpd_images is given (from --checkpoint)")
     return p
 
 
@@ -68,15 +72,20 @@ METRICS_DEFAULTS = dict(metrics_out="metrics.json", data_dir="./data", bpd_image
 
 def check_metrics_args(args):
     """The metrics flags need --metrics (none is silently ignored); fill in their defaults."""
-    given = [k for k in METRICS_DEFAULTS if getattr(args, k) is not None]
+    given = [k for k in (*METRICS_DEFAULTS, "from_samples") if getattr(args, k) is not None]
     if given and not args.metrics:
         raise UserError(f"--{given[0]} is for --metrics; add --metrics or drop it")
+    if args.from_samples is not None:
+        if args.save_samples:
+            raise UserError("--from_samples scores an existing file; drop --save_samples")
+        if args.bpd_images is None:
+            args.bpd_images = 0  # bits/dim needs the network: only when asked for
     for k, v in METRICS_DEFAULTS.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if args.bpd_images < 0 or args.bpd_timesteps < 1:
         raise UserError("--bpd_images must be >= 0 and --bpd_timesteps >= 1")
-    if args.metrics and not 10 <= args.n_samples <= 10000:
+    if args.metrics and args.from_samples is None and not 10 <= args.n_samples <= 10000:
         raise UserError(f"--metrics needs 10 <= --n_samples <= 10000 (real sets of the same size are drawn from "
                         f"the 10,000 test images), got {args.n_samples}")
 
@@ -109,9 +118,46 @@ def load(args, device):
     return model, diffusion, skw, lkw
 
 
+def read_samples(path):
+    """(uint8 samples (N, 28, 28), requested digits (N,), meta dict) from a --save_samples file."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise UserError(f"--from_samples {path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"--from_samples {path} is not a readable .npz file ({e})") from None
+    s = arrays.get("samples")
+    if s is None or s.dtype != np.uint8 or s.ndim != 3 or s.shape[1:] != (28, 28):
+        raise UserError(f"--from_samples {path} must hold 'samples', uint8 (N, 28, 28), as --save_samples writes")
+    if not 10 <= len(s) <= 10000:
+        raise UserError(f"--from_samples {path} holds {len(s)} samples; the metrics need 10 to 10000")
+    labels = arrays.get("labels", np.full(len(s), -1))
+    meta = json.loads(str(arrays["meta"])) if "meta" in arrays else {}
+    return torch.from_numpy(s), torch.as_tensor(labels, dtype=torch.long), meta
+
+
+def score_samples_file(args):
+    """--metrics --from_samples: the metrics of samples drawn earlier, without sampling again."""
+    samples, digits, meta = read_samples(args.from_samples)
+    model = diffusion = None
+    if args.bpd_images > 0:
+        model, diffusion = checkpoint.build_model(checkpoint.load(args.checkpoint), use_ema=not args.no_ema,
+                                                  device=resolve_device(args.device))
+    print(f"scoring {len(samples)} samples from {args.from_samples}" +
+          (f" ({', '.join(f'{k} {v}' for k, v in meta.items())})" if meta else ""))
+    results = compute_metrics(model, diffusion, samples, args, digits)
+    results.update(meta, from_samples=args.from_samples, checkpoint=meta.get("checkpoint"))
+    print_table(results)
+    atomic_write(args.metrics_out, lambda f: f.write(json.dumps(results, indent=1).encode()))
+    print(f"wrote {args.metrics_out}")
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     check_args(args)
+    if args.from_samples is not None:
+        return score_samples_file(args)
     device = resolve_device(args.device)
     check_amp(device, args.amp)
     model, diffusion, skw, lkw = load(args, device)
@@ -125,7 +171,10 @@ def main(argv=None):
     msg = f"wrote {args.out}"
     if args.save_samples:
         # labels: the requested digit per sample, -1 where none was (unconditional model or sampling)
-        save_npz(args.save_samples, samples=to_uint8(samples).numpy(), labels=digits.numpy())
+        meta = dict(checkpoint=args.checkpoint, sampler=skw, guidance_scale=lkw["guidance_scale"], seed=args.seed,
+                    device=str(device), torch=torch.__version__)
+        save_npz(args.save_samples, samples=to_uint8(samples).numpy(), labels=digits.numpy(),
+                 meta=np.array(json.dumps(meta)))
         msg += f" and {args.save_samples}"
     print(f"{msg} in {time.time() - t0:.1f} s")
     if args.metrics:

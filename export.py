@@ -1,5 +1,5 @@
-"""Publish a trained checkpoint: its EMA weights (fp32) with the arguments that rebuild the model,
-and a SHA-256 file beside it that load_and_eval.sh checks.
+"""Publish a trained checkpoint: its EMA weights (fp32, or `--dtype float16` for half the size) with
+the arguments that rebuild the model, and a SHA-256 file beside it that load_and_eval.sh checks.
 
     python export.py --checkpoint ddpm_trained.pt --out checkpoints/ddpm_trained.pt
 
@@ -23,20 +23,22 @@ def main(argv=None):
     p.add_argument("--checkpoint", default="ddpm_trained.pt", help="training checkpoint to export")
     p.add_argument("--out", default="checkpoints/ddpm_trained.pt",
                    help="exported checkpoint (a .sha256 file goes beside it)")
+    p.add_argument("--dtype", default="float32", choices=sorted(checkpoint.EXPORT_DTYPES),
+                   help="precision of the stored weights (float16 halves the file; loading casts back to fp32)")
     args = p.parse_args(argv)
     if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
         raise UserError("--out must differ from --checkpoint (the training checkpoint is kept)")
     for path in (args.out, args.out + ".sha256"):
         check_writable(path)
     ckpt = checkpoint.load(args.checkpoint)
-    out = checkpoint.export(ckpt)
+    out = checkpoint.export(ckpt, args.dtype)
     if checkpoint.is_unfinished(ckpt):
         print(f"note: {args.checkpoint} is an unfinished run (step {ckpt['step']} of {ckpt['total_steps']})")
     data = checkpoint.to_bytes(out)
     atomic_write(args.out, lambda f: f.write(data))
     line = sha256_line(data, os.path.basename(args.out))
     atomic_write(args.out + ".sha256", lambda f: f.write(line.encode()))
-    print(f"wrote {args.out} ({len(data) / 1e6:.1f} MB, step {out.get('step', '?')}, EMA weights) and "
+    print(f"wrote {args.out} ({len(data) / 1e6:.1f} MB, step {out.get('step', '?')}, EMA weights in {args.dtype}) and "
           f"{args.out}.sha256 ({line.split()[0][:16]}...)")
 
 

@@ -279,6 +279,16 @@ class Trainer:
         tqdm.write(f"speed: {per_step:.3f} s/step on {self.device}; the remaining {self.total - self.step:,} steps "
                    f"take about {eta}" + (f". {self.speed_hint}" if self.speed_hint else ""))
 
+    def report_average(self):
+        """At the end (or an interruption): steps/s from the first logging point to now, so that
+        set-up and compilation are left out (the figure docs/performance.md quotes). Rank 0 only."""
+        if self.speed_mark is None or self.rank != 0 or self.step <= self.speed_mark[0]:
+            return
+        first, t0 = self.speed_mark
+        rate = (self.step - first) / (time.perf_counter() - t0)
+        tqdm.write(f"average speed: {rate:.2f} steps/s over steps {first}-{self.step} on {self.device} "
+                   f"(from the first logging point: set-up and compilation left out)")
+
     def run(self, progress=True):
         """Train from self.step to self.total; returns the final checkpoint dict."""
         bar = tqdm(total=self.total, initial=self.step, desc="training", dynamic_ncols=True,
@@ -297,9 +307,11 @@ class Trainer:
                     self.save()
                 if signum:
                     bar.close()
+                    self.report_average()
                     raise TrainingInterrupted(self.step, self.path, signum)
         bar.close()
         self.flush()
+        self.report_average()
         return self.state()
 
 

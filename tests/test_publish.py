@@ -65,3 +65,18 @@ def test_make_pics_writes_the_four_pictures(trained):
         assert (pics / name).stat().st_size > 1000, name
     with pytest.raises(UserError, match="does not exist"):
         make_pics.main(["--checkpoint", src, "--out_dir", str(work / "nope")])
+
+
+def test_float16_export_halves_the_file_and_loads_as_float32(trained):
+    work, src = trained
+    out16, out32 = str(work / "half.pt"), str(work / "full.pt")
+    export.main(["--checkpoint", src, "--out", out16, "--dtype", "float16"])
+    export.main(["--checkpoint", src, "--out", out32])
+    pub, full = checkpoint.load(out16), checkpoint.load(src)
+    assert pub["meta"]["weights_dtype"] == "float16" and pub["meta"]["preset"] == full["meta"]["preset"]
+    assert all(pub["model"][k].dtype == torch.float16 for k in pub["model"] if full["ema"][k].is_floating_point())
+    params = sum(v.numel() for v in full["ema"].values())
+    assert os.path.getsize(out32) - os.path.getsize(out16) > 1.9 * params  # 2 of 4 bytes saved per number
+    model, _ = checkpoint.build_model(pub)
+    for k, v in model.state_dict().items():
+        assert v.dtype == full["ema"][k].dtype and torch.equal(v, full["ema"][k].half().to(v.dtype)), k

@@ -250,6 +250,9 @@ def test_speed_and_estimated_time_are_printed_once(tmp_path, capsys):
     cfg = TrainConfig(n_epochs=100, max_steps=12, batch_size=8, log_every=3, warmup=0, save_every=100)
     train_func(UNet(**TINY), GaussianDiffusion(), images, cfg, str(tmp_path / "s.pt"), progress=False,
                speed_hint="try --preset cpu")
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("speed:")]
+    out = capsys.readouterr().out.splitlines()
+    lines = [line for line in out if line.startswith("speed:")]
     assert len(lines) == 1 and "the remaining 6 steps take about" in lines[0], lines
     assert lines[0].endswith(". try --preset cpu")
+    average = [line for line in out if line.startswith("average speed:")]
+    assert len(average) == 1 and " steps/s over steps 3-12 on cpu " in average[0], average

@@ -124,6 +124,12 @@ def test_run_bad_input(argv, match, capsys, tmp_path, monkeypatch):
     (["--bpd_images", "5"], "--bpd_images is for --metrics"),
     (["--metrics", "--n_samples", "3"], "--metrics needs 10 <= --n_samples"),
     (["--out", "samples.gif"], "use a .png, .jpg or .jpeg file name"),  # refused before the checkpoint is read
+    (["--from_samples", "s.npz"], "--from_samples is for --metrics"),
+    (["--metrics", "--from_samples", "s.npz", "--save_samples", "t.npz"], "drop --save_samples"),
+    (["--metrics", "--from_samples", "missing.npz"], "--from_samples missing.npz does not exist"),
+    (["--metrics", "--from_samples", "notackpt.pt"], "is not a readable .npz file"),
+    (["--metrics", "--from_samples", "floats.npz"], "must hold 'samples', uint8 (N, 28, 28)"),
+    (["--metrics", "--from_samples", "few.npz"], "holds 3 samples; the metrics need 10 to 10000"),
 ])
 def test_evaluate_bad_input(argv, match, capsys, tmp_path, monkeypatch):
     if "cuda" in argv and torch.cuda.is_available():
@@ -131,6 +137,8 @@ def test_evaluate_bad_input(argv, match, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "notackpt.pt").write_bytes(b"this is not a checkpoint")
     (tmp_path / "generated_samples.jpg").write_bytes(b"old")
+    np.savez(tmp_path / "floats.npz", samples=np.zeros((20, 28, 28), np.float32))
+    np.savez(tmp_path / "few.npz", samples=np.zeros((3, 28, 28), np.uint8))
     expect_user_error(capsys, evaluate.main, argv, match)
     assert (tmp_path / "generated_samples.jpg").read_bytes() == b"old"
 
@@ -146,3 +154,23 @@ def test_dry_run_prints_preset_with_overrides(capsys):
     run.main(["--preset", "cpu", "--lr", "5e-4", "--dry_run", "--device", "cpu"])
     out = capsys.readouterr().out
     assert '"lr": 0.0005' in out and f'"ch": {config.PRESETS["cpu"]["ch"]}' in out
+
+
+def test_metrics_from_a_samples_file_equal_the_metrics_when_sampling(trained, capsys):
+    """--metrics --from_samples scores a --save_samples file (say, drawn on a GPU) exactly as the
+    samples would have been scored when drawn, and carries the sampler settings along."""
+    import json
+    work, _ = trained
+    common = ["--metrics", "--data_dir", str(work / "data"), "--no_progress", "--device", "cpu"]
+    evaluate.main(["--checkpoint", str(work / "ddpm_trained.pt"), "--n_samples", "12", "--sampler", "ddim",
+                   "--sampling_steps", "3", "--eta", "1", "--out", str(work / "m.png"), "--save_samples",
+                   str(work / "m.npz"), "--bpd_images", "0", "--metrics_out", str(work / "drawn.json"), *common])
+    evaluate.main(["--from_samples", str(work / "m.npz"), "--metrics_out", str(work / "scored.json"), *common])
+    drawn, scored = (json.load(open(work / f"{name}.json")) for name in ("drawn", "scored"))
+    for k in ("n_samples", "fid", "fid_floor", "precision", "recall", "confidence", "kl_to_uniform"):
+        assert scored[k] == drawn[k], k
+    assert scored["n_samples"] == 12 and "bits_per_dim" not in scored
+    assert scored["sampler"] == drawn["sampler"] == {"sampler": "ddim", "sampling_steps": 3, "eta": 1.0,
+                                                      "spacing": "uniform"}
+    assert scored["from_samples"] == str(work / "m.npz") and scored["torch"] == torch.__version__
+    assert "scoring 12 samples from" in capsys.readouterr().out
