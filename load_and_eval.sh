@@ -6,14 +6,16 @@
 #   sh load_and_eval.sh [URL] -- --n_samples 100 # arguments after -- go to evaluate.py
 #   DDPM_CHECKPOINT=ddpm_cond.pt sh load_and_eval.sh -- --digits 3 --guidance_scale 1
 #                                                # the class-conditional one instead
+#   DDPM_CHECKPOINT=ddpm_paper.pt sh load_and_eval.sh -- --sampler ddim --eta 1
+#                                                # the paper's model, trained on a GPU (docs/gpu.md)
 #
 # The file is fetched (curl, else wget) into a temporary file, checked against the repo's
 # checkpoints/$DDPM_CHECKPOINT.sha256, and only then moved to ./$DDPM_CHECKPOINT in the current
 # folder (one rename), where evaluate.py looks by default. A failed download or a wrong hash
 # leaves no checkpoint behind and exits non-zero. A different checkpoint of that name already there
 # (say, your own training) is never replaced: the script stops and says so.
-# Environment: DDPM_CHECKPOINT (which published checkpoint: ddpm_trained.pt, the default, or
-# ddpm_cond.pt); DDPM_CHECKPOINT_URL; DDPM_CHECKPOINT_DEST (default: the DDPM_CHECKPOINT name);
+# Environment: DDPM_CHECKPOINT (which published checkpoint: ddpm_trained.pt, the default,
+# ddpm_cond.pt or ddpm_paper.pt); DDPM_CHECKPOINT_URL; DDPM_CHECKPOINT_DEST (default: the DDPM_CHECKPOINT name);
 # PYTHON (default python, else python3).
 set -eu
 
@@ -22,7 +24,7 @@ die() { echo "load_and_eval.sh: error: $*" >&2; exit 1; }
 REPO=$(cd "$(dirname "$0")" && pwd)
 NAME=${DDPM_CHECKPOINT:-ddpm_trained.pt}
 case "$NAME" in
-    */*|"") die "DDPM_CHECKPOINT must be a file name in checkpoints/ (ddpm_trained.pt or ddpm_cond.pt), got '$NAME'" ;;
+    */*|"") die "DDPM_CHECKPOINT must be a file name in checkpoints/ (ddpm_trained.pt, ddpm_cond.pt or ddpm_paper.pt), got '$NAME'" ;;
 esac
 SUM_FILE=$REPO/checkpoints/$NAME.sha256
 PUBLISHED=$REPO/checkpoints/$NAME
