@@ -70,7 +70,12 @@ PRESETS = {
 # The published checkpoint (checkpoints/ddpm_trained.pt), about 90 minutes on 2 CPU cores: the cpu
 # preset's model and recipe for 20 epochs, with a slower EMA for the longer run.
 PRESETS["reference"] = dict(PRESETS["cpu"], n_epochs=20, ema_decay=0.9995)
-DDIM_STEPS = 50  # DDIM's number of steps when --sampling_steps is not given
+DDIM_STEPS = 50  # the few-step samplers' number of steps when --sampling_steps is not given
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
+# Each few-step sampler's own timestep spacing (--spacing's default; diffusion.ddim_timesteps names them):
+# DDIM's own paper and code space evenly in t; DPM-Solver++ (Lu et al. 2022) recommends log-SNR
+# spacing for pixel-space models. Not yet measured on this repo's checkpoints (issue 14).
+DEFAULT_SPACING = {"ddim": "uniform", "dpm++2m": "logsnr", "dpm++2m-sde": "logsnr"}
 
 
 def resolve(preset="paper", class_cond=False, **overrides):
@@ -123,12 +128,16 @@ def add_speed_flags(p):
 
 
 def add_sampler_flags(p):
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim"],
-                   help="ddpm: the paper's T-step ancestral sampler; ddim: Song et al. 2021, fewer steps")
+    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS,
+                   help="ddpm: the paper's T-step ancestral sampler (Algorithm 2); ddim: Song et al. 2021; "
+                        "dpm++2m / dpm++2m-sde: DPM-Solver++(2M) and its stochastic form (Lu et al. 2022)")
     p.add_argument("--sampling_steps", type=int,
-                   help=f"ddim: number of steps (default {DDIM_STEPS}); ddpm always uses T")
-    p.add_argument("--eta", type=float, default=0.0, help="ddim: 0 = deterministic, 1 = ancestral-like")
-    p.add_argument("--spacing", default="uniform", choices=["uniform", "quadratic"], help="ddim timestep spacing")
+                   help=f"few-step samplers: solver steps, one network evaluation each (default {DDIM_STEPS}); "
+                        "ddpm always takes T")
+    p.add_argument("--eta", type=float, help="ddim only: 0 = deterministic (default), 1 = ancestral-like")
+    p.add_argument("--spacing", choices=["uniform", "quadratic", "logsnr", "karras"],
+                   help="few-step samplers: where the steps go in t (default: the sampler's own, "
+                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_SPACING.items()) + ")")
 
 
 def add_label_flags(p):

@@ -17,7 +17,8 @@ Where to find the paper here (equation numbers are the DDPM paper's unless anoth
     Algorithm 2   sampling                                            p_sample, p_sample_loop
     eq. 13        the discrete decoder p_theta(x_0 | x_1)             discretized_gaussian_log_likelihood
     DDIM eqs. 12, 16 (Song, Meng, Ermon 2021)                         ddim_mean_variance, ddim_sample_loop
-Both samplers share one skeleton, `reverse_loop`, and differ only in their step.
+    DPM-Solver++(2M), Algorithm 2 of Lu et al. 2022, and its SDE form  dpmpp_2m_step, dpmpp_sample_loop
+All samplers share one skeleton, `reverse_loop`, and differ only in their step.
 """
 import math
 
@@ -226,31 +227,98 @@ class GaussianDiffusion:
             return mean
         return mean + var.sqrt() * torch.randn(xt.shape, device=xt.device, generator=generator)
 
+    def alpha_sigma_lambda(self, t):
+        """(alpha_t, sigma_t, lambda_t) of a 0-indexed timestep t (an int) as float64 numbers: alpha_t =
+        sqrt(alphabar_t), sigma_t = sqrt(1 - alphabar_t), the log-SNR lambda_t = log(alpha_t / sigma_t)
+        (Lu et al. 2022, section 2). t = -1 is x_0: (1, 0, inf)."""
+        if t < 0:
+            return 1.0, 0.0, math.inf
+        ab = float(self.alphas_cumprod[t])
+        return math.sqrt(ab), math.sqrt(1.0 - ab), 0.5 * math.log(ab / (1.0 - ab))
+
+    def dpmpp_2m_step(self, model, xt, t, t_prev, state, clip_denoised=True, sde=False, generator=None):
+        """x_t -> x_{t_prev} by DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2: data prediction,
+        multistep, second order), or with sde=True by SDE-DPM-Solver++(2M) (their section 5; the
+        "midpoint" form of k-diffusion's sample_dpmpp_2m_sde). With h = lambda_{t_prev} - lambda_t:
+            ODE: x = (sigma_prev / sigma_t) x_t + alpha_prev (1 - e^-h) D
+            SDE: x = (sigma_prev / sigma_t) e^-h x_t + alpha_prev (1 - e^-2h) D + sigma_prev sqrt(1 - e^-2h) z
+        where D is the x_0 prediction, corrected with the previous step's prediction by (1 / 2r)
+        (x0 - x0_prev), r = h_prev / h (first order on the first step: then the ODE step is DDIM with
+        eta 0, and the SDE step between consecutive timesteps is Algorithm 2 with sigma^2 = beta-tilde).
+        The step to x_0 (t_prev = -1, sigma = 0) returns the x_0 prediction. state: the previous step's
+        x_0 prediction and h."""
+        x0 = self.predict_x0(model, xt, t, clip_denoised)
+        if t_prev < 0:
+            return x0
+        a_s, s_s, lam_s = self.alpha_sigma_lambda(int(t[0]))
+        a_t, s_t, lam_t = self.alpha_sigma_lambda(t_prev)
+        h = lam_t - lam_s
+        if sde:
+            x = (s_t / s_s * math.exp(-h)) * xt + (a_t * -math.expm1(-2 * h)) * x0
+            correction = 0.5 * a_t * -math.expm1(-2 * h)
+        else:
+            x = (s_t / s_s) * xt + (a_t * -math.expm1(-h)) * x0
+            correction = 0.5 * a_t * -math.expm1(-h)
+        if state.get("x0") is not None:
+            x = x + (correction * h / state["h"]) * (x0 - state["x0"])  # (1 / r) with r = h_prev / h
+        if sde:
+            x = x + (s_t * math.sqrt(-math.expm1(-2 * h))) * torch.randn(xt.shape, device=xt.device,
+                                                                         generator=generator)
+        state.update(x0=x0, h=h)
+        return x
+
     # ---- reverse process: the loop the samplers share ----------------------------------------------
+    SPACINGS = ("uniform", "quadratic", "logsnr", "karras")
+
     def ddim_timesteps(self, S, spacing="uniform"):
-        """S increasing 0-indexed timesteps from 0 to T-1: evenly spaced, or quadratic (denser near 0,
-        as in the DDIM paper's CIFAR runs)."""
+        """S increasing 0-indexed timesteps from 0 to T-1 at which a few-step sampler calls the network:
+            uniform    evenly spaced in t (DDIM's "linear" spacing, here from 0 to T-1);
+            quadratic  t_i = (i / (S-1))^2 (T-1), denser near t = 0. The DDIM paper's CIFAR-10 spacing;
+                       its code takes linspace(0, sqrt(0.8 T), S)^2 truncated to int, which stops near
+                       t = 800 and repeats t = 0 for 50 steps. Here it ends at T-1 and never repeats;
+            logsnr     evenly spaced in the log-SNR lambda_t (Lu et al. 2022, DPM-Solver's "logSNR"
+                       spacing, their choice for pixel-space models);
+            karras     sigma_t = sqrt((1 - ab_t) / ab_t) spaced as in Karras et al. 2022, eq. 5, rho = 7.
+        The schedule is discrete, so each target is rounded to the nearest timestep (nearest in
+        lambda for logsnr and karras); where rounding gives the same t twice, the later one moves up
+        to the next free timestep (and, near T-1, the earlier ones down), so S steps always give S
+        distinct timesteps.
+        """
         if not 1 <= S <= self.T:
             raise ValueError(f"sampling steps must be in [1, {self.T}], got {S}")
+        if spacing not in self.SPACINGS:
+            raise ValueError(f"spacing must be one of {', '.join(self.SPACINGS)}, got {spacing!r}")
         if S == 1:  # a single step must start from x_T
             return torch.tensor([self.T - 1])
-        if spacing == "uniform":
-            ts = torch.linspace(0, self.T - 1, S, dtype=torch.float64)
+        u = torch.linspace(0, 1, S, dtype=torch.float64)
+        if spacing == "uniform":  # written as linspace(0, T-1): its rounding of exact halves is the one kept
+            ts = torch.linspace(0, self.T - 1, S, dtype=torch.float64).round().long()
         elif spacing == "quadratic":
-            ts = torch.linspace(0, math.sqrt(self.T - 1), S, dtype=torch.float64) ** 2
+            ts = (torch.linspace(0, math.sqrt(self.T - 1), S, dtype=torch.float64) ** 2).round().long()
         else:
-            raise ValueError(f"spacing must be uniform or quadratic, got {spacing!r}")
-        ts = torch.unique(ts.round().long())
-        if len(ts) < S:  # quadratic spacing repeats small t when S is large
-            raise ValueError(f"{spacing} spacing gives only {len(ts)} distinct timesteps for {S} steps; "
-                             f"use fewer steps or uniform spacing")
-        return ts
+            ab = self.alphas_cumprod
+            lam = 0.5 * torch.log(ab / (1 - ab))  # decreasing in t
+            if spacing == "logsnr":
+                target = lam[0] + u * (lam[-1] - lam[0])
+            else:
+                rho, sig = 7.0, ((1 - ab) / ab).sqrt()
+                sig_i = (sig[0] ** (1 / rho) + u * (sig[-1] ** (1 / rho) - sig[0] ** (1 / rho))) ** rho
+                target = -torch.log(sig_i)  # lambda = -log sigma
+            ts = (lam[None, :] - target[:, None]).abs().argmin(1)
+        ts = ts.tolist()
+        for i in range(1, S):  # distinct and increasing: move a repeated t up ...
+            ts[i] = max(ts[i], ts[i - 1] + 1)
+        ts[-1] = self.T - 1
+        for i in range(S - 2, -1, -1):  # ... and, where that ran past T-1, the ones below it down
+            ts[i] = min(ts[i], ts[i + 1] - 1)
+        return torch.tensor(ts)
 
     @torch.no_grad()
     def reverse_loop(self, step, model, shape, timesteps, generator=None, device="cpu", return_steps=(),
                      progress=True, desc="sampling"):
-        """The skeleton of every sampler: x_T ~ N(0, I), then x <- step(model, x, t, t_prev, generator)
+        """The skeleton of every sampler: x_T ~ N(0, I), then x <- step(model, x, t, t_prev, generator, state)
         for the increasing 0-indexed `timesteps`, from the last down to the first (t_prev = -1: x_0).
+        `state` is a dict the loop hands to every step: multistep solvers keep their history in it.
 
         return_steps: the paper's t in {0, ..., T} whose x_t are returned: T is the initial noise x_T,
         0 the final sample x_0; a step from t to t_prev gives the x_k for t_prev < k <= t (the nearest
@@ -259,10 +327,10 @@ class GaussianDiffusion:
         x = torch.randn(shape, device=device, generator=generator)
         keep = set(return_steps)
         steps = {self.T: x.clone()} if self.T in keep else {}
-        pairs = list(zip(timesteps, [-1] + timesteps[:-1]))[::-1]
+        pairs, state = list(zip(timesteps, [-1] + timesteps[:-1]))[::-1], {}
         for t_cur, t_prev in tqdm(pairs, desc=desc, disable=not progress, leave=False):
             t = torch.full((shape[0],), t_cur, device=device, dtype=torch.long)
-            x = step(model, x, t, t_prev, generator)
+            x = step(model, x, t, t_prev, generator, state)
             for k in [k for k in keep if t_prev < k <= t_cur and k != self.T]:
                 steps[k] = x.clone()
         return x, steps
@@ -270,7 +338,7 @@ class GaussianDiffusion:
     def p_sample_loop(self, model, shape, generator=None, device="cpu", clip_denoised=True, return_steps=(),
                       progress=True):
         """Algorithm 2: x_T ~ N(0, I), then all T reverse steps (p_sample) down to x_0."""
-        def step(model, x, t, t_prev, generator):  # consecutive steps: t_prev = t - 1
+        def step(model, x, t, t_prev, generator, state):  # consecutive steps: t_prev = t - 1
             return self.p_sample(model, x, t, generator, clip_denoised)
         return self.reverse_loop(step, model, shape, list(range(self.T)), generator, device, return_steps,
                                  progress, "sampling")
@@ -279,7 +347,16 @@ class GaussianDiffusion:
                          return_steps=(), progress=True, eta=0.0, spacing="uniform"):
         """DDIM sampling over `sampling_steps` timesteps (ddim_timesteps); eta = 0 is deterministic
         given x_T. Same return value as p_sample_loop."""
-        def step(model, x, t, t_prev, generator):
+        def step(model, x, t, t_prev, generator, state):
             return self.ddim_step(model, x, t, t_prev, generator, clip_denoised, eta)
         return self.reverse_loop(step, model, shape, self.ddim_timesteps(sampling_steps, spacing).tolist(),
                                  generator, device, return_steps, progress, "sampling (ddim)")
+
+    def dpmpp_sample_loop(self, model, shape, sampling_steps, generator=None, device="cpu", clip_denoised=True,
+                          return_steps=(), progress=True, spacing="logsnr", sde=False):
+        """DPM-Solver++(2M) over `sampling_steps` timesteps (one network evaluation each), or with
+        sde=True its stochastic form. Same return value as p_sample_loop."""
+        def step(model, x, t, t_prev, generator, state):
+            return self.dpmpp_2m_step(model, x, t, t_prev, state, clip_denoised, sde, generator)
+        return self.reverse_loop(step, model, shape, self.ddim_timesteps(sampling_steps, spacing).tolist(),
+                                 generator, device, return_steps, progress, "sampling (dpm++2m" + "-sde" * sde + ")")

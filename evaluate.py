@@ -17,7 +17,7 @@ import torch
 import checkpoint
 import config
 from diffusion import from_model_range, to_uint8
-from sample import check_n_samples, label_kwargs, sample_func, sampler_kwargs
+from sample import check_n_samples, label_kwargs, network_evaluations, sample_func, sampler_kwargs
 from utils import (
     OneLineArgumentParser,
     UserError,
@@ -113,7 +113,8 @@ def load(args, device):
         from dataloader import ensure_mnist
         ensure_mnist(args.data_dir)
     print(f"loaded {args.checkpoint} (step {ckpt.get('step', '?')}, {checkpoint.weights_kind(ckpt, not args.no_ema)} "
-          f"weights); sampling {args.n_samples} with {skw['sampler']} ({skw.get('sampling_steps', diffusion.T)} steps) "
+          f"weights); sampling {args.n_samples} with {skw['sampler']} ({skw.get('sampling_steps', diffusion.T)} steps, "
+          f"NFE {network_evaluations(skw, diffusion.T, lkw['guidance_scale'])}) "
           f"on {device}")
     return model, diffusion, skw, lkw
 
@@ -172,7 +173,8 @@ def main(argv=None):
     if args.save_samples:
         # labels: the requested digit per sample, -1 where none was (unconditional model or sampling)
         meta = dict(checkpoint=args.checkpoint, sampler=skw, guidance_scale=lkw["guidance_scale"], seed=args.seed,
-                    device=str(device), torch=torch.__version__)
+                    nfe=network_evaluations(skw, diffusion.T, lkw["guidance_scale"]), device=str(device),
+                    torch=torch.__version__)
         save_npz(args.save_samples, samples=to_uint8(samples).numpy(), labels=digits.numpy(),
                  meta=np.array(json.dumps(meta)))
         msg += f" and {args.save_samples}"
@@ -180,7 +182,7 @@ def main(argv=None):
     if args.metrics:
         results = compute_metrics(model, diffusion, to_uint8(samples), args, digits)
         results.update(sampler=skw, guidance_scale=lkw["guidance_scale"], sampling_seconds=sampling_seconds,
-                       device=str(device))
+                       device=str(device), nfe=network_evaluations(skw, diffusion.T, lkw["guidance_scale"]))
         print_table(results)
         atomic_write(args.metrics_out, lambda f: f.write(json.dumps(results, indent=1).encode()))
         print(f"wrote {args.metrics_out}")

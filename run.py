@@ -22,7 +22,7 @@ from config import TrainConfig
 from dataloader import mnist_tensors
 from diffusion import GaussianDiffusion, from_model_range
 from model import UNet, count_parameters
-from sample import check_n_samples, label_kwargs, sample_func, sampler_kwargs
+from sample import check_n_samples, label_kwargs, network_evaluations, sample_func, sampler_kwargs
 from train import TrainingInterrupted, check_batch_divides, train_func
 from utils import (
     OneLineArgumentParser,
@@ -225,7 +225,8 @@ def sample_and_plot(args, plan, model, diffusion, state, device):
                              progress=not args.no_progress, amp=args.amp, compile=args.compile,
                              **plan.sampler, **plan.labels)
     save_image_grid(from_model_range(samples), plan.samples_path, nrow=5)
-    print(f"sampled {args.n_samples} digits in {time.time() - t0:.1f} s; "
+    nfe = network_evaluations(plan.sampler, diffusion.T, plan.labels["guidance_scale"])
+    print(f"sampled {args.n_samples} digits ({plan.sampler['sampler']}, NFE {nfe}) in {time.time() - t0:.1f} s; "
           f"wrote {plan.samples_path} and {plan.loss_path}")
 
 

@@ -1,11 +1,12 @@
-"""Sampling: the 1000-step ancestral reverse process (Algorithm 2 of Ho et al. 2020), or DDIM
-(Song et al. 2021) with fewer steps, from the same trained model."""
+"""Sampling: the 1000-step ancestral reverse process (Algorithm 2 of Ho et al. 2020), or a few-step
+sampler (DDIM, Song et al. 2021; DPM-Solver++(2M) and its SDE form, Lu et al. 2022), from the same
+trained model."""
 import math
 import weakref
 
 import torch
 
-from config import DDIM_STEPS
+from config import DDIM_STEPS, DEFAULT_SPACING, SAMPLERS
 from diffusion import GaussianDiffusion
 from utils import UserError, autocast
 
@@ -14,18 +15,31 @@ def sampler_kwargs(args, T):
     """Checked sampler settings from parsed flags (config.add_sampler_flags) for a diffusion of T
     steps; none is accepted and silently ignored."""
     if args.sampler == "ddpm":
-        if args.sampling_steps not in (None, T) or args.eta != 0.0 or args.spacing != "uniform":
-            raise UserError("--sampling_steps, --eta and --spacing are for --sampler ddim; "
+        if args.sampling_steps not in (None, T) or args.eta is not None or args.spacing is not None:
+            raise UserError("--sampling_steps, --eta and --spacing are for --sampler ddim, dpm++2m or dpm++2m-sde; "
                             f"the ddpm sampler always takes all T={T} steps")
         return {"sampler": "ddpm"}
-    steps = DDIM_STEPS if args.sampling_steps is None else args.sampling_steps
-    if args.eta < 0:
+    if args.eta is not None and args.sampler != "ddim":
+        raise UserError(f"--eta is for --sampler ddim; {args.sampler} has none")
+    if args.eta is not None and args.eta < 0:
         raise UserError(f"--eta must be >= 0, got {args.eta}")
+    steps = DDIM_STEPS if args.sampling_steps is None else args.sampling_steps
+    spacing = args.spacing or DEFAULT_SPACING[args.sampler]
     try:
-        GaussianDiffusion(T=T).ddim_timesteps(steps, args.spacing)
+        GaussianDiffusion(T=T).ddim_timesteps(steps, spacing)
     except ValueError as e:
         raise UserError(f"--sampling_steps {steps}: {e}") from None
-    return {"sampler": "ddim", "sampling_steps": steps, "eta": args.eta, "spacing": args.spacing}
+    kw = {"sampler": args.sampler, "sampling_steps": steps, "spacing": spacing}
+    if args.sampler == "ddim":
+        kw["eta"] = args.eta or 0.0
+    return kw
+
+
+def network_evaluations(skw, T, guidance_scale=0.0):
+    """Network evaluations (NFE) per sample: one per step (T for ddpm, sampling_steps for the others),
+    twice that under classifier-free guidance with w > 0 (two passes per step)."""
+    steps = T if skw["sampler"] == "ddpm" else skw["sampling_steps"]
+    return steps * (2 if guidance_scale else 1)
 
 
 def check_n_samples(n):
@@ -90,15 +104,16 @@ def guided(net, y, w, null_label):
 @torch.no_grad()
 def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, device=None,
                 batch_size=256, return_steps=(), clip_denoised=True, progress=True,
-                sampler="ddpm", sampling_steps=None, eta=0.0, spacing="uniform", amp="none", compile=False,
+                sampler="ddpm", sampling_steps=None, eta=0.0, spacing=None, amp="none", compile=False,
                 labels=None, guidance_scale=0.0):
-    """Draw `n_samples` images with Algorithm 2 (T reverse steps from pure noise), or with DDIM.
+    """Draw `n_samples` images with Algorithm 2 (T reverse steps from pure noise), or a few-step sampler.
 
     labels: (n_samples,) class labels for a class-conditional model (its null label = unconditional),
     guided with weight `guidance_scale` (see guided); None for an unconditional model.
 
-    sampler: "ddpm" (ancestral, T steps) or "ddim" (sampling_steps steps, default DDIM_STEPS, `eta` = 0
-    deterministic, 1 ancestral-like; `spacing` uniform or quadratic).
+    sampler: "ddpm" (ancestral, T steps), or one of the few-step samplers over `sampling_steps` steps
+    (default DDIM_STEPS) placed by `spacing` (default: the sampler's own, config.DEFAULT_SPACING):
+    "ddim" (`eta` = 0 deterministic, 1 ancestral-like), "dpm++2m", "dpm++2m-sde".
     seed / generator: reproducibility. With a seed, batch k uses its own generator seeded with
     seed + k, so the first batches are the same whatever n_samples is. A torch.Generator (on the
     model's device) is used as is for every batch instead.
@@ -107,8 +122,8 @@ def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, dev
     steps {t: (n_samples, C, H, W)} for the reverse-process figure.
     """
     check_n_samples(n_samples)
-    if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"sampler must be ddpm or ddim, got {sampler!r}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     diffusion = diffusion or GaussianDiffusion()
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
@@ -161,7 +176,10 @@ def _freezing(on):
 
 
 def _loop(diffusion, model, shape, kw, sampler, sampling_steps, eta, spacing):
+    steps, spacing = sampling_steps or DDIM_STEPS, spacing or DEFAULT_SPACING.get(sampler)
     if sampler == "ddim":
-        return diffusion.ddim_sample_loop(model, shape, sampling_steps=sampling_steps or DDIM_STEPS, eta=eta,
-                                          spacing=spacing, **kw)
+        return diffusion.ddim_sample_loop(model, shape, sampling_steps=steps, eta=eta, spacing=spacing, **kw)
+    if sampler in ("dpm++2m", "dpm++2m-sde"):
+        return diffusion.dpmpp_sample_loop(model, shape, sampling_steps=steps, spacing=spacing,
+                                           sde=sampler == "dpm++2m-sde", **kw)
     return diffusion.p_sample_loop(model, shape, **kw)

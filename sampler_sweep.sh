@@ -1,36 +1,95 @@
 #!/bin/sh
-# Feature-FID against sampling cost, from one checkpoint: DDIM with S = 10, 20, 50, 100 steps
-# (eta 0, uniform spacing) and the paper's 1000-step DDPM sampler, N samples each (same seed).
+# Feature-FID against network evaluations (NFE) for every sampler, from one checkpoint, N samples each
+# (seed 0), written to docs/sampling.md's table:
 #   sh sampler_sweep.sh [CHECKPOINT] [N] [extra evaluate.py flags, e.g. --device cuda]
-# Writes sweep/<setting>.json and prints the table. DDIM with S = 1000 costs as much as DDPM-1000
-# and is run only if SWEEP_DDIM1000=1.
+# Rows: each few-step sampler at its own spacing at NFE 10, 20, 50, 100; the other spacings at NFE 20;
+# and the paper's 1000-step sampler, which takes 30-70 minutes for N = 1000 on 2 CPU cores:
+# SWEEP_DDPM=0 skips it, SWEEP_DDPM_NPZ=FILE.npz scores 1000-step samples drawn elsewhere (say, on a
+# GPU by gpu_paper.sh) instead. Each row goes to sweep/<row>.json as soon as it is done, with the
+# checkpoint's SHA-256, the commit, the torch version and the CPU; a row whose file exists is skipped,
+# so an interrupted sweep resumes where it stopped. Speeds compare only rows timed on one machine.
+# SWEEP_NFE="10 20 50" limits the NFE rows (the NFE-100 rows alone take about 25 minutes on 2 cores).
 set -e
-CKPT=${1:-ddpm_trained.pt}
+CKPT=${1:-checkpoints/ddpm_trained.pt}
 N=${2:-1000}
 [ $# -ge 2 ] && shift 2 || shift $#
-mkdir -p sweep
-STEPS="10 20 50 100"
-[ "${SWEEP_DDIM1000:-0}" = 1 ] && STEPS="$STEPS 1000"
-for S in $STEPS; do
+OUT=${SWEEP_DIR:-sweep}
+mkdir -p "$OUT"
+stamp() {  # $1: a row's JSON; adds what the row was measured with
+    python - "$1" "$CKPT" <<'PY'
+import hashlib, json, subprocess, sys
+path, ckpt = sys.argv[1:]
+r = json.load(open(path))
+cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][:1]
+commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+r.update(checkpoint_sha256=hashlib.sha256(open(ckpt, "rb").read()).hexdigest(), commit=commit or None,
+         cpu=cpu[0] if cpu else None)
+json.dump(r, open(path, "w"), indent=1)
+PY
+}
+row() {  # $1: row name; the rest: evaluate.py sampler flags
+    name=$1; shift
+    [ -f "$OUT/$name.json" ] && { echo "$name: done before, skipped"; return; }
     python evaluate.py --checkpoint "$CKPT" --metrics --n_samples "$N" --bpd_images 0 --no_progress \
-        --sampler ddim --sampling_steps "$S" --out "sweep/ddim$S.png" --nrow 25 --metrics_out "sweep/ddim$S.json" "$@"
+        --out "$OUT/$name.png" --nrow 25 --metrics_out "$OUT/$name.json.tmp" "$@" $EXTRA
+    mv "$OUT/$name.json.tmp" "$OUT/$name.json"
+    stamp "$OUT/$name.json"
+}
+EXTRA="$*"
+for S in ${SWEEP_NFE-10 20 50 100}; do
+    for sampler in ddim dpm++2m dpm++2m-sde; do
+        row "$sampler-$S" --sampler "$sampler" --sampling_steps "$S"
+    done
 done
-python evaluate.py --checkpoint "$CKPT" --metrics --n_samples "$N" --bpd_images 0 --no_progress \
-    --out sweep/ddpm1000.png --nrow 25 --metrics_out sweep/ddpm1000.json "$@"
-python - <<'PY'
-import glob, json
-rows = [json.load(open(f)) for f in glob.glob("sweep/*.json")]
-rows.sort(key=lambda r: (r["sampler"]["sampler"] == "ddpm", r["sampler"].get("sampling_steps", 1000)))
-ref = [r for r in rows if r["sampler"]["sampler"] == "ddpm"][0]
-print(f"N = {ref['n_samples']}, feature-FID floor {ref['fid_floor']:.2f}, device {ref['device']}")
-print(f"{'sampler':<14}{'steps':>6}{'FID':>9}{'prec':>7}{'recall':>8}{'conf':>7}{'s / 100 samples':>17}{'speed-up':>10}")
-per100 = lambda r: 100 * r["sampling_seconds"] / r["n_samples"]
+for spacing in uniform quadratic logsnr karras; do
+    for sampler in ddim dpm++2m dpm++2m-sde; do
+        [ -f "$OUT/$sampler-20.json" ] && grep -q "\"spacing\": \"$spacing\"" "$OUT/$sampler-20.json" && continue
+        row "$sampler-20-$spacing" --sampler "$sampler" --sampling_steps 20 --spacing "$spacing"
+    done
+done
+if [ -n "${SWEEP_DDPM_NPZ:-}" ]; then
+    [ -f "$OUT/ddpm-1000.json" ] || { python evaluate.py --metrics --from_samples "$SWEEP_DDPM_NPZ" --no_progress \
+        --metrics_out "$OUT/ddpm-1000.json.tmp" && mv "$OUT/ddpm-1000.json.tmp" "$OUT/ddpm-1000.json" &&
+        stamp "$OUT/ddpm-1000.json"; }
+elif [ "${SWEEP_DDPM:-1}" != 0 ]; then
+    row ddpm-1000 --sampler ddpm
+fi
+python - "$OUT" <<'PY'
+import glob, json, sys
+rows = [json.load(open(f)) for f in sorted(glob.glob(f"{sys.argv[1]}/*.json"))]
+rows.sort(key=lambda r: (r["sampler"]["sampler"] == "ddpm", r["sampler"]["sampler"], r.get("nfe", 1000),
+                         r["sampler"].get("spacing", "")))
+ref = [r for r in rows if r["sampler"]["sampler"] == "ddpm"]
+print(f"n = {rows[0]['n_samples']}, feature-FID floor {rows[0]['fid_floor']:.2f}")
+print(f"{'sampler':<13}{'spacing':<10}{'NFE':>5}{'FID':>8}{'prec':>7}{'recall':>8}{'conf':>7}{'s/100':>7}  device")
 for r in rows:
-    s = r["sampler"]
-    print(f"{s['sampler']:<14}{s.get('sampling_steps', 1000):>6}{r['fid']:>9.2f}{r['precision']:>7.3f}"
-          f"{r['recall']:>8.3f}{r['confidence']:>7.3f}{per100(r):>17.1f}{per100(ref) / per100(r):>9.1f}x")
-ok = [r for r in rows if r["fid"] <= 1.1 * ref["fid"]]
-best = min(ok, key=per100)
-print(f"cheapest within 10% of DDPM-1000's FID: {best['sampler']['sampler']} "
-      f"{best['sampler'].get('sampling_steps', 1000)} steps, {per100(ref) / per100(best):.1f}x faster")
+    s, sec = r["sampler"], r.get("sampling_seconds")
+    per100 = f"{100 * sec / r['n_samples']:.1f}" if sec is not None else "-"
+    print(f"{s['sampler']:<13}{s.get('spacing', '-'):<10}{r.get('nfe', 1000):>5}{r['fid']:>8.2f}{r['precision']:>7.3f}"
+          f"{r['recall']:>8.3f}{r['confidence']:>7.3f}{per100:>7}  {r.get('device', '?')}")
+if ref:
+    ok = [r for r in rows if r is not ref[0] and r["fid"] <= 1.1 * ref[0]["fid"]]
+    best = min(ok, key=lambda r: r.get("nfe", 1000)) if ok else None
+    print("fewest NFE within 10% of the 1000-step sampler's FID: " +
+          (f"{best['sampler']} (NFE {best['nfe']})" if best else "none"))
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from config import DEFAULT_SPACING
+fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+for name, spacing in DEFAULT_SPACING.items():
+    pts = sorted((r["nfe"], r["fid"]) for r in rows if r["sampler"]["sampler"] == name
+                 and r["sampler"].get("spacing") == spacing)
+    if pts:
+        ax.plot(*zip(*pts), "o-", label=f"{name} ({spacing})")
+if ref:
+    ax.plot([1000], [ref[0]["fid"]], "k*", markersize=10, label="ddpm, Algorithm 2 (1000 steps)")
+    ax.axhline(1.1 * ref[0]["fid"], color="k", lw=0.8, ls=":", label="10% above the 1000-step sampler")
+ax.axhline(rows[0]["fid_floor"], color="gray", lw=0.8, ls="--", label=f"real-data floor (n = {rows[0]['n_samples']})")
+ax.set(xscale="log", xlabel="network evaluations per sample (NFE)", ylabel="feature-FID (lower is better)")
+ax.legend(fontsize=7)
+ax.grid(alpha=0.3, which="both")
+fig.tight_layout()
+fig.savefig(f"{sys.argv[1]}/fid_vs_nfe.png")
+print(f"wrote {sys.argv[1]}/fid_vs_nfe.png")
 PY

@@ -37,17 +37,23 @@ def test_ddim_eta0_uses_no_noise_after_x_T():
 
 def test_timestep_spacings():
     d = GaussianDiffusion()
-    for spacing in ("uniform", "quadratic"):
-        ts = d.ddim_timesteps(10, spacing)
-        assert ts[0] == 0 and ts[-1] == 999 and len(ts) == 10 and (ts.diff() > 0).all()
-    assert torch.equal(d.ddim_timesteps(1000), torch.arange(1000))
-    assert d.ddim_timesteps(1).tolist() == [999]  # one step starts from x_T
-    with pytest.raises(ValueError, match="distinct"):
-        d.ddim_timesteps(900, "quadratic")
-    q = d.ddim_timesteps(10, "quadratic")
+    lam = 0.5 * torch.log(d.alphas_cumprod / (1 - d.alphas_cumprod))
+    for spacing in d.SPACINGS:
+        for S in (10, 50, 100, 900, 1000):  # every spacing gives S distinct timesteps from 0 to T-1
+            ts = d.ddim_timesteps(S, spacing)
+            assert ts[0] == 0 and ts[-1] == 999 and len(ts) == S and (ts.diff() > 0).all(), (spacing, S)
+        assert torch.equal(d.ddim_timesteps(1000, spacing), torch.arange(1000))
+        assert d.ddim_timesteps(1, spacing).tolist() == [999]  # one step starts from x_T
+    assert d.ddim_timesteps(10).tolist() == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    assert d.ddim_timesteps(5, "quadratic").tolist() == [0, 62, 250, 562, 999]  # (i/4)^2 * 999, rounded
+    steps = lam[d.ddim_timesteps(8, "logsnr")].diff()  # even in log-SNR, up to rounding to a timestep
+    assert (steps.max() - steps.min()).abs() < 0.05 * steps.abs().mean()
+    q = d.ddim_timesteps(10, "karras")
     assert q[1] - q[0] < q[-1] - q[-2]  # denser near t = 0
     with pytest.raises(ValueError):
         d.ddim_timesteps(0)
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        d.ddim_timesteps(10, "cosine")
 
 
 @pytest.mark.parametrize("kw", [{}, {"sampler": "ddim", "sampling_steps": 10, "eta": 0.5, "spacing": "quadratic"}])

@@ -103,7 +103,9 @@ def expect_user_error(capsys, main, argv, match):
     (["--sampling_steps", "10"], "for --sampler ddim"),
     (["--sampler", "ddim", "--sampling_steps", "0"], "sampling steps must be in [1, 1000]"),
     (["--sampler", "ddim", "--eta", "-1"], "--eta must be >= 0"),
-    (["--sampler", "ddim", "--spacing", "quadratic", "--sampling_steps", "900"], "only 698 distinct timesteps"),
+    (["--sampler", "ddim", "--spacing", "quadratic", "--sampling_steps", "1001"], "must be in [1, 1000]"),
+    (["--sampler", "dpm++2m", "--eta", "1"], "--eta is for --sampler ddim; dpm++2m has none"),
+    (["--spacing", "karras"], "for --sampler ddim, dpm++2m or dpm++2m-sde"),
     (["--ch", "5"], "ch must be even and >= 4"),
 ])
 def test_run_bad_input(argv, match, capsys, tmp_path, monkeypatch):
