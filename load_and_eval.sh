@@ -4,6 +4,8 @@
 #   sh load_and_eval.sh                          # the repo's published copy (checkpoints/)
 #   sh load_and_eval.sh URL                      # download it (or set DDPM_CHECKPOINT_URL)
 #   sh load_and_eval.sh [URL] -- --n_samples 100 # arguments after -- go to evaluate.py
+#   sh load_and_eval.sh -- --sampler dpm++2m-sde --sampling_steps 50 --n_samples 100
+#                                                # the fast sampler: 50 network evaluations, not 1000
 #   DDPM_CHECKPOINT=ddpm_cond.pt sh load_and_eval.sh -- --digits 3 --guidance_scale 1
 #                                                # the class-conditional one instead
 #   DDPM_CHECKPOINT=ddpm_paper.pt sh load_and_eval.sh -- --sampler ddim --eta 1

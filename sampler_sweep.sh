@@ -71,7 +71,7 @@ if ref:
     ok = [r for r in rows if r is not ref[0] and r["fid"] <= 1.1 * ref[0]["fid"]]
     best = min(ok, key=lambda r: r.get("nfe", 1000)) if ok else None
     print("fewest NFE within 10% of the 1000-step sampler's FID: " +
-          (f"{best['sampler']} (NFE {best['nfe']})" if best else "none"))
+          (f"{best['sampler']['sampler']} ({best['sampler']['spacing']}), NFE {best['nfe']}" if best else "none"))
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
