@@ -4,7 +4,7 @@
 
 writes, in --out_dir:
   train loss.png         L_simple per optimizer step (light) and its running mean, log scale
-  generated samples.png  --n_samples digits from the 1000-step sampler (Algorithm 2), 10 per row
+  generated samples.png  --n_samples digits from the 1000-step sampler (Algorithm 2; or --sampler ...), 10 per row
   reverse process.png    x_t at 10 timesteps (columns, t = 1000 ... 0) for the first --n_reverse samples
   generated_samples.jpg  the first 10 of those digits, 5 per row (what evaluate.py writes)
 All digits come from one sampling pass with --seed, so the pictures agree with each other.
@@ -23,7 +23,7 @@ import torch
 import checkpoint
 import config
 from diffusion import from_model_range
-from sample import label_kwargs, sample_func, valid_guidance_scale
+from sample import label_kwargs, network_evaluations, sample_func, sampler_kwargs, valid_guidance_scale
 from utils import (
     OneLineArgumentParser,
     UserError,
@@ -103,13 +103,14 @@ def guidance_panel(args, ckpt, device):
     if model.num_classes is None:
         raise UserError(f"{args.checkpoint} is unconditional; --guidance_panel needs a checkpoint trained with "
                         f"--class_cond")
+    skw = sampler_kwargs(args, diffusion.T)
     labels = torch.arange(model.num_classes).repeat_interleave(args.per_digit)
     panels, t0 = {}, time.time()
     for w in scales:
         panels[w], _ = sample_func(model, len(labels), diffusion, seed=args.seed, device=device,
                                    batch_size=args.batch_size, progress=not args.no_progress,
-                                   labels=labels, guidance_scale=w)
-    print(f"sampled {len(scales)} x {len(labels)} digits ({diffusion.T} steps) in {time.time() - t0:.0f} s on {device}")
+                                   labels=labels, guidance_scale=w, **skw)
+    print(f"sampled {len(scales)} x {len(labels)} digits ({skw['sampler']}) in {time.time() - t0:.0f} s on {device}")
     plot_guidance_panel(panels, path, args.per_digit)
     print(f"wrote '{path}'")
 
@@ -123,6 +124,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch_size", type=int, default=100, help="samples drawn in parallel")
     config.add_device_flag(p)
+    config.add_sampler_flags(p)
     config.add_label_flags(p)
     p.add_argument("--guidance_panel", metavar="W,W,...",
                    help="class-conditional checkpoints: write only 'guidance.png', one panel per guidance scale")
@@ -145,14 +147,15 @@ def main(argv=None):
         raise UserError(f"{args.checkpoint} has no loss history; use a checkpoint written by run.py or export.py")
     device = resolve_device(args.device)
     model, diffusion = checkpoint.build_model(ckpt, device=device)
-    lkw = label_kwargs(args, model.num_classes, args.n_samples)
+    lkw, skw = label_kwargs(args, model.num_classes, args.n_samples), sampler_kwargs(args, diffusion.T)
 
     plot_loss(losses, paths["train loss.png"])
     t0 = time.time()
     samples, steps = sample_func(model, args.n_samples, diffusion, seed=args.seed, device=device,
                                  batch_size=args.batch_size, return_steps=reverse_timesteps(diffusion.T),
-                                 progress=not args.no_progress, **lkw)
-    print(f"sampled {args.n_samples} digits ({diffusion.T} steps) in {time.time() - t0:.0f} s on {device}")
+                                 progress=not args.no_progress, **lkw, **skw)
+    nfe = network_evaluations(skw, diffusion.T, lkw["guidance_scale"])
+    print(f"sampled {args.n_samples} digits ({skw['sampler']}, NFE {nfe}) in {time.time() - t0:.0f} s on {device}")
     save_image_grid(from_model_range(samples), paths["generated samples.png"], nrow=10)
     plot_reverse_process(steps, paths["reverse process.png"], args.n_reverse)
     save_image_grid(from_model_range(samples[:10]), paths["generated_samples.jpg"], nrow=5)

@@ -63,6 +63,14 @@ def test_make_pics_writes_the_four_pictures(trained):
                     "--no_progress", "--device", "cpu"])
     for name in ("train loss.png", "generated samples.png", "reverse process.png", "generated_samples.jpg"):
         assert (pics / name).stat().st_size > 1000, name
+    fast = work / "fast"
+    fast.mkdir()
+    make_pics.main(["--checkpoint", src, "--out_dir", str(fast), "--n_samples", "10", "--n_reverse", "2",
+                    "--sampler", "dpm++2m-sde", "--sampling_steps", "5", "--no_progress", "--device", "cpu"])
+    assert (fast / "reverse process.png").stat().st_size > 1000
+    assert (fast / "generated samples.png").read_bytes() != (pics / "generated samples.png").read_bytes()
+    with pytest.raises(UserError, match="--eta is for --sampler ddim"):
+        make_pics.main(["--checkpoint", src, "--out_dir", str(fast), "--sampler", "dpm++2m", "--eta", "1"])
     with pytest.raises(UserError, match="does not exist"):
         make_pics.main(["--checkpoint", src, "--out_dir", str(work / "nope")])
 
