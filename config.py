@@ -71,11 +71,11 @@ PRESETS = {
 # preset's model and recipe for 20 epochs, with a slower EMA for the longer run.
 PRESETS["reference"] = dict(PRESETS["cpu"], n_epochs=20, ema_decay=0.9995)
 DDIM_STEPS = 50  # the few-step samplers' number of steps when --sampling_steps is not given
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde")
+SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "restart")
 # Each few-step sampler's own timestep spacing (--spacing's default; diffusion.ddim_timesteps names them):
 # DDIM's own paper and code space evenly in t; DPM-Solver++ (Lu et al. 2022) recommends log-SNR
 # spacing for pixel-space models. Not yet measured on this repo's checkpoints (issue 14).
-DEFAULT_SPACING = {"ddim": "uniform", "dpm++2m": "logsnr", "dpm++2m-sde": "logsnr"}
+DEFAULT_SPACING = {"ddim": "uniform", "dpm++2m": "logsnr", "dpm++2m-sde": "logsnr", "restart": "logsnr"}
 
 
 def resolve(preset="paper", class_cond=False, **overrides):
@@ -130,7 +130,8 @@ def add_speed_flags(p):
 def add_sampler_flags(p):
     p.add_argument("--sampler", default="ddpm", choices=SAMPLERS,
                    help="ddpm: the paper's T-step ancestral sampler (Algorithm 2); ddim: Song et al. 2021; "
-                        "dpm++2m / dpm++2m-sde: DPM-Solver++(2M) and its stochastic form (Lu et al. 2022)")
+                        "dpm++2m / dpm++2m-sde: DPM-Solver++(2M) and its stochastic form (Lu et al. 2022); "
+                        "restart: Restart sampling (Xu et al. 2023) with DPM-Solver++(2M) steps")
     p.add_argument("--sampling_steps", type=int,
                    help=f"few-step samplers: solver steps, one network evaluation each (default {DDIM_STEPS}); "
                         "ddpm always takes T")

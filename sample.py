@@ -1,13 +1,13 @@
 """Sampling: the 1000-step ancestral reverse process (Algorithm 2 of Ho et al. 2020), or a few-step
-sampler (DDIM, Song et al. 2021; DPM-Solver++(2M) and its SDE form, Lu et al. 2022), from the same
-trained model."""
+sampler (DDIM, Song et al. 2021; DPM-Solver++(2M) and its SDE form, Lu et al. 2022; Restart sampling,
+Xu et al. 2023), from the same trained model."""
 import math
 import weakref
 
 import torch
 
 from config import DDIM_STEPS, DEFAULT_SPACING, SAMPLERS
-from diffusion import GaussianDiffusion
+from diffusion import GaussianDiffusion, SampleNoise
 from utils import UserError, autocast
 
 
@@ -16,7 +16,8 @@ def sampler_kwargs(args, T):
     steps; none is accepted and silently ignored."""
     if args.sampler == "ddpm":
         if args.sampling_steps not in (None, T) or args.eta is not None or args.spacing is not None:
-            raise UserError("--sampling_steps, --eta and --spacing are for --sampler ddim, dpm++2m or dpm++2m-sde; "
+            raise UserError("--sampling_steps, --eta and --spacing are for the few-step samplers (--sampler ddim, "
+                            "dpm++2m, dpm++2m-sde or restart); "
                             f"the ddpm sampler always takes all T={T} steps")
         return {"sampler": "ddpm"}
     if args.eta is not None and args.sampler != "ddim":
@@ -26,7 +27,8 @@ def sampler_kwargs(args, T):
     steps = DDIM_STEPS if args.sampling_steps is None else args.sampling_steps
     spacing = args.spacing or DEFAULT_SPACING[args.sampler]
     try:
-        GaussianDiffusion(T=T).ddim_timesteps(steps, spacing)
+        d = GaussianDiffusion(T=T)
+        d.restart_pairs(steps, spacing) if args.sampler == "restart" else d.ddim_timesteps(steps, spacing)
     except ValueError as e:
         raise UserError(f"--sampling_steps {steps}: {e}") from None
     kw = {"sampler": args.sampler, "sampling_steps": steps, "spacing": spacing}
@@ -113,10 +115,11 @@ def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, dev
 
     sampler: "ddpm" (ancestral, T steps), or one of the few-step samplers over `sampling_steps` steps
     (default DDIM_STEPS) placed by `spacing` (default: the sampler's own, config.DEFAULT_SPACING):
-    "ddim" (`eta` = 0 deterministic, 1 ancestral-like), "dpm++2m", "dpm++2m-sde".
-    seed / generator: reproducibility. With a seed, batch k uses its own generator seeded with
-    seed + k, so the first batches are the same whatever n_samples is. A torch.Generator (on the
-    model's device) is used as is for every batch instead.
+    "ddim" (`eta` = 0 deterministic, 1 ancestral-like), "dpm++2m", "dpm++2m-sde", "restart".
+    seed / generator: reproducibility. With a seed, sample i draws all its noise from its own stream
+    (diffusion.SampleNoise), so it depends only on (seed, i): the same digits whatever batch_size,
+    n_samples or device. A torch.Generator (on the model's device) is used as is instead, one stream
+    for all samples (faster on a GPU, but the digits then depend on the batching).
     return_steps: the paper's t in {0, ..., T} whose x_t are kept (T = noise, 0 = the sample).
     Returns (samples, steps): samples (n_samples, C, H, W) in [-1, 1] on the CPU, and
     steps {t: (n_samples, C, H, W)} for the reverse-process figure.
@@ -138,9 +141,9 @@ def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, dev
     samples, steps = [], {}
     net = _compiled(model, device) if compile else model
     try:
-        for k, start in enumerate(range(0, n_samples, batch_size)):
+        for start in range(0, n_samples, batch_size):
             b = min(batch_size, n_samples - start)
-            g = generator if generator is not None else torch.Generator(device=device).manual_seed(seed + k)
+            g = generator if generator is not None else SampleNoise(seed, range(start, start + b), device)
             kw = dict(generator=g, device=device, clip_denoised=clip_denoised, return_steps=return_steps,
                       progress=progress)
             with autocast(device, amp), _freezing(compile):
@@ -182,4 +185,6 @@ def _loop(diffusion, model, shape, kw, sampler, sampling_steps, eta, spacing):
     if sampler in ("dpm++2m", "dpm++2m-sde"):
         return diffusion.dpmpp_sample_loop(model, shape, sampling_steps=steps, spacing=spacing,
                                            sde=sampler == "dpm++2m-sde", **kw)
+    if sampler == "restart":
+        return diffusion.restart_sample_loop(model, shape, sampling_steps=steps, spacing=spacing, **kw)
     return diffusion.p_sample_loop(model, shape, **kw)

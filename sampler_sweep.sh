@@ -37,12 +37,12 @@ row() {  # $1: row name; the rest: evaluate.py sampler flags
 }
 EXTRA="$*"
 for S in ${SWEEP_NFE-10 20 50 100}; do
-    for sampler in ddim dpm++2m dpm++2m-sde; do
+    for sampler in ddim dpm++2m dpm++2m-sde restart; do
         row "$sampler-$S" --sampler "$sampler" --sampling_steps "$S"
     done
 done
 for spacing in uniform quadratic logsnr karras; do
-    for sampler in ddim dpm++2m dpm++2m-sde; do
+    for sampler in ddim dpm++2m dpm++2m-sde restart; do
         [ -f "$OUT/$sampler-20.json" ] && grep -q "\"spacing\": \"$spacing\"" "$OUT/$sampler-20.json" && continue
         row "$sampler-20-$spacing" --sampler "$sampler" --sampling_steps 20 --spacing "$spacing"
     done

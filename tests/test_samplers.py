@@ -32,6 +32,8 @@ def sample(d, sampler, steps, n=4000, seed=0, spacing=None):
         return d.p_sample_loop(model, shape, **kw)[0]
     if sampler == "ddim":
         return d.ddim_sample_loop(model, shape, steps, spacing=spacing or "uniform", **kw)[0]
+    if sampler == "restart":
+        return d.restart_sample_loop(model, shape, steps, spacing=spacing or "logsnr", **kw)[0]
     return d.dpmpp_sample_loop(model, shape, steps, spacing=spacing or "logsnr", sde=sampler.endswith("sde"), **kw)[0]
 
 
@@ -66,7 +68,9 @@ def test_first_order_sde_step_is_the_ancestral_step_with_beta_tilde(clip):
     ("ddpm", None, None, 0.01), ("ddim", 1000, "uniform", 0.01), ("ddim", 100, "logsnr", 0.01),
     ("dpm++2m", 10, "logsnr", 0.01), ("dpm++2m", 20, "logsnr", 0.01),
     ("dpm++2m-sde", 20, "logsnr", 0.015),  # its std runs 0.205-0.210 over seeds 0-3 at 20 steps
-    ("dpm++2m-sde", 50, "logsnr", 0.01)])
+    ("dpm++2m-sde", 50, "logsnr", 0.01),
+    ("restart", 10, "logsnr", 0.015),  # std 0.188: its restart is 2 steps over t = 88 -> 8
+    ("restart", 20, "logsnr", 0.01)])
 def test_samples_of_gaussian_data_have_its_mean_and_variance(sampler, steps, spacing, tol):
     """16,000 numbers per case: the standard errors of mean and std are 0.0016 and 0.0011; the
     tolerance also bounds the sampler's own bias at that number of steps."""
@@ -99,3 +103,42 @@ def test_deterministic_samplers_converge_at_their_order(sampler, order):
               for steps in (20, 40, 80)]
     ratios = [errors[0] / errors[1], errors[1] / errors[2]]
     assert all(r > 0.8 * 2 ** order for r in ratios), (errors, ratios)
+
+
+def test_restart_plan():
+    """Restart (Xu et al. 2023) in S network evaluations: the ODE path, and one jump from t_min back
+    up to t_max, followed by n = floor(S / 5) steps down to t_min again."""
+    d = GaussianDiffusion()
+    for S in (10, 20, 50, 100, 1000):
+        pairs = d.restart_pairs(S)
+        down, jumps = [p for p in pairs if p[1] < p[0]], [p for p in pairs if p[1] > p[0]]
+        assert len(down) == S and len(jumps) == 1, S  # one network evaluation per step down
+        (t_min, t_max), n = jumps[0], S // 5
+        assert 8 <= t_min <= 20 and t_max == max(88, t_min + n)
+        assert all(a == b for (_, a), (b, _) in zip(pairs, pairs[1:]))  # a connected path
+        i = pairs.index(jumps[0])
+        assert pairs[i + n][1] == t_min and pairs[i + n + 1][0] == t_min
+    assert len([p for p in d.restart_pairs(50, times=2) if p[1] > p[0]]) == 2
+    assert d.restart_pairs(9) == d.descending(d.ddim_timesteps(9, "logsnr").tolist())  # no room: the ODE path
+    assert d.restart_pairs(20, times=0) == d.descending(d.ddim_timesteps(20, "logsnr").tolist())
+
+
+def test_restart_without_restarts_is_dpmpp_2m():
+    d = GaussianDiffusion()
+    a = d.restart_sample_loop(GaussianEps(d), (8, 1, 2, 2), 20, generator=torch.Generator().manual_seed(0),
+                              progress=False, clip_denoised=False, times=0)[0]
+    b = sample(d, "dpm++2m", 20, n=8)
+    assert torch.equal(a, b)
+
+
+def test_renoise_is_the_forward_process():
+    """x_t drawn exactly from q(x_t) of Gaussian data, renoised to t_up, has the law of q(x_{t_up})."""
+    d = GaussianDiffusion()
+    g = torch.Generator().manual_seed(0)
+    for t, t_up in ((14, 88), (0, 999), (300, 301)):
+        ab, ab_up = float(d.alphas_cumprod[t]), float(d.alphas_cumprod[t_up])
+        x0 = MU + S * torch.randn(40000, generator=g)
+        x = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * torch.randn(40000, generator=g)
+        y = d.renoise(x, t, t_up, g)
+        assert abs(y.mean().item() - math.sqrt(ab_up) * MU) < 0.01
+        assert abs(y.std().item() - math.sqrt(ab_up * S ** 2 + 1 - ab_up)) < 0.01

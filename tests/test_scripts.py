@@ -100,12 +100,12 @@ def expect_user_error(capsys, main, argv, match):
     (["--resume", "--checkpoint", "missing.pt"], "no checkpoint at missing.pt"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs CUDA"),
     (["--amp", "int8"], "invalid choice: 'int8'"),
-    (["--sampling_steps", "10"], "for --sampler ddim"),
+    (["--sampling_steps", "10"], "for the few-step samplers (--sampler ddim"),
     (["--sampler", "ddim", "--sampling_steps", "0"], "sampling steps must be in [1, 1000]"),
     (["--sampler", "ddim", "--eta", "-1"], "--eta must be >= 0"),
     (["--sampler", "ddim", "--spacing", "quadratic", "--sampling_steps", "1001"], "must be in [1, 1000]"),
     (["--sampler", "dpm++2m", "--eta", "1"], "--eta is for --sampler ddim; dpm++2m has none"),
-    (["--spacing", "karras"], "for --sampler ddim, dpm++2m or dpm++2m-sde"),
+    (["--spacing", "karras"], "dpm++2m-sde or restart)"),
     (["--ch", "5"], "ch must be even and >= 4"),
 ])
 def test_run_bad_input(argv, match, capsys, tmp_path, monkeypatch):
