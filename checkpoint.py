@@ -145,7 +145,7 @@ def build_model(ckpt, use_ema=True, device="cpu"):
 
 
 EXPORTED_KEYS = ("model_args", "diffusion_args", "train_config", "meta", "step", "epoch", "steps_per_epoch",
-                 "total_steps", "device_type", "loss_history")
+                 "total_steps", "device_type", "loss_history", "eval_history")
 
 
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -11,7 +11,7 @@ import argparse
 import inspect
 from dataclasses import dataclass, fields
 
-from diffusion import GaussianDiffusion
+from diffusion import LOSS_WEIGHTS, GaussianDiffusion
 from model import UNet
 from utils import UserError
 
@@ -32,6 +32,10 @@ class TrainConfig:
     amp: str = "none"           # autocast: "none", "bf16" or "fp16" (fp16 with a GradScaler)
     compile: bool = False       # torch.compile the network for the training step
     p_uncond: float = 0.1       # class-conditional models only: share of labels replaced by the null label
+    loss_weight: str = "none"   # "none" (paper: L_simple) or "min_snr" (Min-SNR-gamma, Hang et al. 2023)
+    snr_gamma: float = 5.0      # gamma of min_snr (their default)
+    eval_every: int = 0         # sample and judge the EMA weights every N steps (0 = never); no effect on training
+    eval_samples: int = 200     # digits per evaluation (feature-FID at n = 200: for the curve's shape)
 
     def __post_init__(self):  # every TrainConfig is checked once, where it is made
         checks = [(self.n_epochs >= 1, "n_epochs must be >= 1"), (self.max_steps >= 0, "max_steps must be >= 0"),
@@ -42,7 +46,10 @@ class TrainConfig:
                   (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
                   (self.save_every >= 1, "save_every must be >= 1"), (self.log_every >= 1, "log_every must be >= 1"),
                   (self.amp in ("none", "bf16", "fp16"), "amp must be none, bf16 or fp16"),
-                  (0 <= self.p_uncond <= 1, "p_uncond must be in [0, 1]")]
+                  (0 <= self.p_uncond <= 1, "p_uncond must be in [0, 1]"),
+                  (self.loss_weight in LOSS_WEIGHTS, "loss_weight must be " + " or ".join(LOSS_WEIGHTS)),
+                  (self.snr_gamma > 0, "snr_gamma must be > 0"), (self.eval_every >= 0, "eval_every must be >= 0"),
+                  (self.eval_samples >= 10, "eval_samples must be >= 10")]
         for ok, msg in checks:
             if not ok:
                 name = msg.split()[0]
@@ -58,7 +65,7 @@ def _signature_defaults(cls, names):
 MODEL_FLAGS = {"ch": "ch", "ch_mult": "ch_mult", "num_res_blocks": "num_res_blocks", "attn_res": "attn_resolutions",
                "dropout": "dropout"}
 DEFAULTS = {**{flag: v for flag, v in zip(MODEL_FLAGS, _signature_defaults(UNet, MODEL_FLAGS.values()).values())},
-            **_signature_defaults(GaussianDiffusion, ["var_type"]),
+            **_signature_defaults(GaussianDiffusion, ["var_type", "schedule"]),
             **{f.name: f.default for f in fields(TrainConfig)}}
 
 PRESETS = {
@@ -71,6 +78,10 @@ PRESETS = {
 # preset's model and recipe for 20 epochs, with a slower EMA for the longer run.
 PRESETS["reference"] = dict(PRESETS["cpu"], n_epochs=20, ema_decay=0.9995)
 DDIM_STEPS = 50  # the few-step samplers' number of steps when --sampling_steps is not given
+# What --eval_every samples with: the best stochastic sampler at 20 NFE (docs/sampling.md), from fixed
+# noise (per-sample streams of this seed, not the run's), the same at every evaluation and in every run.
+EVAL_SAMPLER = dict(sampler="dpm++2m-sde", sampling_steps=20, spacing="logsnr")
+EVAL_SEED = 0
 SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "restart")
 # Each few-step sampler's own timestep spacing (--spacing's default; diffusion.ddim_timesteps names them):
 # DDIM's own paper and code space evenly in t; DPM-Solver++ (Lu et al. 2022) recommends log-SNR
@@ -94,7 +105,9 @@ def resolve(preset="paper", class_cond=False, **overrides):
                       num_classes=10 if class_cond else None)
     check_model_args(model_args)
     cfg = TrainConfig(**{f.name: val[f.name] for f in fields(TrainConfig)})
-    return model_args, {"var_type": val["var_type"]}, cfg
+    if val["snr_gamma"] != DEFAULTS["snr_gamma"] and val["loss_weight"] != "min_snr":
+        raise UserError("--snr_gamma is for --loss_weight min_snr")
+    return model_args, {"var_type": val["var_type"], "schedule": val["schedule"]}, cfg
 
 
 def check_model_args(model_args):

@@ -13,6 +13,8 @@ Where to find the paper here (equation numbers are the DDPM paper's unless anoth
     section 3.2   sigma_t^2 = beta_t or beta-tilde_t                  GaussianDiffusion(var_type=...)
     eq. 11        the mean mu_theta(x_t, t) from eps_theta           p_mean_variance
     eqs. 12, 14   the eps-prediction loss and L_simple                training_losses
+    Min-SNR-gamma loss weighting (Hang et al. 2023)                   loss_weights
+    cosine schedule, eq. 17 of Nichol & Dhariwal 2021                 cosine_betas
     Algorithm 1   training                                            training_losses (the loop: train.py)
     Algorithm 2   sampling                                            p_sample, p_sample_loop
     eq. 13        the discrete decoder p_theta(x_0 | x_1)             discretized_gaussian_log_likelihood
@@ -109,7 +111,26 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale):
 
 
 def linear_betas(T, beta_start, beta_end):
+    """The paper's schedule: beta_t linear from beta_start to beta_end (section 4)."""
     return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+
+
+def cosine_betas(T, s=0.008, max_beta=0.999):
+    """The cosine schedule of Nichol & Dhariwal 2021 (eq. 17): alphabar_t = f(t) / f(0) with
+    f(t) = cos((t / T + s) / (1 + s) * pi / 2)^2, and beta_t = 1 - alphabar_t / alphabar_{t-1}
+    clipped at max_beta = 0.999 as in their paper (it avoids a singularity at t = T). It destroys
+    information more slowly than the linear schedule, which on small images spends its last
+    steps on almost pure noise."""
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta)
+
+
+SCHEDULES = ("linear", "cosine")
+# The log-SNR below which the logsnr and karras spacings place no step but the first: alpha_t = 0.005,
+# where x_t keeps half a percent of the image. The linear schedule ends above it (lambda_T = -5.06),
+# so its spacings are unchanged; the cosine schedule reaches -9.9 at T, in its last 4 steps.
+LAMBDA_MIN = math.log(0.005)
+LOSS_WEIGHTS = ("none", "min_snr")
 
 
 class GaussianDiffusion:
@@ -117,14 +138,19 @@ class GaussianDiffusion:
 
     var_type: the reverse-process variance sigma_t^2 (section 3.2): "fixed_large" = beta_t
     (the paper's CIFAR-10 setting, our default) or "fixed_small" = beta-tilde_t (eq. 7).
+    schedule: "linear" (the paper's, from beta_start to beta_end) or "cosine" (Nichol & Dhariwal
+    2021; beta_start and beta_end are then unused). Everything below is computed from the betas,
+    so the samplers and the variational bound hold for either.
     """
 
-    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02, var_type="fixed_large"):
+    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02, var_type="fixed_large", schedule="linear"):
         if var_type not in ("fixed_large", "fixed_small"):
             raise ValueError(f"var_type must be fixed_large or fixed_small, got {var_type!r}")
-        self.args = dict(T=T, beta_start=beta_start, beta_end=beta_end, var_type=var_type)
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be linear or cosine, got {schedule!r}")
+        self.args = dict(T=T, beta_start=beta_start, beta_end=beta_end, var_type=var_type, schedule=schedule)
         self.T, self.var_type = T, var_type
-        b = self.betas = linear_betas(T, beta_start, beta_end)
+        b = self.betas = linear_betas(T, beta_start, beta_end) if schedule == "linear" else cosine_betas(T)
         assert ((b > 0) & (b <= 1)).all(), "betas must lie in (0, 1]"
         self.alphas = 1.0 - b
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)
@@ -177,16 +203,31 @@ class GaussianDiffusion:
         t = torch.randint(0, self.T, (shape[0],), device=device, generator=generator)
         return t, torch.randn(shape, device=device, dtype=dtype, generator=generator)
 
-    def training_losses(self, model, x0, generator=None, y=None, t=None, noise=None):
+    def loss_weights(self, t, kind="none", gamma=5.0):
+        """Per-example weights of the eps-prediction loss, (B,) float32, or None for "none" (L_simple).
+        "min_snr": Min-SNR-gamma (Hang et al. 2023): the x_0 loss weighted by min(SNR_t, gamma), which
+        for eps-prediction is min(SNR_t, gamma) / SNR_t with SNR_t = ab_t / (1 - ab_t): the many easy,
+        low-noise timesteps (SNR up to 1e4 here) stop dominating the gradient."""
+        if kind == "none":
+            return None
+        if kind != "min_snr":
+            raise ValueError(f"loss weight must be one of {', '.join(LOSS_WEIGHTS)}, got {kind!r}")
+        snr = self.alphas_cumprod.to(t.device)[t] / (1 - self.alphas_cumprod.to(t.device)[t])
+        return (snr.clamp(max=gamma) / snr).float()
+
+    def training_losses(self, model, x0, generator=None, y=None, t=None, noise=None, weight="none", gamma=5.0):
         """Algorithm 1, lines 2-5: L_simple (eq. 14), the loss of eq. 12 without its weight:
-        E_{t, eps} || eps - eps_theta(sqrt(ab_t) x0 + sqrt(1-ab_t) eps, t) ||^2.
+        E_{t, eps} || eps - eps_theta(sqrt(ab_t) x0 + sqrt(1-ab_t) eps, t) ||^2, or with weight
+        "min_snr" each example's term weighted by loss_weights (Min-SNR-gamma).
         x0: (B, C, H, W) in [-1, 1]; y: (B,) labels for a class-conditional model, else None;
         t, noise: drawn here (draw_t_and_noise) unless given. Returns the per-example loss, (B,)."""
         if t is None:
             t, noise = self.draw_t_and_noise(x0.shape, x0.device, x0.dtype, generator)
         xt = self.q_sample(x0, t, noise)
         eps = model(xt, t) if y is None else model(xt, t, y)
-        return (noise - eps.float()).pow(2).mean(dim=(1, 2, 3))
+        loss = (noise - eps.float()).pow(2).mean(dim=(1, 2, 3))
+        w = self.loss_weights(t, weight, gamma)
+        return loss if w is None else loss * w
 
     # ---- the variational bound (eq. 5), in bits per dimension ----------------------------
     def prior_bpd(self, x0):
@@ -311,6 +352,8 @@ class GaussianDiffusion:
             logsnr     evenly spaced in the log-SNR lambda_t (Lu et al. 2022, DPM-Solver's "logSNR"
                        spacing, their choice for pixel-space models);
             karras     sigma_t = sqrt((1 - ab_t) / ab_t) spaced as in Karras et al. 2022, eq. 5, rho = 7.
+        logsnr and karras span lambda from lambda_0 down to max(lambda_T, LAMBDA_MIN); t = T-1 is always
+        the first step.
         The schedule is discrete, so each target is rounded to the nearest timestep (nearest in
         lambda for logsnr and karras); where rounding gives the same t twice, the later one moves up
         to the next free timestep (and, near T-1, the earlier ones down), so S steps always give S
@@ -330,11 +373,13 @@ class GaussianDiffusion:
         else:
             ab = self.alphas_cumprod
             lam = 0.5 * torch.log(ab / (1 - ab))  # decreasing in t
+            lam_T = max(float(lam[-1]), LAMBDA_MIN)  # the cosine schedule's last steps carry no signal
             if spacing == "logsnr":
-                target = lam[0] + u * (lam[-1] - lam[0])
+                target = lam[0] + u * (lam_T - lam[0])
             else:
                 rho, sig = 7.0, ((1 - ab) / ab).sqrt()
-                sig_i = (sig[0] ** (1 / rho) + u * (sig[-1] ** (1 / rho) - sig[0] ** (1 / rho))) ** rho
+                sig_T = math.exp(-lam_T)
+                sig_i = (sig[0] ** (1 / rho) + u * (sig_T ** (1 / rho) - sig[0] ** (1 / rho))) ** rho
                 target = -torch.log(sig_i)  # lambda = -log sigma
             ts = (lam[None, :] - target[:, None]).abs().argmin(1)
         ts = ts.tolist()

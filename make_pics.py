@@ -149,7 +149,7 @@ def main(argv=None):
     model, diffusion = checkpoint.build_model(ckpt, device=device)
     lkw, skw = label_kwargs(args, model.num_classes, args.n_samples), sampler_kwargs(args, diffusion.T)
 
-    plot_loss(losses, paths["train loss.png"])
+    plot_loss(losses, paths["train loss.png"], evals=ckpt.get("eval_history"))
     t0 = time.time()
     samples, steps = sample_func(model, args.n_samples, diffusion, seed=args.seed, device=device,
                                  batch_size=args.batch_size, return_steps=reverse_timesteps(diffusion.T),

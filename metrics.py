@@ -271,6 +271,25 @@ def reference_stats(clf, data_dir, digest):
     return mean, cov
 
 
+class TrainingJudge:
+    """The judge, loaded once, scoring samples while a model trains (run.py --eval_every): feature-FID
+    against the MNIST test set's statistics, and the confident share. Loading (or, the first time,
+    training) the classifier runs under a forked random state, so that the training streams are
+    untouched. FID at a few hundred samples is biased upwards against n = 1000: compare it only
+    along one curve, or between runs with the same --eval_samples."""
+
+    def __init__(self, data_dir="./data", progress=True):
+        with torch.random.fork_rng(devices=[]):
+            self.clf, _ = load_classifier(data_dir, progress=progress)
+            self.ref = reference_stats(self.clf, data_dir, _sha256(os.path.join(data_dir, CLASSIFIER_FILE)))
+
+    @torch.no_grad()
+    def __call__(self, samples):
+        """uint8 samples (N, 28, 28) -> {"fid", "confidence"}."""
+        return {"fid": fid_from_stats(feature_stats(features(self.clf, samples)), self.ref),
+                "confidence": classifier_scores(self.clf, samples)["confidence"]}
+
+
 def sample_metrics(samples, data_dir="./data", seed=0, progress=True, labels=None):
     """All sample-quality numbers for uint8 samples (N, 28, 28), with their real-data floors.
 

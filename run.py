@@ -21,6 +21,7 @@ import config
 from config import TrainConfig
 from dataloader import mnist_tensors
 from diffusion import GaussianDiffusion, from_model_range
+from metrics import TrainingJudge
 from model import UNet, count_parameters
 from sample import check_n_samples, label_kwargs, network_evaluations, sample_func, sampler_kwargs
 from train import TrainingInterrupted, check_batch_divides, train_func
@@ -59,6 +60,15 @@ def get_parser():
     p.add_argument("--dropout", type=float, help="dropout in the residual blocks")
     p.add_argument("--var_type", choices=["fixed_large", "fixed_small"],
                    help="reverse variance sigma_t^2: fixed_large = beta_t (default, paper's CIFAR) or beta-tilde_t")
+    p.add_argument("--schedule", choices=["linear", "cosine"],
+                   help="noise schedule: linear (default, the paper's) or cosine (Nichol & Dhariwal 2021)")
+    p.add_argument("--loss_weight", choices=["none", "min_snr"],
+                   help="none (default, the paper's L_simple) or min_snr (Min-SNR-gamma, Hang et al. 2023)")
+    p.add_argument("--snr_gamma", type=float, help="gamma of --loss_weight min_snr (default 5)")
+    p.add_argument("--eval_every", type=int,
+                   help="every N steps, sample --eval_samples digits from the EMA weights and store their "
+                        "feature-FID and confident share in the checkpoint (default 0 = never)")
+    p.add_argument("--eval_samples", type=int, help="digits per --eval_every evaluation (default 200)")
     p.add_argument("--class_cond", action="store_true",
                    help="class-conditional model for classifier-free guidance (Ho & Salimans 2022)")
     p.add_argument("--p_uncond", type=float,
@@ -143,8 +153,10 @@ def check_resume_args(args, ckpt):
             diffs.append(f"--{flag} {_norm(given)} but the checkpoint has {_norm(saved[key])}")
     if saved.get("num_classes") is None and (args.class_cond or args.p_uncond is not None):
         diffs.append(f"--{'class_cond' if args.class_cond else 'p_uncond'} but the checkpoint is unconditional")
-    if args.var_type is not None and args.var_type != ckpt["diffusion_args"]["var_type"]:
-        diffs.append(f"--var_type {args.var_type} but the checkpoint has {ckpt['diffusion_args']['var_type']}")
+    for k in ("var_type", "schedule"):
+        has = ckpt["diffusion_args"].get(k, config.DEFAULTS[k])  # checkpoints before the cosine schedule: linear
+        if getattr(args, k) is not None and getattr(args, k) != has:
+            diffs.append(f"--{k} {getattr(args, k)} but the checkpoint has {has}")
     for k in ("batch_size", "seed"):  # the data order and the position in it depend on these
         if getattr(args, k) is not None and getattr(args, k) != ckpt["train_config"][k]:
             diffs.append(f"--{k} {getattr(args, k)} but the checkpoint has {ckpt['train_config'][k]}")
@@ -160,7 +172,8 @@ def train_config_for_resume(args, ckpt):
     """The checkpoint's training settings, with every flag given explicitly taking precedence."""
     saved = dict(ckpt["train_config"])
     saved.update({k: getattr(args, k) for k in ("n_epochs", "lr", "warmup", "lr_decay", "ema_decay", "max_steps",
-                                                "save_every", "grad_clip", "p_uncond") if getattr(args, k) is not None})
+                                                "save_every", "grad_clip", "p_uncond", "loss_weight", "snr_gamma",
+                                                "eval_every", "eval_samples") if getattr(args, k) is not None})
     saved.update(amp=args.amp, compile=args.compile)  # how to run, not what to train: from the flags
     return TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
 
@@ -201,8 +214,9 @@ def train(args, plan, model, diffusion, images, labels, device, log):
     hint = CPU_HINT if device.type == "cpu" and plan.meta.get("preset") == "paper" else None
     t0 = time.time()
     try:
+        judge = TrainingJudge(args.data_dir, progress=not args.no_progress) if plan.cfg.eval_every else None
         state = train_func(model, diffusion, images, plan.cfg, args.checkpoint, device=device, resume=plan.resume,
-                           model_meta=plan.meta, progress=not args.no_progress, speed_hint=hint,
+                           model_meta=plan.meta, progress=not args.no_progress, speed_hint=hint, judge=judge,
                            labels=labels if plan.model_args.get("num_classes") is not None else None)
     except TrainingInterrupted as e:
         log(f"\n{e}. Resume with: {_resume_command(args)}")
@@ -218,7 +232,7 @@ def train(args, plan, model, diffusion, images, labels, device, log):
 
 def sample_and_plot(args, plan, model, diffusion, state, device):
     """The loss curve, and n_samples digits from the EMA weights with the chosen sampler."""
-    plot_loss(state["loss_history"], plan.loss_path)
+    plot_loss(state["loss_history"], plan.loss_path, evals=state.get("eval_history"))
     model.load_state_dict(state["ema"])
     t0 = time.time()
     samples, _ = sample_func(model, args.n_samples, diffusion, seed=plan.cfg.seed, device=device,

@@ -17,9 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 import checkpoint
-from config import TrainConfig  # noqa: F401 - the training settings, imported from here by the notebook
+from config import EVAL_SAMPLER, EVAL_SEED, TrainConfig  # noqa: F401 - TrainConfig: imported from here by the notebook
 from dataloader import epoch_permutation
-from diffusion import to_model_range
+from diffusion import to_model_range, to_uint8
+from sample import sample_func
 from utils import UserError, autocast
 
 
@@ -125,7 +126,8 @@ class Trainer:
     """One training run: the network, its EMA, the optimizer and the random streams, and the
     methods that advance them. Every method reads and writes only these attributes."""
 
-    def __init__(self, model, diffusion, images, labels, cfg, checkpoint_path, device, meta=None, speed_hint=None):
+    def __init__(self, model, diffusion, images, labels, cfg, checkpoint_path, device, meta=None, speed_hint=None,
+                 judge=None):
         self.rank, self.world = dist_rank_world()
         self.model, self.diffusion, self.cfg, self.path, self.device = model, diffusion, cfg, checkpoint_path, device
         self.meta, self.speed_hint = meta or {}, speed_hint
@@ -147,7 +149,10 @@ class Trainer:
         self.step, self.losses, self.pending = 0, [], []  # pending: (loss, grad norm) still on the device
         self.saved = False  # has this run written the checkpoint (or resumed from it)?
         self.perm, self.perm_epoch = None, -1
-        self.speed_mark, self.speed_reported = None, False  # (step, time) at the first logging point
+        self.speed_mark, self.speed_reported = None, False  # (step, time, eval seconds) at the first logging point
+        self.judge, self.evals, self.eval_seconds = judge, [], 0.0  # --eval_every: the judge and the curve
+        if cfg.eval_every and judge is None:
+            raise ValueError("eval_every needs a judge (metrics.TrainingJudge)")
 
     def _labels(self, labels, n):
         if getattr(self.model, "num_classes", None) is None:
@@ -179,6 +184,7 @@ class Trainer:
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.losses, self.saved = ckpt["step"], ckpt["loss_history"].tolist(), True
+        self.evals = list(ckpt.get("eval_history", []))
         checkpoint.set_rng_state(ckpt["rng"])
         self.noise_gen.set_state(ckpt["rng"]["noise"].cpu())
 
@@ -190,7 +196,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "step": self.step, "epoch": self.step // self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.total, "device_type": self.device.type,
-                "loss_history": torch.tensor(self.losses, dtype=torch.float32),
+                "loss_history": torch.tensor(self.losses, dtype=torch.float32), "eval_history": list(self.evals),
                 "rng": {**checkpoint.rng_state(), "noise": self.noise_gen.get_state()}}
 
     def batch(self):
@@ -204,7 +210,7 @@ class Trainer:
         return to_model_range(self.images[idx].float() / 255.0).unsqueeze(1), idx
 
     def train_step(self, x0, idx):
-        """One optimizer step on L_simple (Algorithm 1), then the EMA update."""
+        """One optimizer step on L_simple (Algorithm 1; or its Min-SNR weighting), then the EMA update."""
         cfg, B = self.cfg, self.cfg.batch_size
         for group in self.opt.param_groups:
             group["lr"] = lr_at(self.step, cfg, self.total)
@@ -216,7 +222,8 @@ class Trainer:
         # does not depend on the number of processes.
         t, noise = self.diffusion.draw_t_and_noise((B, *x0.shape[1:]), self.device, x0.dtype, self.noise_gen)
         with autocast(self.device, cfg.amp):
-            loss = self.diffusion.training_losses(self.net, x0, y=y, t=t[self.mine], noise=noise[self.mine]).mean()
+            loss = self.diffusion.training_losses(self.net, x0, y=y, t=t[self.mine], noise=noise[self.mine],
+                                                  weight=cfg.loss_weight, gamma=cfg.snr_gamma).mean()
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
@@ -263,16 +270,36 @@ class Trainer:
             torch.distributed.barrier()
         self.saved = True
 
+    def evaluate(self):
+        """--eval_every: sample eval_samples digits from the EMA weights with config.EVAL_SAMPLER and fixed
+        noise, score them with the judge and append {step, fid, confidence, seconds} to the curve (rank 0;
+        the others wait at the next collective). It draws from no training stream (the noise comes from
+        per-sample generators of its own, the EMA has no dropout), so the run trains bitwise as without it."""
+        if self.rank != 0 or (self.evals and self.evals[-1]["step"] == self.step):
+            return
+        t0 = time.perf_counter()
+        n = self.cfg.eval_samples
+        labels = None if self.labels is None else torch.arange(n) % self.model.num_classes  # balanced digits
+        x, _ = sample_func(self.ema, n, self.diffusion, seed=EVAL_SEED, device=self.device, progress=False,
+                           batch_size=n, labels=labels, **EVAL_SAMPLER)
+        scores = self.judge(to_uint8(x))
+        seconds = time.perf_counter() - t0
+        self.eval_seconds += seconds
+        self.evals.append({"step": self.step, "fid": scores["fid"], "confidence": scores["confidence"],
+                           "seconds": seconds})
+        tqdm.write(f"eval at step {self.step}: feature-FID {scores['fid']:.2f}, confident {scores['confidence']:.3f} "
+                   f"(n = {n}, {EVAL_SAMPLER['sampler']} at {EVAL_SAMPLER['sampling_steps']} NFE; {seconds:.1f} s)")
+
     def report_speed(self):
         """At the second logging point: seconds per step (timed from the first, so set-up and
         compilation are left out) and the estimated time of the rest of the run, printed once."""
-        now = (self.step, time.perf_counter())
+        now = (self.step, time.perf_counter(), self.eval_seconds)
         if self.speed_mark is None:
             self.speed_mark = now
             return
         if self.speed_reported or self.rank != 0:
             return
-        per_step = (now[1] - self.speed_mark[1]) / max(1, now[0] - self.speed_mark[0])
+        per_step = (now[1] - self.speed_mark[1] - (now[2] - self.speed_mark[2])) / max(1, now[0] - self.speed_mark[0])
         self.speed_reported = True
         left = per_step * (self.total - self.step)
         eta = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.1f} min" if left >= 60 else f"{left:.0f} s"
@@ -281,16 +308,23 @@ class Trainer:
 
     def report_average(self):
         """At the end (or an interruption): steps/s from the first logging point to now, so that
-        set-up and compilation are left out (the figure docs/performance.md quotes). Rank 0 only."""
-        if self.speed_mark is None or self.rank != 0 or self.step <= self.speed_mark[0]:
+        set-up, compilation and evaluations are left out (the figure docs/performance.md quotes), and
+        the time the evaluations took. Rank 0 only."""
+        if self.rank != 0:
             return
-        first, t0 = self.speed_mark
-        rate = (self.step - first) / (time.perf_counter() - t0)
+        if self.eval_seconds:
+            tqdm.write(f"evaluations (--eval_every): {self.eval_seconds:.1f} s in all this session, "
+                       f"{100 * self.eval_seconds / (time.perf_counter() - self.t_start):.0f}% of its time")
+        if self.speed_mark is None or self.step <= self.speed_mark[0]:
+            return
+        first, t0, e0 = self.speed_mark
+        rate = (self.step - first) / (time.perf_counter() - t0 - (self.eval_seconds - e0))
         tqdm.write(f"average speed: {rate:.2f} steps/s over steps {first}-{self.step} on {self.device} "
-                   f"(from the first logging point: set-up and compilation left out)")
+                   f"(from the first logging point: set-up, compilation and evaluations left out)")
 
     def run(self, progress=True):
         """Train from self.step to self.total; returns the final checkpoint dict."""
+        self.t_start = time.perf_counter()
         bar = tqdm(total=self.total, initial=self.step, desc="training", dynamic_ncols=True,
                    disable=not progress or self.rank != 0)
         with _StopFlag() as stop:
@@ -303,6 +337,8 @@ class Trainer:
                     bar.set_postfix(epoch=self.step // self.steps_per_epoch, loss=f"{self.losses[-1]:.4f}",
                                     refresh=False)
                 bar.update(1)
+                if self.cfg.eval_every and (self.step % self.cfg.eval_every == 0 or self.step == self.total):
+                    self.evaluate()
                 if self.step % self.cfg.save_every == 0 or self.step == self.total or signum:
                     self.save()
                 if signum:
@@ -316,7 +352,7 @@ class Trainer:
 
 
 def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", resume=None,
-               model_meta=None, progress=True, labels=None, speed_hint=None):
+               model_meta=None, progress=True, labels=None, speed_hint=None, judge=None):
     """Train `model` (eps-prediction) with L_simple on uint8 images (N, 28, 28).
 
     labels: (N,) digit labels, needed by a class-conditional model (model.num_classes set): each
@@ -324,6 +360,7 @@ def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", res
     resume: a checkpoint dict to continue from (checkpoint.load), or None.
     model_meta: extra entries stored in every checkpoint (e.g. the preset name).
     speed_hint: a sentence printed after the estimated time of the run (e.g. a faster preset).
+    judge: a metrics.TrainingJudge, needed with cfg.eval_every > 0.
     Returns the final checkpoint dict. Raises TrainingInterrupted or TrainingDiverged.
     """
     device = torch.device(device)
@@ -331,7 +368,8 @@ def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", res
     if device.type == "cpu":  # bitwise-reproducible resume on CPU
         torch.use_deterministic_algorithms(True)
     try:
-        trainer = Trainer(model, diffusion, images, labels, cfg, checkpoint_path, device, model_meta, speed_hint)
+        trainer = Trainer(model, diffusion, images, labels, cfg, checkpoint_path, device, model_meta, speed_hint,
+                          judge)
         trainer.start(resume)
         return trainer.run(progress)
     finally:

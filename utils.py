@@ -177,14 +177,16 @@ def save_image_grid(images01, path, nrow=5):
     atomic_write(path, lambda f: img.save(f, format=fmt, quality=95))
 
 
-def plot_loss(loss_history, path, smooth=100):
-    """Per-step training loss (light) and its running mean over `smooth` steps, log scale."""
+def plot_loss(loss_history, path, smooth=100, evals=None):
+    """Per-step training loss (light) and its running mean over `smooth` steps, log scale; with `evals`
+    (the --eval_every curve: dicts with step, fid, confidence) a second panel beside it."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     losses = torch.as_tensor(loss_history, dtype=torch.float64)
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(12 if evals else 7, 4), squeeze=False)
+    ax = axes[0, 0]
     steps = torch.arange(1, len(losses) + 1)
     ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.5, label="per step")
     if len(losses) >= smooth:
@@ -193,11 +195,27 @@ def plot_loss(loss_history, path, smooth=100):
         ax.plot(steps[smooth - 1:], ma, color="tab:blue", label=f"mean of {smooth} steps")
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("L_simple (MSE on eps)")
+    ax.set_ylabel("training loss (MSE on eps, weighted if --loss_weight)")
     ax.set_title("DDPM training loss")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
+    if evals:
+        _plot_evals(axes[0, 1], evals)
     fig.tight_layout()
     fmt = os.path.splitext(path)[1].lstrip(".") or "png"
     atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=120))
     plt.close(fig)
+
+
+def _plot_evals(ax, evals):
+    steps = [e["step"] for e in evals]
+    ax.plot(steps, [e["fid"] for e in evals], "o-", color="tab:red", label="feature-FID")
+    ax.set_yscale("log")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("feature-FID (EMA weights)", color="tab:red")
+    ax.grid(True, which="both", alpha=0.3)
+    twin = ax.twinx()
+    twin.plot(steps, [e["confidence"] for e in evals], "s--", color="tab:green", label="confident")
+    twin.set_ylabel("confident share", color="tab:green")
+    twin.set_ylim(0, 1)
+    ax.set_title("quality while training (--eval_every)")
