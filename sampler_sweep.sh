@@ -18,12 +18,13 @@ mkdir -p "$OUT"
 stamp() {  # $1: a row's JSON; adds what the row was measured with
     python - "$1" "$CKPT" <<'PY'
 import hashlib, json, subprocess, sys
+import torch
 path, ckpt = sys.argv[1:]
 r = json.load(open(path))
 cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][:1]
 commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
 r.update(checkpoint_sha256=hashlib.sha256(open(ckpt, "rb").read()).hexdigest(), commit=commit or None,
-         cpu=cpu[0] if cpu else None)
+         cpu=cpu[0] if cpu else None, torch=torch.__version__)
 json.dump(r, open(path, "w"), indent=1)
 PY
 }

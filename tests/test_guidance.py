@@ -10,7 +10,7 @@ import evaluate
 import run
 from checkpoint import build_model
 from checkpoint import load as load_checkpoint
-from config import TrainConfig
+from config import SAMPLERS, TrainConfig
 from conftest import TINY, TINY_FLAGS, fake_digits, short_chain, undo_zero_init, write_tiny_mnist
 from diffusion import GaussianDiffusion
 from metrics import conditional_accuracy
@@ -86,10 +86,10 @@ def test_p_uncond_zero_trains_on_the_true_labels_and_one_on_null_only():
     assert (y == NULL).all()
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_conditional_and_unconditional_sampling_shapes(sampler):
     model = _cond_unet()
-    kw = dict(sampler=sampler, sampling_steps=4 if sampler == "ddim" else None, progress=False, batch_size=3,
+    kw = dict(sampler=sampler, sampling_steps=None if sampler == "ddpm" else 10, progress=False, batch_size=3,
               diffusion=GaussianDiffusion(T=100))  # a short chain: the same loop, faster
     x, _ = sample_func(model, 5, labels=torch.tensor([0, 1, 2, 3, 4]), guidance_scale=2.0, **kw)
     assert x.shape == (5, 1, 28, 28) and torch.isfinite(x).all()

@@ -113,3 +113,24 @@ def test_recipe_flag_errors(argv, match, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     import run
     expect_user_error(capsys, run.main, [*argv, "--dry_run", "--device", "cpu"], match)
+
+
+def test_recipe_trials_script(tmp_path):
+    """recipe_trials.sh end to end with two tiny trials: it trains, judges, writes a row per trial, and
+    skips a trial that is done."""
+    import subprocess
+    write_tiny_mnist(str(tmp_path / "data"))
+    tiny = "+".join(TINY_FLAGS[:-2] + ["--batch_size", "16", "--max_steps", "3"])
+    env = dict(os.environ, RECIPE_TRIALS=f"base:0:{tiny} min_snr:0:{tiny}+--loss_weight+min_snr",
+               TRIALS_SAMPLER="--sampler ddim --sampling_steps 2", TRIALS_DATA=str(tmp_path / "data"),
+               TRIALS_DIR=str(tmp_path / "trials"))
+    run = lambda: subprocess.run(["sh", os.path.join(ROOT, "recipe_trials.sh"), "12"], cwd=ROOT, env=env,  # noqa: E731
+                                 capture_output=True, text=True, timeout=240)
+    p = run()
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "min_snr:0:" in p.stdout and "eval at step 3" in p.stdout
+    for name in ("base-s0", "min_snr-s0"):
+        ckpt = checkpoint.load(tmp_path / "trials" / f"{name}.pt")
+        assert ckpt["step"] == 3 and [e["step"] for e in ckpt["eval_history"]] == [3]
+    assert checkpoint.load(tmp_path / "trials" / "min_snr-s0.pt")["train_config"]["loss_weight"] == "min_snr"
+    assert "done before, skipped" in run().stdout
