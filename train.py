@@ -151,7 +151,7 @@ class Trainer:
         self.perm, self.perm_epoch = None, -1
         self.speed_mark, self.speed_reported = None, False  # (step, time, eval seconds) at the first logging point
         self.judge, self.evals, self.eval_seconds = judge, [], 0.0  # --eval_every: the judge and the curve
-        if cfg.eval_every and judge is None:
+        if cfg.eval_every and judge is None and self.rank == 0:  # only rank 0 evaluates
             raise ValueError("eval_every needs a judge (metrics.TrainingJudge)")
 
     def _labels(self, labels, n):
