@@ -23,7 +23,7 @@ for trial in ${RECIPE_TRIALS:-base:0: base:1: min_snr:0:--loss_weight+min_snr co
     mkdir -p "$run"
     start=$(date +%s)
     python run.py --preset cpu --seed "$seed" $flags --eval_every 937 --checkpoint "$run.pt" --out_dir "$run" \
-        --n_samples 10 --no_progress --data_dir "$DATA" $resume >> "$run.log" 2>&1 || { tail -3 "$run.log"; exit 1; }
+        --n_samples 10 $SAMPLER --no_progress --data_dir "$DATA" $resume >> "$run.log" 2>&1 || { tail -3 "$run.log"; exit 1; }
     grep -E "^(eval at|average speed|evaluations|trained to)" "$run.log" || true
     train_s=$(( $(date +%s) - start ))  # this session's part of the training, evaluations included
     python evaluate.py --checkpoint "$run.pt" --metrics --n_samples "$N" --batch_size 250 --bpd_images 0 \

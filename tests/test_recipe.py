@@ -120,7 +120,7 @@ def test_recipe_trials_script(tmp_path):
     skips a trial that is done."""
     import subprocess
     write_tiny_mnist(str(tmp_path / "data"))
-    tiny = "+".join(TINY_FLAGS[:-2] + ["--batch_size", "16", "--max_steps", "3"])
+    tiny = "+".join(TINY_FLAGS[:-2] + ["--batch_size", "16", "--max_steps", "3", "--eval_samples", "10"])
     env = dict(os.environ, RECIPE_TRIALS=f"base:0:{tiny} min_snr:0:{tiny}+--loss_weight+min_snr",
                TRIALS_SAMPLER="--sampler ddim --sampling_steps 2", TRIALS_DATA=str(tmp_path / "data"),
                TRIALS_DIR=str(tmp_path / "trials"))
