@@ -7,6 +7,7 @@
 # trials/NAME-sSEED.json (the judge's numbers, the training time and the CPU). A trial whose JSON
 # exists is skipped, and an interrupted training is resumed, so rerunning continues where it stopped.
 # Run it alone: the times are part of the table (about 15 + 4 minutes a trial on 2 cores).
+# Then the table of every trial in the folder, with its --eval_every curve, and OUT/recipe_curves.png.
 # TRIALS_SAMPLER: the judge's sampler flags; TRIALS_DATA: the MNIST folder; TRIALS_DIR: the output folder.
 set -e
 N=${1:-1000}
@@ -43,11 +44,34 @@ PY
     mv "$run.json.tmp" "$run.json"
 done
 python - "$OUT" <<'PY'
-import glob, json, sys
-rows = [json.load(open(f)) for f in sorted(glob.glob(f"{sys.argv[1]}/*.json"))]
+import glob, json, os, re, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+out = sys.argv[1]
+rows = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/*.json"))]
 print(f"n = {rows[0]['n_samples']}, sampler {rows[0]['sampler']}, feature-FID floor {rows[0]['fid_floor']:.2f}")
 print(f"{'trial':<28}{'FID':>8}{'prec':>7}{'recall':>8}{'conf':>7}{'train s':>9}  CPU")
+fig, ax = plt.subplots(figsize=(7, 4))
 for r in rows:
     print(f"{r['trial']:<28}{r['fid']:>8.2f}{r['precision']:>7.3f}{r['recall']:>8.3f}{r['confidence']:>7.3f}"
           f"{r['train_wall_seconds']:>9}  {r['cpu']}")
+    name, seed = r["trial"].split(":")[:2]
+    log = os.path.join(out, f"{name}-s{seed}.log")  # the --eval_every curve, as the training printed it
+    found = re.findall(r"^eval at step (\d+): feature-FID ([0-9.]+), confident [0-9.]+ \(n = (\d+)", open(log).read(), re.M)
+    curve = {s: fid for s, fid, _ in found}  # a step evaluated twice (resumed before its save): the last
+    steps = sorted(curve, key=int)
+    print(f"{'':<4}--eval_every curve (feature-FID, n = {found[-1][2] if found else '?'}): "
+          + ", ".join(f"{curve[s]} at {s}" for s in steps))
+    ax.plot([int(s) for s in steps], [float(curve[s]) for s in steps], "o-" if seed == "0" else "s--",
+            label=f"{name} seed {seed}")
+ax.set_xlabel("optimizer step")
+ax.set_ylabel("feature-FID of --eval_every's digits")
+ax.set_yscale("log")
+ax.grid(True, which="both", alpha=0.3)
+ax.legend()
+ax.set_title("recipe trials: quality while training")
+fig.tight_layout()
+fig.savefig(f"{out}/recipe_curves.png", dpi=120)
+print(f"wrote {out}/recipe_curves.png")
 PY
