@@ -51,10 +51,10 @@ import matplotlib.pyplot as plt
 out = sys.argv[1]
 rows = [json.load(open(f)) for f in sorted(glob.glob(f"{out}/*.json"))]
 print(f"n = {rows[0]['n_samples']}, sampler {rows[0]['sampler']}, feature-FID floor {rows[0]['fid_floor']:.2f}")
-print(f"{'trial':<28}{'FID':>8}{'prec':>7}{'recall':>8}{'conf':>7}{'train s':>9}  CPU")
+print(f"{'trial':<34}{'FID':>8}{'prec':>7}{'recall':>8}{'conf':>7}{'train s':>9}  CPU")
 fig, ax = plt.subplots(figsize=(7, 4))
 for r in rows:
-    print(f"{r['trial']:<28}{r['fid']:>8.2f}{r['precision']:>7.3f}{r['recall']:>8.3f}{r['confidence']:>7.3f}"
+    print(f"{r['trial']:<34}{r['fid']:>8.2f}{r['precision']:>7.3f}{r['recall']:>8.3f}{r['confidence']:>7.3f}"
           f"{r['train_wall_seconds']:>9}  {r['cpu']}")
     name, seed = r["trial"].split(":")[:2]
     log = os.path.join(out, f"{name}-s{seed}.log")  # the --eval_every curve, as the training printed it
