@@ -133,5 +133,6 @@ def test_recipe_trials_script(tmp_path):
         ckpt = checkpoint.load(tmp_path / "trials" / f"{name}.pt")
         assert ckpt["step"] == 3 and [e["step"] for e in ckpt["eval_history"]] == [3]
     assert checkpoint.load(tmp_path / "trials" / "min_snr-s0.pt")["train_config"]["loss_weight"] == "min_snr"
-    assert "curve (feature-FID, n = 10): " in p.stdout and (tmp_path / "trials" / "recipe_curves.png").stat().st_size > 0
+    assert "curve (feature-FID, n = 10): " in p.stdout
+    assert (tmp_path / "trials" / "recipe_curves.png").stat().st_size > 0
     assert "done before, skipped" in run().stdout
