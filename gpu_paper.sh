@@ -10,7 +10,8 @@
 #   4. from that exported file: 1,000 digits with the 1000-step sampler (Algorithm 2) and 1,000 with
 #      DDIM-50 (eta 0 and eta 1), saved as npz, to be scored on any machine with
 #      `python evaluate.py --metrics --from_samples FILE.npz`;
-#   5. 1,000 digits with the 1000-step sampler from the published checkpoints/ddpm_trained.pt.
+#   5. 1,000 digits with the 1000-step sampler from the published checkpoints/ddpm_trained.pt (docs/gpu.md's
+#      row was the linear-schedule one published then: git show 8179394:checkpoints/ddpm_trained.pt).
 #
 #   bash gpu_paper.sh                                    # on the GPU machine; results in ./gpu_results
 #   OUT=/tmp/g TRAIN_SECONDS=20 LOSS_STEPS=30 DEVICE=cpu N_SAMPLES=10 EXTRA="--ch 8 ..." bash gpu_paper.sh
@@ -82,7 +83,7 @@ for s in "ddpm1000|--sampler ddpm" "ddim50|--sampler ddim --sampling_steps 50" \
     $PY evaluate.py --checkpoint "$OUT/ddpm_paper.pt" --device "$DEVICE" --n_samples "$N_SAMPLES" \
         --batch_size 1000 --seed 0 --no_progress ${s#*|} --out "$WORK/$name.png" --save_samples "$OUT/$name.npz"
 done
-log "5. the published cpu-size checkpoint: $N_SAMPLES digits with the 1000-step sampler (the baseline of docs/sampling.md)"
+log "5. the published cpu-size checkpoint: $N_SAMPLES digits with the 1000-step sampler (docs/sampling.md's baseline was the linear-schedule one of 8179394)"
 $PY evaluate.py --checkpoint checkpoints/ddpm_trained.pt --device "$DEVICE" --n_samples "$N_SAMPLES" --batch_size 1000 \
     --seed 0 --no_progress --out "$WORK/trained.png" --save_samples "$OUT/trained_ddpm1000.npz"
 log "done"

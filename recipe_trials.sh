@@ -15,7 +15,9 @@ OUT=${TRIALS_DIR:-trials}
 SAMPLER=${TRIALS_SAMPLER:---sampler dpm++2m-sde --sampling_steps 50}
 DATA=${TRIALS_DATA:-./data}
 mkdir -p "$OUT"
-for trial in ${RECIPE_TRIALS:-base:0: base:1: min_snr:0:--loss_weight+min_snr cosine:0:--schedule+cosine}; do
+# The baseline is the cpu preset as it was before it adopted the cosine schedule: the paper's linear one.
+LIN=--schedule+linear
+for trial in ${RECIPE_TRIALS:-base:0:$LIN base:1:$LIN min_snr:0:$LIN+--loss_weight+min_snr cosine:0:--schedule+cosine}; do
     name=${trial%%:*}; rest=${trial#*:}; seed=${rest%%:*}; flags=$(echo "${rest#*:}" | tr '+' ' ')
     run="$OUT/$name-s$seed"
     [ -f "$run.json" ] && { echo "$name-s$seed: done before, skipped"; continue; }

@@ -2,7 +2,7 @@
 
     python run.py --n_epochs 100            # the paper's model and recipe (a GPU job)
     python run.py --preset cpu              # a small model and recipe for ~15 min on 2 CPU cores
-    python run.py --preset reference        # the published checkpoint: the same model, ~90 min
+    python run.py --preset reference        # the published checkpoint: the same model, 1.5-2 h
     python run.py --resume                  # continue the run saved at --checkpoint
 
 Explicit flags override the preset (config.py). Writes the checkpoint (--checkpoint),
@@ -61,7 +61,8 @@ def get_parser():
     p.add_argument("--var_type", choices=["fixed_large", "fixed_small"],
                    help="reverse variance sigma_t^2: fixed_large = beta_t (default, paper's CIFAR) or beta-tilde_t")
     p.add_argument("--schedule", choices=["linear", "cosine"],
-                   help="noise schedule: linear (default, the paper's) or cosine (Nichol & Dhariwal 2021)")
+                   help="noise schedule: linear (the paper's; the paper preset) or cosine (Nichol & Dhariwal 2021; "
+                        "the cpu and reference presets)")
     p.add_argument("--loss_weight", choices=["none", "min_snr"],
                    help="none (default, the paper's L_simple) or min_snr (Min-SNR-gamma, Hang et al. 2023)")
     p.add_argument("--snr_gamma", type=float, help="gamma of --loss_weight min_snr (default 5)")

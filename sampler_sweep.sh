@@ -1,6 +1,7 @@
 #!/bin/sh
 # Feature-FID against network evaluations (NFE) for every sampler, from one checkpoint, N samples each
-# (seed 0), written to docs/sampling.md's table:
+# (seed 0), written to docs/sampling.md's table (measured on the linear-schedule checkpoint published
+# until 8179394: git show 8179394:checkpoints/ddpm_trained.pt > ddpm_linear.pt):
 #   sh sampler_sweep.sh [CHECKPOINT] [N] [extra evaluate.py flags, e.g. --device cuda]
 # Rows: each few-step sampler at its own spacing at NFE 10, 20, 50, 100; the other spacings at NFE 20;
 # and the paper's 1000-step sampler, which takes 30-70 minutes for N = 1000 on 2 CPU cores:

@@ -102,6 +102,16 @@ def test_eval_every_trains_bitwise_the_same_and_its_curve_survives_resume(tmp_pa
     assert os.path.getsize(tmp_path / "train_loss.png") > 0
 
 
+def test_presets_schedules():
+    """The paper preset keeps the DDPM recipe; the cpu and reference presets adopted the cosine schedule,
+    the winner of the trials at equal cost (issue 15); Min-SNR stays off everywhere."""
+    import config
+    for preset, schedule in (("paper", "linear"), ("cpu", "cosine"), ("reference", "cosine")):
+        _, diffusion_args, cfg = config.resolve(preset)
+        assert diffusion_args["schedule"] == schedule and cfg.loss_weight == "none", preset
+    assert config.resolve("cpu", schedule="linear")[1]["schedule"] == "linear"  # a flag still overrides it
+
+
 @pytest.mark.parametrize("argv, match", [
     (["--snr_gamma", "3"], "--snr_gamma is for --loss_weight min_snr"),
     (["--loss_weight", "min_snr", "--snr_gamma", "0"], "--snr_gamma must be > 0"),
