@@ -131,16 +131,26 @@ def load_weights(model, state_dict, source):
     model.load_state_dict(state_dict)
 
 
-def build_model(ckpt, use_ema=True, device="cpu"):
+def check_finite(state_dict, source):
+    """Refuse weights with NaN or inf (a diverged run, a corrupt file): they sample garbage."""
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{source} has weights that are not finite (NaN or inf) in {len(bad)} tensor(s), first "
+                        f"{bad[0]}: the run diverged or the file is corrupt; use an earlier checkpoint or retrain")
+
+
+def build_model(ckpt, use_ema=True, device="cpu", source="the checkpoint"):
     """(UNet in eval mode, GaussianDiffusion) rebuilt from a checkpoint, with its EMA weights
-    unless use_ema is False (then the raw weights; an exported checkpoint has only EMA)."""
+    unless use_ema is False (then the raw weights; an exported checkpoint has only EMA).
+    Weights that are not all finite are refused."""
     try:
         model = UNet(**ckpt["model_args"])
         diffusion = GaussianDiffusion(**ckpt["diffusion_args"])
     except (TypeError, ValueError) as e:
         raise UserError(f"checkpoint arguments are invalid: {e}") from None
     weights = ema_weights(ckpt) if weights_kind(ckpt, use_ema) == "EMA" else ckpt["model"]
-    load_weights(model, weights, "checkpoint")
+    load_weights(model, weights, source)
+    check_finite(weights, source)
     return model.to(device).eval(), diffusion
 
 

@@ -24,6 +24,7 @@ from utils import (
     atomic_write,
     check_amp,
     check_writable,
+    cpu_model,
     image_format,
     resolve_device,
     run_main,
@@ -50,6 +51,8 @@ def get_parser():
     p.add_argument("--metrics", action="store_true", help="judge the samples (feature-FID, precision/recall, "
                    "classifier confidence) and compute the bits/dim bound on MNIST test images")
     p.add_argument("--metrics_out", help="with --metrics: the numbers as JSON (default metrics.json)")
+    p.add_argument("--judge", metavar="FILE", help="with --metrics: a judge of your own from 'python metrics.py "
+                   "--train_judge' (default: the published checkpoints/mnist_judge.pt); its numbers are labelled local")
     p.add_argument("--data_dir", help="with --metrics: where MNIST is (or is put), as in run.py (default ./data)")
     p.add_argument("--bpd_images", type=int, help="with --metrics: test images for bits/dim (default 128; 0 = skip)")
     p.add_argument("--bpd_timesteps", type=int,
@@ -72,7 +75,7 @@ METRICS_DEFAULTS = dict(metrics_out="metrics.json", data_dir="./data", bpd_image
 
 def check_metrics_args(args):
     """The metrics flags need --metrics (none is silently ignored); fill in their defaults."""
-    given = [k for k in (*METRICS_DEFAULTS, "from_samples") if getattr(args, k) is not None]
+    given = [k for k in (*METRICS_DEFAULTS, "from_samples", "judge") if getattr(args, k) is not None]
     if given and not args.metrics:
         raise UserError(f"--{given[0]} is for --metrics; add --metrics or drop it")
     if args.from_samples is not None:
@@ -107,11 +110,13 @@ def load(args, device):
     """The model, its diffusion and the sampler and label settings, all checked before sampling."""
     ckpt = checkpoint.load(args.checkpoint)
     lkw = label_kwargs(args, ckpt["model_args"].get("num_classes"), args.n_samples)
-    model, diffusion = checkpoint.build_model(ckpt, use_ema=not args.no_ema, device=device)
+    model, diffusion = checkpoint.build_model(ckpt, use_ema=not args.no_ema, device=device,
+                                              source=args.checkpoint)
     skw = sampler_kwargs(args, diffusion.T)
     if args.metrics:  # fail before minutes of sampling, not after
         from dataloader import ensure_mnist
         ensure_mnist(args.data_dir)
+        args.judge = load_judge(args.judge)
     print(f"loaded {args.checkpoint} (step {ckpt.get('step', '?')}, {checkpoint.weights_kind(ckpt, not args.no_ema)} "
           f"weights); sampling {args.n_samples} with {skw['sampler']} ({skw.get('sampling_steps', diffusion.T)} steps, "
           f"NFE {network_evaluations(skw, diffusion.T, lkw['guidance_scale'])}) "
@@ -141,10 +146,11 @@ def read_samples(path):
 def score_samples_file(args):
     """--metrics --from_samples: the metrics of samples drawn earlier, without sampling again."""
     samples, digits, meta = read_samples(args.from_samples)
+    args.judge = load_judge(args.judge)
     model = diffusion = None
     if args.bpd_images > 0:
         model, diffusion = checkpoint.build_model(checkpoint.load(args.checkpoint), use_ema=not args.no_ema,
-                                                  device=resolve_device(args.device))
+                                                  device=resolve_device(args.device), source=args.checkpoint)
     print(f"scoring {len(samples)} samples from {args.from_samples}" +
           (f" ({', '.join(f'{k} {v}' for k, v in meta.items())})" if meta else ""))
     results = compute_metrics(model, diffusion, samples, args, digits)
@@ -174,7 +180,8 @@ def main(argv=None):
         # labels: the requested digit per sample, -1 where none was (unconditional model or sampling)
         meta = dict(checkpoint=args.checkpoint, sampler=skw, guidance_scale=lkw["guidance_scale"], seed=args.seed,
                     nfe=network_evaluations(skw, diffusion.T, lkw["guidance_scale"]), device=str(device),
-                    torch=torch.__version__)
+                    torch=torch.__version__, cpu=cpu_model(), threads=torch.get_num_threads(),
+                    sampling_seconds=round(sampling_seconds, 1))
         save_npz(args.save_samples, samples=to_uint8(samples).numpy(), labels=digits.numpy(),
                  meta=np.array(json.dumps(meta)))
         msg += f" and {args.save_samples}"
@@ -186,6 +193,17 @@ def main(argv=None):
         print_table(results)
         atomic_write(args.metrics_out, lambda f: f.write(json.dumps(results, indent=1).encode()))
         print(f"wrote {args.metrics_out}")
+
+
+def load_judge(path):
+    """The metrics' judge (metrics.Judge), checked before any sampling; a local one is announced."""
+    from metrics import Judge
+
+    judge = Judge(path)
+    if not judge.published:
+        print(f"note: scoring with a {judge.label}, not the published judge: these numbers are not comparable "
+              f"with the README and docs")
+    return judge
 
 
 def requested_digits(labels, model, n):
@@ -200,8 +218,8 @@ def compute_metrics(model, diffusion, samples_u8, args, digits):
     from metrics import nll_bpd, sample_metrics
 
     t0 = time.time()
-    res = sample_metrics(samples_u8, args.data_dir, seed=args.seed, progress=not args.no_progress,
-                         labels=digits if (digits >= 0).any() else None)
+    res = sample_metrics(samples_u8, args.data_dir, seed=args.seed, labels=digits if (digits >= 0).any() else None,
+                         judge=args.judge)
     res["checkpoint"] = args.checkpoint
     if args.bpd_images > 0:
         x_test, _ = mnist_tensors(args.data_dir, train=False, verbose=False)
@@ -218,7 +236,8 @@ def print_table(r):
             ("recall (k=3)", f"{r['recall']:.3f}", f"{r['recall_floor']:.3f}"),
             ("confident (max softmax >= 0.9)", f"{r['confidence']:.3f}", f"{r['confidence_floor']:.3f}"),
             ("KL(predicted classes || uniform)", f"{r['kl_to_uniform']:.4f}", f"{r['kl_to_uniform_floor']:.4f}")]
-    print(f"\n{'metric':<34} {'samples':>10} {'real (floor)':>13}   [n = {n}; floor = {n} real training images]")
+    print(f"\n{'metric':<34} {'samples':>10} {'real (floor)':>13}   [n = {n}; floor = {n} real images the judge "
+          f"never saw: {r['floor_images']}]")
     for name, val, floor in rows:
         print(f"{name:<34} {val:>10} {floor:>13}")
     print(f"{'predicted-class histogram':<34} {r['class_histogram']}")
@@ -236,7 +255,7 @@ def print_table(r):
         print(f"{'  sum of L_1..L_(T-1)':<34} {b['terms']:>10.4f}")
         for k, v in b["breakdown"].items():
             print(f"{'    ' + k:<34} {v:>10.4f}")
-    print(f"{'classifier test accuracy':<34} {r['classifier_test_accuracy']:>10.4f}")
+    print(f"{'judge':<34} {r['judge']}, test accuracy {r['classifier_test_accuracy']:.4f}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Publish a trained checkpoint: its EMA weights (fp32, or `--dtype float16` for half the size) with
 the arguments that rebuild the model, and a SHA-256 file beside it that load_and_eval.sh checks.
 
-    python export.py --checkpoint ddpm_trained.pt --out checkpoints/ddpm_trained.pt
+    python export.py                                   # ddpm_trained.pt -> ddpm_exported.pt (+ .sha256)
+    python export.py --out checkpoints/ddpm_trained.pt --overwrite     # replace the published checkpoint
 
-writes checkpoints/ddpm_trained.pt and checkpoints/ddpm_trained.pt.sha256 ("<hex>  ddpm_trained.pt",
-the format `sha256sum -c` reads). The exported file loads in evaluate.py like any checkpoint but
+writes the export and OUT.sha256 ("<hex>  NAME", the format `sha256sum -c` reads). An existing
+file (the published checkpoints above all) is never replaced without --overwrite. The exported file loads in evaluate.py like any checkpoint but
 cannot be resumed (no optimizer state).
 """
 import hashlib
@@ -21,16 +22,22 @@ def sha256_line(data, name):
 def main(argv=None):
     p = OneLineArgumentParser(description="Export the EMA weights of a checkpoint for publication, with a SHA-256.")
     p.add_argument("--checkpoint", default="ddpm_trained.pt", help="training checkpoint to export")
-    p.add_argument("--out", default="checkpoints/ddpm_trained.pt",
-                   help="exported checkpoint (a .sha256 file goes beside it)")
+    p.add_argument("--out", default="ddpm_exported.pt",
+                   help="exported checkpoint (a .sha256 file goes beside it); an existing file needs --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out and its .sha256 (say, to publish over checkpoints/ddpm_trained.pt)")
     p.add_argument("--dtype", default="float32", choices=sorted(checkpoint.EXPORT_DTYPES),
                    help="precision of the stored weights (float16 halves the file; loading casts back to fp32)")
     args = p.parse_args(argv)
     if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
         raise UserError("--out must differ from --checkpoint (the training checkpoint is kept)")
     for path in (args.out, args.out + ".sha256"):
+        if os.path.exists(path) and not args.overwrite:
+            raise UserError(f"{path} exists (a published checkpoint?); choose another --out, or add --overwrite "
+                            f"to replace it")
         check_writable(path)
     ckpt = checkpoint.load(args.checkpoint)
+    checkpoint.check_finite(checkpoint.ema_weights(ckpt), args.checkpoint)
     out = checkpoint.export(ckpt, args.dtype)
     if checkpoint.is_unfinished(ckpt):
         print(f"note: {args.checkpoint} is an unfinished run (step {ckpt['step']} of {ckpt['total_steps']})")

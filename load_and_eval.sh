@@ -1,5 +1,5 @@
 #!/bin/sh
-# Fetch the trained DDPM checkpoint, verify its SHA-256, put it in place, and sample from it.
+# Fetch a published DDPM checkpoint, verify its SHA-256, install it, and sample from it.
 #
 #   sh load_and_eval.sh                          # the repo's published copy (checkpoints/)
 #   sh load_and_eval.sh URL                      # download it (or set DDPM_CHECKPOINT_URL)
@@ -12,12 +12,13 @@
 #                                                # the paper's model, trained on a GPU (docs/gpu.md)
 #
 # The file is fetched (curl, else wget) into a temporary file, checked against the repo's
-# checkpoints/$DDPM_CHECKPOINT.sha256, and only then moved to ./$DDPM_CHECKPOINT in the current
-# folder (one rename), where evaluate.py looks by default. A failed download or a wrong hash
-# leaves no checkpoint behind and exits non-zero. A different checkpoint of that name already there
-# (say, your own training) is never replaced: the script stops and says so.
+# checkpoints/$DDPM_CHECKPOINT.sha256, and only then moved (one rename) to ./ddpm_trained_published.pt
+# (the name with _published) in the current folder, beside your own ./ddpm_trained.pt from run.py,
+# which it never touches. A failed download or a wrong hash leaves no checkpoint behind and exits
+# non-zero. A different file already at the destination is never replaced: the script stops and says so.
 # Environment: DDPM_CHECKPOINT (which published checkpoint: ddpm_trained.pt, the default,
-# ddpm_cond.pt or ddpm_paper.pt); DDPM_CHECKPOINT_URL; DDPM_CHECKPOINT_DEST (default: the DDPM_CHECKPOINT name);
+# ddpm_cond.pt or ddpm_paper.pt); DDPM_CHECKPOINT_URL; DDPM_CHECKPOINT_DEST (default: the DDPM_CHECKPOINT
+# name with _published before .pt);
 # PYTHON (default python, else python3).
 set -eu
 
@@ -30,7 +31,7 @@ case "$NAME" in
 esac
 SUM_FILE=$REPO/checkpoints/$NAME.sha256
 PUBLISHED=$REPO/checkpoints/$NAME
-DEST=${DDPM_CHECKPOINT_DEST:-$NAME}
+DEST=${DDPM_CHECKPOINT_DEST:-${NAME%.pt}_published.pt}
 
 URL=""
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then
@@ -69,7 +70,7 @@ sha256_of() {
 }
 
 if [ -e "$DEST" ] && [ "$(sha256_of "$DEST")" != "$EXPECTED" ]; then
-    die "$DEST exists and is not the published checkpoint (your own training?); move it away, or set DDPM_CHECKPOINT_DEST to another file name"
+    die "$DEST exists and is not the published checkpoint; move it away, or set DDPM_CHECKPOINT_DEST to another file name"
 fi
 DEST_DIR=$(dirname "$DEST")
 TMP=$(mktemp "$DEST_DIR/.$NAME.XXXXXX") || die "cannot create a temporary file in $DEST_DIR"

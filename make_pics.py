@@ -99,7 +99,7 @@ def guidance_panel(args, ckpt, device):
         raise UserError("--per_digit must be >= 1")
     path = os.path.join(args.out_dir, "guidance.png")
     check_writable(path)
-    model, diffusion = checkpoint.build_model(ckpt, device=device)
+    model, diffusion = checkpoint.build_model(ckpt, device=device, source=args.checkpoint)
     if model.num_classes is None:
         raise UserError(f"{args.checkpoint} is unconditional; --guidance_panel needs a checkpoint trained with "
                         f"--class_cond")
@@ -146,7 +146,7 @@ def main(argv=None):
     if losses is None or len(losses) == 0:
         raise UserError(f"{args.checkpoint} has no loss history; use a checkpoint written by run.py or export.py")
     device = resolve_device(args.device)
-    model, diffusion = checkpoint.build_model(ckpt, device=device)
+    model, diffusion = checkpoint.build_model(ckpt, device=device, source=args.checkpoint)
     lkw, skw = label_kwargs(args, model.num_classes, args.n_samples), sampler_kwargs(args, diffusion.T)
 
     plot_loss(losses, paths["train loss.png"], evals=ckpt.get("eval_history"))

@@ -1,15 +1,21 @@
-"""Offline sample-quality metrics for MNIST.
+"""Offline sample-quality metrics for MNIST, scored by one published judge.
 
-The judge is a small CNN classifier owned by this repo (`MNISTClassifier`), trained on the MNIST
-training set in a couple of minutes on 2 CPU cores. Inception-v3 FID needs weights from the
-internet and was built for 299x299 colour photos; a classifier trained on MNIST itself sees what
-matters for digits. Its 128-d penultimate layer is the feature space for feature-FID.
+The judge is a small CNN classifier owned by this repo (`MNISTClassifier`), trained once on the
+first 50,000 MNIST training images and published as `checkpoints/mnist_judge.pt` (its SHA-256 is
+pinned below and beside it). Every metric loads that file, so the same samples give the same
+numbers on every machine; the 10,000 training images it never saw are the real data of the
+floors. Inception-v3 FID needs weights from the internet and was built for 299x299 colour photos;
+a classifier trained on MNIST itself sees what matters for digits. Its 128-d penultimate layer is
+the feature space for feature-FID. It scores in float64, so that the thread count and the CPU's
+vector width move no metric beyond 1e-4.
 
-    python metrics.py --train_classifier      # (re)train and cache the judge
+    python metrics.py                                        # check the published judge, print its record
+    python metrics.py --train_judge --out my_judge.pt        # train your own (evaluate.py --judge my_judge.pt)
 """
 import hashlib
 import math
 import os
+import subprocess
 import time
 import warnings
 
@@ -20,9 +26,13 @@ import torch.nn.functional as F
 
 import checkpoint
 from dataloader import epoch_permutation, mnist_tensors
-from utils import OneLineArgumentParser, atomic_write, run_main
+from utils import OneLineArgumentParser, UserError, atomic_write, check_writable, cpu_model, run_main
 
-CLASSIFIER_FILE = "mnist_classifier.pt"
+REPO = os.path.dirname(os.path.abspath(__file__))
+JUDGE_FILE = os.path.join(REPO, "checkpoints", "mnist_judge.pt")
+JUDGE_SHA256 = "PINNED"  # the published judge; tests/test_judge.py pins it too
+JUDGE_TRAIN_IMAGES = 50_000  # the judge trains on training images [0, 50000); [50000, 60000) are held out
+TRAIN_COMMAND = "python metrics.py --train_judge --out FILE"
 
 
 class MNISTClassifier(nn.Module):
@@ -50,25 +60,27 @@ class MNISTClassifier(nn.Module):
         return self.head(self.drop(self.features(x)))
 
 
-def _as_input(images):
-    """uint8 (N, 28, 28) or float (N, 1, 28, 28) in [0, 1] -> float (N, 1, 28, 28)."""
+def _as_input(images, dtype=torch.float32):
+    """uint8 (N, 28, 28) or float (N, 1, 28, 28) in [0, 1] -> (N, 1, 28, 28) of dtype."""
     if images.dtype == torch.uint8:
-        return images.float().div(255.0).unsqueeze(1)
-    return images.float().reshape(-1, 1, 28, 28)
+        return images.to(dtype).div(255.0).unsqueeze(1)
+    return images.to(dtype).reshape(-1, 1, 28, 28)
 
 
 def train_classifier(data_dir="./data", epochs=2, batch_size=128, lr=2e-3, seed=0, progress=True):
-    """Adam with one-cycle decay, light shift augmentation. Returns (model, test accuracy)."""
+    """Adam with one-cycle decay, light shift augmentation, on the first JUDGE_TRAIN_IMAGES training
+    images (all of them if the data has fewer). Returns the model in eval mode."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     x, y = mnist_tensors(data_dir, train=True)
+    x, y = x[:JUDGE_TRAIN_IMAGES], y[:JUDGE_TRAIN_IMAGES]
     model = MNISTClassifier()
     steps = epochs * (len(x) // batch_size)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     model.train()
-    bar = tqdm(total=steps, desc="classifier", disable=not progress)
+    bar = tqdm(total=steps, desc="judge", disable=not progress)
     for epoch in range(epochs):
         perm = epoch_permutation(seed, epoch, len(x))
         for i in range(len(x) // batch_size):
@@ -84,27 +96,27 @@ def train_classifier(data_dir="./data", epochs=2, batch_size=128, lr=2e-3, seed=
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
-    model.eval()
-    xt, yt = mnist_tensors(data_dir, train=False)
-    acc = (predict(model, xt).argmax(1) == yt).float().mean().item()
-    return model, acc
+    return model.eval()
 
 
 @torch.no_grad()
 def predict(model, images, batch_size=1000):
-    """Logits (N, 10) for uint8 (N, 28, 28) or float [0, 1] images."""
+    """Logits (N, 10) for uint8 (N, 28, 28) or float [0, 1] images, in the model's dtype."""
     model.eval()
-    return torch.cat([model(_as_input(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+    dtype = next(model.parameters()).dtype
+    return torch.cat([model(_as_input(images[i:i + batch_size], dtype)) for i in range(0, len(images), batch_size)])
 
 
 @torch.no_grad()
 def features(model, images, batch_size=1000):
-    """Penultimate features (N, 128)."""
+    """Penultimate features (N, 128), in the model's dtype."""
     model.eval()
-    return torch.cat([model.features(_as_input(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+    dtype = next(model.parameters()).dtype
+    return torch.cat([model.features(_as_input(images[i:i + batch_size], dtype))
+                      for i in range(0, len(images), batch_size)])
 
 
-def _sha256(path):
+def sha256_file(path):
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -112,27 +124,80 @@ def _sha256(path):
     return h.hexdigest()
 
 
-def load_classifier(data_dir="./data", retrain=False, progress=True):
-    """The cached judge (<data_dir>/mnist_classifier.pt, with its SHA-256 beside it), trained if
-    missing, if its checksum does not match, or if retrain. Returns (model, test accuracy)."""
-    path = os.path.join(data_dir, CLASSIFIER_FILE)
-    if not retrain and os.path.exists(path) and os.path.exists(path + ".sha256"):
+class Judge:
+    """The classifier that scores samples, loaded from a file and checked before use.
+
+    The published file (checkpoints/mnist_judge.pt) must have the pinned SHA-256. Any other file
+    (`--judge FILE`, from `python metrics.py --train_judge`) must match the .sha256 written beside
+    it, and is labelled "local" in every table it scores. Nothing is ever retrained here.
+    Attributes: model (float64, eval), record (how it was trained), sha256, published, label."""
+
+    def __init__(self, path=None):
+        path = path or JUDGE_FILE
+        published = os.path.abspath(path) == os.path.abspath(JUDGE_FILE)
+        retrain = TRAIN_COMMAND.replace("FILE", "my_judge.pt")
+        fix = ("restore it with 'git checkout -- checkpoints/mnist_judge.pt', or train your own with "
+               f"'{retrain}' and pass --judge my_judge.pt" if published else
+               f"retrain it with '{retrain}' and pass --judge my_judge.pt")
+        if not os.path.isfile(path):
+            raise UserError(f"the judge {path} does not exist; {fix}")
+        digest = sha256_file(path)
+        expected = JUDGE_SHA256 if published else _sha256_beside(path, fix)
+        if digest != expected:
+            raise UserError(f"the judge {path} has SHA-256 {digest[:16]}..., expected {expected[:16]}... "
+                            f"(altered or truncated); {fix}")
+        ckpt = checkpoint.load_file(path)
+        self.model = MNISTClassifier()
+        self.model.load_state_dict(ckpt["model"])
+        self.model.double().eval()
+        self.record = {k: v for k, v in ckpt.items() if k != "model"}
+        self.sha256, self.published, self.path = digest, digest == JUDGE_SHA256, path
+        self.label = ("published judge" if self.published else f"LOCAL judge {os.path.basename(path)}") + \
+            f" (sha256 {digest[:12]})"
+
+    @property
+    def test_accuracy(self):
+        return self.record["test_accuracy"]
+
+
+def _sha256_beside(path, fix):
+    try:
         with open(path + ".sha256") as f:
-            ok = f.read().split()[0] == _sha256(path)
-        if ok:
-            ckpt = checkpoint.load_file(path)
-            model = MNISTClassifier()
-            model.load_state_dict(ckpt["model"])
-            return model.eval(), ckpt["test_accuracy"]
-        print(f"{path} does not match its checksum; retraining the classifier")
+            return f.read().split()[0]
+    except (OSError, IndexError):
+        raise UserError(f"the judge {path} has no readable {path}.sha256 beside it; {fix}") from None
+
+
+def _git_commit():
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
+
+
+def judge_accuracy(model, data_dir):
+    """Share of the MNIST test set the model classifies right (in the model's dtype)."""
+    xt, yt = mnist_tensors(data_dir, train=False, verbose=False)
+    return (predict(model, xt).argmax(1) == yt).double().mean().item()
+
+
+def write_judge(out, data_dir="./data", seed=0, progress=True, command=None):
+    """Train a judge and write it to `out` with its record (command, seed, commit, CPU, torch, test
+    accuracy in float64 as it scores) and a .sha256 file beside it. Returns the record."""
     t0 = time.time()
-    model, acc = train_classifier(data_dir, progress=progress)
-    print(f"trained the MNIST classifier in {time.time() - t0:.0f} s: test accuracy {acc:.4f}")
-    os.makedirs(data_dir, exist_ok=True)
-    checkpoint.save(path, {"model": model.state_dict(), "test_accuracy": acc})
-    digest = _sha256(path)
-    atomic_write(path + ".sha256", lambda f: f.write(f"{digest}  {CLASSIFIER_FILE}\n".encode()))
-    return model, acc
+    model = train_classifier(data_dir, seed=seed, progress=progress)
+    seconds = time.time() - t0
+    record = {"command": command or f"{TRAIN_COMMAND.replace('FILE', out)} --seed {seed}", "seed": seed,
+              "commit": _git_commit(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
+              "torch": torch.__version__, "train_images": f"MNIST training images [0, {JUDGE_TRAIN_IMAGES})",
+              "train_seconds": round(seconds, 1),
+              "test_accuracy": judge_accuracy(model.double(), data_dir)}
+    model.float()
+    checkpoint.save(out, {"model": model.state_dict(), **record})
+    line = f"{sha256_file(out)}  {os.path.basename(out)}\n"
+    atomic_write(out + ".sha256", lambda f: f.write(line.encode()))
+    return record
 
 
 def conditional_accuracy(predicted, requested, num_classes=10):
@@ -258,75 +323,118 @@ def nll_bpd(model, diffusion, images, n_timesteps=None, batch_size=128, seed=0, 
                           for r in range(10)}}
 
 
-def reference_stats(clf, data_dir, digest):
-    """Feature mean and covariance of the 10,000 MNIST test images, cached beside the classifier."""
+def reference_stats(judge, data_dir):
+    """Feature mean and covariance of the 10,000 MNIST test images, cached beside the data per judge."""
     path = os.path.join(data_dir, "mnist_test_feature_stats.pt")
     if os.path.exists(path):
         cached = checkpoint.load_file(path)
-        if cached.get("classifier_sha256") == digest:
+        if cached.get("judge_sha256") == judge.sha256:
             return cached["mean"], cached["cov"]
     xt, _ = mnist_tensors(data_dir, train=False, verbose=False)
-    mean, cov = feature_stats(features(clf, xt))
-    checkpoint.save(path, {"mean": mean, "cov": cov, "classifier_sha256": digest})
+    mean, cov = feature_stats(features(judge.model, xt))
+    checkpoint.save(path, {"mean": mean, "cov": cov, "judge_sha256": judge.sha256})
     return mean, cov
 
 
-class TrainingJudge:
-    """The judge, loaded once, scoring samples while a model trains (run.py --eval_every): feature-FID
-    against the MNIST test set's statistics, and the confident share. Loading (or, the first time,
-    training) the classifier runs under a forked random state, so that the training streams are
-    untouched. FID at a few hundred samples is biased upwards against n = 1000: compare it only
-    along one curve, or between runs with the same --eval_samples."""
+def held_out_images(data_dir):
+    """Real images the judge never saw: MNIST training images [50000, 60000). With data that is not
+    the full MNIST (fewer images), all training images, and a source string that says so."""
+    x_train, _ = mnist_tensors(data_dir, train=True, verbose=False)
+    if len(x_train) > JUDGE_TRAIN_IMAGES:
+        return x_train[JUDGE_TRAIN_IMAGES:], f"MNIST training images [{JUDGE_TRAIN_IMAGES}, {len(x_train)})"
+    return x_train, f"all {len(x_train)} training images (not MNIST's 60,000: none held out from the judge)"
 
-    def __init__(self, data_dir="./data", progress=True):
+
+class TrainingJudge:
+    """The published judge, loaded once, scoring samples while a model trains (run.py --eval_every):
+    feature-FID against the MNIST test set's statistics, and the confident share. Loading runs under
+    a forked random state, so that the training streams are untouched. FID at a few hundred samples
+    is biased upwards against n = 1000: compare it only along one curve, or between runs with the
+    same --eval_samples."""
+
+    def __init__(self, data_dir="./data", judge_path=None):
         with torch.random.fork_rng(devices=[]):
-            self.clf, _ = load_classifier(data_dir, progress=progress)
-            self.ref = reference_stats(self.clf, data_dir, _sha256(os.path.join(data_dir, CLASSIFIER_FILE)))
+            self.judge = Judge(judge_path)
+            self.ref = reference_stats(self.judge, data_dir)
 
     @torch.no_grad()
     def __call__(self, samples):
         """uint8 samples (N, 28, 28) -> {"fid", "confidence"}."""
-        return {"fid": fid_from_stats(feature_stats(features(self.clf, samples)), self.ref),
-                "confidence": classifier_scores(self.clf, samples)["confidence"]}
+        clf = self.judge.model
+        return {"fid": fid_from_stats(feature_stats(features(clf, samples)), self.ref),
+                "confidence": classifier_scores(clf, samples)["confidence"]}
 
 
-def sample_metrics(samples, data_dir="./data", seed=0, progress=True, labels=None):
+def real_subsets(n, seed, n_held_out, n_test):
+    """The real images a score at n uses, drawn by seed: indices of n held-out images (the floor)
+    and of n test images (the reference of precision/recall)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randperm(n_held_out, generator=g)[:n], torch.randperm(n_test, generator=g)[:n]
+
+
+def sample_metrics(samples, data_dir="./data", seed=0, labels=None, judge=None):
     """All sample-quality numbers for uint8 samples (N, 28, 28), with their real-data floors.
 
+    The floors score n real images the judge never saw (held_out_images), drawn by `seed`, exactly
+    as the samples are scored: feature-FID against the test set's statistics, precision/recall
+    against n test images (the same ones for samples and floor), the confident share.
     labels: (N,) the digit each sample was asked to be (-1 = none), for a class-conditional model:
-    adds conditional_accuracy (the classifier agrees with the request) and its value per digit."""
-    clf, acc = load_classifier(data_dir, progress=progress)
-    digest = _sha256(os.path.join(data_dir, CLASSIFIER_FILE))
-    n = len(samples)
-    g = torch.Generator().manual_seed(seed)
-    x_train, _ = mnist_tensors(data_dir, train=True, verbose=False)
+    adds conditional_accuracy (the judge agrees with the request) and its value per digit.
+    judge: a Judge (default: the published one)."""
+    judge = judge or Judge()
+    clf, n = judge.model, len(samples)
+    held_out, source = held_out_images(data_dir)
     x_test, _ = mnist_tensors(data_dir, train=False, verbose=False)
-    real_train = x_train[torch.randperm(len(x_train), generator=g)[:n]]
-    real_test = x_test[torch.randperm(len(x_test), generator=g)[:n]]
-    ref = reference_stats(clf, data_dir, digest)
-    f_fake, f_train, f_test = features(clf, samples), features(clf, real_train), features(clf, real_test)
+    i_real, i_test = real_subsets(n, seed, len(held_out), len(x_test))
+    real = held_out[i_real]
+    ref = reference_stats(judge, data_dir)
+    f_fake, f_real, f_test = features(clf, samples), features(clf, real), features(clf, x_test[i_test])
     precision, recall = precision_recall(f_test, f_fake)
-    floor_p, floor_r = precision_recall(f_test, f_train)
-    out = {"n_samples": n, "classifier_test_accuracy": acc,
+    floor_p, floor_r = precision_recall(f_test, f_real)
+    out = {"n_samples": n, "judge": judge.label, "judge_sha256": judge.sha256, "judge_published": judge.published,
+           "classifier_test_accuracy": judge.test_accuracy, "floor_images": source,
            "fid": fid_from_stats(feature_stats(f_fake), ref),
-           "fid_floor": fid_from_stats(feature_stats(f_train), ref),
+           "fid_floor": fid_from_stats(feature_stats(f_real), ref),
            "precision": precision, "recall": recall,
            "precision_floor": floor_p, "recall_floor": floor_r}
     out.update(classifier_scores(clf, samples))
     if labels is not None:
         out.update(conditional_accuracy(predict(clf, samples).argmax(1), torch.as_tensor(labels)))
-    real_scores = classifier_scores(clf, real_train)
+    real_scores = classifier_scores(clf, real)
     out["confidence_floor"], out["kl_to_uniform_floor"] = real_scores["confidence"], real_scores["kl_to_uniform"]
     return out
 
 
 def main(argv=None):
-    p = OneLineArgumentParser(description="Train and cache the MNIST classifier used by the metrics.")
-    p.add_argument("--data_dir", default="./data")
-    p.add_argument("--train_classifier", action="store_true", help="retrain even if a cached one exists")
+    p = OneLineArgumentParser(description="Check the published MNIST judge, or train your own.")
+    p.add_argument("--train_judge", action="store_true", help=f"train a judge on MNIST training images "
+                   f"[0, {JUDGE_TRAIN_IMAGES}) (about 80-160 s on 2 CPU cores) and write it to --out")
+    p.add_argument("--out", help="with --train_judge: the file to write (a .sha256 goes beside it); an existing "
+                   "file is kept unless --overwrite")
+    p.add_argument("--overwrite", action="store_true", help="with --train_judge: replace an existing --out")
+    p.add_argument("--seed", type=int, default=0, help="with --train_judge: the training seed")
+    p.add_argument("--judge", help="without --train_judge: the judge file to check (default: the published one)")
+    p.add_argument("--data_dir", default="./data", help="where MNIST is (or is put)")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    _, acc = load_classifier(args.data_dir, retrain=args.train_classifier)
-    print(f"classifier test accuracy: {acc:.4f}")
+    if not args.train_judge:
+        if args.out or args.overwrite:
+            raise UserError("--out and --overwrite are for --train_judge")
+        judge = Judge(args.judge)
+        print(f"{judge.path}: {judge.label}")
+        for k, v in judge.record.items():
+            print(f"  {k}: {v}")
+        return
+    if not args.out:
+        raise UserError(f"--train_judge needs --out FILE (the published judge is {os.path.relpath(JUDGE_FILE)})")
+    for path in (args.out, args.out + ".sha256"):
+        if os.path.exists(path) and not args.overwrite:
+            raise UserError(f"{path} exists; choose another --out, or add --overwrite to replace it")
+        check_writable(path)
+    command = f"{TRAIN_COMMAND.replace('FILE', args.out)} --seed {args.seed}"
+    record = write_judge(args.out, args.data_dir, seed=args.seed, progress=not args.no_progress, command=command)
+    print(f"wrote {args.out} and {args.out}.sha256: test accuracy {record['test_accuracy']:.4f}, "
+          f"trained in {record['train_seconds']:.0f} s; score with it by --judge {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Small shared helpers: user-facing errors, device choice, atomic file writes, pictures."""
 import argparse
 import os
+import platform
 import sys
 import tempfile
 
@@ -29,6 +30,17 @@ def run_main(main):
         sys.stderr.write(f"{'' if rank == '0' else f'[rank {rank}] '}error: {e}\n")
         sys.stderr.flush()
         sys.exit(2)
+
+
+def cpu_model():
+    """The CPU's model name as /proc/cpuinfo (Linux) or platform reports it, with the core count."""
+    name = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
 def resolve_device(name):

@@ -76,7 +76,7 @@ def leftovers(repo):
 def test_good_download_is_verified_installed_and_evaluated(repo, server, files):
     r = run_script(repo, f"{server}/good.pt", *EVAL_ARGS)
     assert r.returncode == 0, r.stderr
-    assert (repo / "ddpm_trained.pt").read_bytes() == files["good"]
+    assert (repo / "ddpm_trained_published.pt").read_bytes() == files["good"]
     assert (repo / "grid.png").stat().st_size > 0
     assert "SHA-256 verified" in r.stdout and leftovers(repo) == []
 
@@ -84,14 +84,14 @@ def test_good_download_is_verified_installed_and_evaluated(repo, server, files):
 def test_url_from_the_environment(repo, server, files):
     r = run_script(repo, *EVAL_ARGS, env={"DDPM_CHECKPOINT_URL": f"{server}/good.pt"})
     assert r.returncode == 0, r.stderr
-    assert "downloading" in r.stdout and (repo / "ddpm_trained.pt").read_bytes() == files["good"]
+    assert "downloading" in r.stdout and (repo / "ddpm_trained_published.pt").read_bytes() == files["good"]
 
 
 @pytest.mark.parametrize("name, message", [("other.pt", "SHA-256 mismatch"), ("missing.pt", "download failed")])
 def test_wrong_hash_or_404_installs_nothing(repo, server, name, message):
     r = run_script(repo, f"{server}/{name}", *EVAL_ARGS)
     assert r.returncode != 0 and message in r.stderr
-    assert not (repo / "ddpm_trained.pt").exists() and not (repo / "grid.png").exists()
+    assert not (repo / "ddpm_trained_published.pt").exists() and not (repo / "grid.png").exists()
     assert leftovers(repo) == []
 
 
@@ -102,29 +102,35 @@ def test_unreachable_url_installs_nothing(repo):
         port = s.getsockname()[1]
     r = run_script(repo, f"http://127.0.0.1:{port}/ddpm_trained.pt", *EVAL_ARGS)
     assert r.returncode != 0 and "download failed" in r.stderr
-    assert not (repo / "ddpm_trained.pt").exists() and leftovers(repo) == []
+    assert not (repo / "ddpm_trained_published.pt").exists() and leftovers(repo) == []
 
 
 def test_no_url_uses_the_published_copy_and_checks_it(repo, files):
     r = run_script(repo, *EVAL_ARGS)
     assert r.returncode == 0, r.stderr
-    assert "published copy" in r.stdout and (repo / "ddpm_trained.pt").read_bytes() == files["good"]
-    (repo / "ddpm_trained.pt").unlink()
+    assert "published copy" in r.stdout and (repo / "ddpm_trained_published.pt").read_bytes() == files["good"]
+    (repo / "ddpm_trained_published.pt").unlink()
     (repo / "checkpoints" / "ddpm_trained.pt").write_bytes(files["other"])  # corrupted in the clone
     r = run_script(repo, *EVAL_ARGS)
     assert r.returncode != 0 and "SHA-256 mismatch" in r.stderr
-    assert not (repo / "ddpm_trained.pt").exists() and leftovers(repo) == []
+    assert not (repo / "ddpm_trained_published.pt").exists() and leftovers(repo) == []
 
 
-def test_a_different_existing_checkpoint_is_never_replaced(repo, files):
+def test_own_training_is_kept_and_a_different_installed_file_never_replaced(repo, files):
+    """The README's sequence: `python run.py` writes ./ddpm_trained.pt, then load_and_eval.sh installs the
+    published one beside it as ./ddpm_trained_published.pt; a different file of that name is kept too."""
     (repo / "ddpm_trained.pt").write_bytes(b"my own training")
     r = run_script(repo, *EVAL_ARGS)
-    assert r.returncode != 0 and "is not the published checkpoint" in r.stderr
+    assert r.returncode == 0, r.stderr
+    assert (repo / "ddpm_trained_published.pt").read_bytes() == files["good"]
     assert (repo / "ddpm_trained.pt").read_bytes() == b"my own training" and leftovers(repo) == []
+    (repo / "ddpm_trained_published.pt").write_bytes(b"something else")
+    r = run_script(repo, *EVAL_ARGS)
+    assert r.returncode != 0 and "is not the published checkpoint" in r.stderr
+    assert (repo / "ddpm_trained_published.pt").read_bytes() == b"something else" and leftovers(repo) == []
     r = run_script(repo, *EVAL_ARGS, env={"DDPM_CHECKPOINT_DEST": "published.pt"})
     assert r.returncode == 0, r.stderr
     assert (repo / "published.pt").read_bytes() == files["good"]
-    assert (repo / "ddpm_trained.pt").read_bytes() == b"my own training"
 
 
 def test_run_from_another_folder_installs_and_writes_there(repo, tmp_path, files):
@@ -135,8 +141,8 @@ def test_run_from_another_folder_installs_and_writes_there(repo, tmp_path, files
     r = subprocess.run(["sh", str(repo / "load_and_eval.sh"), *EVAL_ARGS], cwd=here, env=e,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert (here / "ddpm_trained.pt").read_bytes() == files["good"] and (here / "grid.png").exists()
-    assert not (repo / "ddpm_trained.pt").exists()
+    assert (here / "ddpm_trained_published.pt").read_bytes() == files["good"] and (here / "grid.png").exists()
+    assert not (repo / "ddpm_trained_published.pt").exists()
 
 
 def test_without_curl_or_wget_a_clear_error(repo, tmp_path, server):
@@ -147,7 +153,7 @@ def test_without_curl_or_wget_a_clear_error(repo, tmp_path, server):
             os.symlink(shutil.which(tool), bin_dir / tool)
     r = run_script(repo, f"{server}/good.pt", *EVAL_ARGS, env={"PATH": str(bin_dir)})
     assert r.returncode != 0 and "neither curl nor wget" in r.stderr
-    assert not (repo / "ddpm_trained.pt").exists() and leftovers(repo) == []
+    assert not (repo / "ddpm_trained_published.pt").exists() and leftovers(repo) == []
 
 
 def test_bad_arguments(repo):
@@ -161,7 +167,7 @@ def test_choose_another_published_checkpoint(repo, files):
     (repo / "checkpoints" / "ddpm_cond.pt.sha256").write_text(f"{digest}  ddpm_cond.pt\n")
     r = run_script(repo, *EVAL_ARGS, env={"DDPM_CHECKPOINT": "ddpm_cond.pt"})
     assert r.returncode == 0, r.stderr
-    assert (repo / "ddpm_cond.pt").read_bytes() == files["other"] and not (repo / "ddpm_trained.pt").exists()
+    assert (repo / "ddpm_cond_published.pt").read_bytes() == files["other"] and not (repo / "ddpm_trained_published.pt").exists()
     for bad in ("nope.pt", "../ddpm_cond.pt"):
         r = run_script(repo, *EVAL_ARGS, env={"DDPM_CHECKPOINT": bad})
         assert r.returncode != 0 and ("must be a file name" in r.stderr or "no published checkpoint" in r.stderr)

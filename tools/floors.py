@@ -1,0 +1,86 @@
+"""The published judge's floors: what n real MNIST images it never saw score, over several subsets.
+
+    python tools/floors.py                       # n = 200, 500, 1000, 5000; 10 subsets each (about 2 min)
+    python tools/floors.py --n 1000 --subsets 20 --json floors.json
+
+A floor is what a perfect generator would score at that n: the n real images replace the samples
+in every metric (feature-FID against the 10,000 test images' statistics, precision/recall against
+n test images, the confident share), with the same subsets evaluate.py --metrics --seed S draws.
+Subset s uses seed s; for n = 5000 the subsets of the 10,000 held-out images overlap.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dataloader import mnist_tensors  # noqa: E402
+from metrics import (  # noqa: E402
+    Judge,
+    classifier_scores,
+    feature_stats,
+    features,
+    fid_from_stats,
+    held_out_images,
+    precision_recall,
+    real_subsets,
+    reference_stats,
+)
+from utils import OneLineArgumentParser, UserError, atomic_write, cpu_model, run_main  # noqa: E402
+
+METRICS = ("fid", "precision", "recall", "confidence")
+
+
+def floors(judge, data_dir, n, subsets):
+    """{metric: [value per subset]} for n real held-out images, subsets seeded 0..subsets-1."""
+    held_out, _ = held_out_images(data_dir)
+    x_test, _ = mnist_tensors(data_dir, train=False, verbose=False)
+    f_held, f_test = features(judge.model, held_out), features(judge.model, x_test)
+    ref = reference_stats(judge, data_dir)
+    out = {k: [] for k in METRICS}
+    for seed in range(subsets):
+        i_real, i_test = real_subsets(n, seed, len(held_out), len(x_test))
+        p, r = precision_recall(f_test[i_test], f_held[i_real])
+        out["fid"].append(fid_from_stats(feature_stats(f_held[i_real]), ref))
+        out["precision"].append(p)
+        out["recall"].append(r)
+        out["confidence"].append(classifier_scores(judge.model, held_out[i_real])["confidence"])
+    return out
+
+
+def mean_std(values):
+    v = torch.tensor(values, dtype=torch.float64)
+    return v.mean().item(), (v.std().item() if len(v) > 1 else float("nan"))
+
+
+def main(argv=None):
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--n", default="200,500,1000,5000", help="comma-separated set sizes (10 to 10000)")
+    p.add_argument("--subsets", type=int, default=10, help="real subsets per n (seeds 0..subsets-1)")
+    p.add_argument("--data_dir", default="./data")
+    p.add_argument("--json", help="also write the numbers here")
+    args = p.parse_args(argv)
+    try:
+        sizes = [int(v) for v in args.n.split(",")]
+    except ValueError:
+        raise UserError(f"--n must be comma-separated integers, got {args.n!r}") from None
+    if not all(10 <= n <= 10000 for n in sizes) or args.subsets < 2:
+        raise UserError("--n values must be in 10..10000 and --subsets >= 2")
+    judge, t0 = Judge(), time.time()
+    table = {n: floors(judge, args.data_dir, n, args.subsets) for n in sizes}
+    print(f"floors of the {judge.label}, {args.subsets} subsets of held-out images per n (mean +- std):")
+    print("| n | " + " | ".join(METRICS) + " |\n| --- |" + " --- |" * len(METRICS))
+    for n, vals in table.items():
+        print(f"| {n} | " + " | ".join("{:.3f} +- {:.3f}".format(*mean_std(vals[k])) for k in METRICS) + " |")
+    print(f"{time.time() - t0:.0f} s on {cpu_model()}, torch {torch.__version__}")
+    if args.json:
+        rec = {"judge_sha256": judge.sha256, "subsets": args.subsets, "cpu": cpu_model(), "torch": torch.__version__,
+               "floors": {str(n): vals for n, vals in table.items()}}
+        atomic_write(args.json, lambda f: f.write(json.dumps(rec, indent=1).encode()))
+
+
+if __name__ == "__main__":
+    run_main(main)
