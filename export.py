@@ -5,8 +5,8 @@ the arguments that rebuild the model, and a SHA-256 file beside it that load_and
     python export.py --out checkpoints/ddpm_trained.pt --overwrite     # replace the published checkpoint
 
 writes the export and OUT.sha256 ("<hex>  NAME", the format `sha256sum -c` reads). An existing
-file (the published checkpoints above all) is never replaced without --overwrite. The exported file loads in evaluate.py like any checkpoint but
-cannot be resumed (no optimizer state).
+file (the published checkpoints above all) is never replaced without --overwrite. The exported
+file loads in evaluate.py like any checkpoint but cannot be resumed (no optimizer state).
 """
 import hashlib
 import os

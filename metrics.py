@@ -100,7 +100,7 @@ def train_classifier(data_dir="./data", epochs=2, batch_size=128, lr=2e-3, seed=
 
 
 @torch.no_grad()
-def predict(model, images, batch_size=1000):
+def predict(model, images, batch_size=200):
     """Logits (N, 10) for uint8 (N, 28, 28) or float [0, 1] images, in the model's dtype."""
     model.eval()
     dtype = next(model.parameters()).dtype
@@ -108,7 +108,7 @@ def predict(model, images, batch_size=1000):
 
 
 @torch.no_grad()
-def features(model, images, batch_size=1000):
+def features(model, images, batch_size=200):
     """Penultimate features (N, 128), in the model's dtype."""
     model.eval()
     dtype = next(model.parameters()).dtype
@@ -159,6 +159,11 @@ class Judge:
     def test_accuracy(self):
         return self.record["test_accuracy"]
 
+    @property
+    def reference(self):
+        """(mean, covariance) of the MNIST test images' features: the FID reference."""
+        return self.record["ref_mean"], self.record["ref_cov"]
+
 
 def _sha256_beside(path, fix):
     try:
@@ -176,23 +181,28 @@ def _git_commit():
         return None
 
 
-def judge_accuracy(model, data_dir):
-    """Share of the MNIST test set the model classifies right (in the model's dtype)."""
+def record_test_set(model, data_dir):
+    """What the judge records of the 10,000 MNIST test images, scored in float64 as the metrics do:
+    its accuracy and the feature mean and covariance that are the FID reference."""
     xt, yt = mnist_tensors(data_dir, train=False, verbose=False)
-    return (predict(model, xt).argmax(1) == yt).double().mean().item()
+    model = model.double().eval()
+    f = features(model, xt)
+    with torch.no_grad():
+        acc = (model.head(f).argmax(1) == yt).double().mean().item()  # eval: dropout is the identity
+    mean, cov = feature_stats(f)
+    return {"test_accuracy": acc, "ref_mean": mean, "ref_cov": cov}
 
 
 def write_judge(out, data_dir="./data", seed=0, progress=True, command=None):
-    """Train a judge and write it to `out` with its record (command, seed, commit, CPU, torch, test
-    accuracy in float64 as it scores) and a .sha256 file beside it. Returns the record."""
+    """Train a judge and write it to `out` with its record (command, seed, commit, CPU, torch, the
+    test-set accuracy and FID reference statistics) and a .sha256 file beside it. Returns the record."""
     t0 = time.time()
     model = train_classifier(data_dir, seed=seed, progress=progress)
     seconds = time.time() - t0
     record = {"command": command or f"{TRAIN_COMMAND.replace('FILE', out)} --seed {seed}", "seed": seed,
               "commit": _git_commit(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
-              "torch": torch.__version__, "train_images": f"MNIST training images [0, {JUDGE_TRAIN_IMAGES})",
-              "train_seconds": round(seconds, 1),
-              "test_accuracy": judge_accuracy(model.double(), data_dir)}
+              "torch": str(torch.__version__), "train_images": f"MNIST training images [0, {JUDGE_TRAIN_IMAGES})",
+              "train_seconds": round(seconds, 1), **record_test_set(model, data_dir)}
     model.float()
     checkpoint.save(out, {"model": model.state_dict(), **record})
     line = f"{sha256_file(out)}  {os.path.basename(out)}\n"
@@ -323,19 +333,6 @@ def nll_bpd(model, diffusion, images, n_timesteps=None, batch_size=128, seed=0, 
                           for r in range(10)}}
 
 
-def reference_stats(judge, data_dir):
-    """Feature mean and covariance of the 10,000 MNIST test images, cached beside the data per judge."""
-    path = os.path.join(data_dir, "mnist_test_feature_stats.pt")
-    if os.path.exists(path):
-        cached = checkpoint.load_file(path)
-        if cached.get("judge_sha256") == judge.sha256:
-            return cached["mean"], cached["cov"]
-    xt, _ = mnist_tensors(data_dir, train=False, verbose=False)
-    mean, cov = feature_stats(features(judge.model, xt))
-    checkpoint.save(path, {"mean": mean, "cov": cov, "judge_sha256": judge.sha256})
-    return mean, cov
-
-
 def held_out_images(data_dir):
     """Real images the judge never saw: MNIST training images [50000, 60000). With data that is not
     the full MNIST (fewer images), all training images, and a source string that says so."""
@@ -352,10 +349,10 @@ class TrainingJudge:
     is biased upwards against n = 1000: compare it only along one curve, or between runs with the
     same --eval_samples."""
 
-    def __init__(self, data_dir="./data", judge_path=None):
+    def __init__(self, judge_path=None):
         with torch.random.fork_rng(devices=[]):
             self.judge = Judge(judge_path)
-            self.ref = reference_stats(self.judge, data_dir)
+        self.ref = self.judge.reference
 
     @torch.no_grad()
     def __call__(self, samples):
@@ -387,7 +384,7 @@ def sample_metrics(samples, data_dir="./data", seed=0, labels=None, judge=None):
     x_test, _ = mnist_tensors(data_dir, train=False, verbose=False)
     i_real, i_test = real_subsets(n, seed, len(held_out), len(x_test))
     real = held_out[i_real]
-    ref = reference_stats(judge, data_dir)
+    ref = judge.reference
     f_fake, f_real, f_test = features(clf, samples), features(clf, real), features(clf, x_test[i_test])
     precision, recall = precision_recall(f_test, f_fake)
     floor_p, floor_r = precision_recall(f_test, f_real)

@@ -216,7 +216,7 @@ def train(args, plan, model, diffusion, images, labels, device, log):
     t0 = time.time()
     try:
         rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0  # rank 0 evaluates
-        judge = TrainingJudge(args.data_dir) if plan.cfg.eval_every and rank0 else None
+        judge = TrainingJudge() if plan.cfg.eval_every and rank0 else None
         state = train_func(model, diffusion, images, plan.cfg, args.checkpoint, device=device, resume=plan.resume,
                            model_meta=plan.meta, progress=not args.no_progress, speed_hint=hint, judge=judge,
                            labels=labels if plan.model_args.get("num_classes") is not None else None)

@@ -167,7 +167,8 @@ def test_choose_another_published_checkpoint(repo, files):
     (repo / "checkpoints" / "ddpm_cond.pt.sha256").write_text(f"{digest}  ddpm_cond.pt\n")
     r = run_script(repo, *EVAL_ARGS, env={"DDPM_CHECKPOINT": "ddpm_cond.pt"})
     assert r.returncode == 0, r.stderr
-    assert (repo / "ddpm_cond_published.pt").read_bytes() == files["other"] and not (repo / "ddpm_trained_published.pt").exists()
+    assert (repo / "ddpm_cond_published.pt").read_bytes() == files["other"]
+    assert not (repo / "ddpm_trained_published.pt").exists()
     for bad in ("nope.pt", "../ddpm_cond.pt"):
         r = run_script(repo, *EVAL_ARGS, env={"DDPM_CHECKPOINT": bad})
         assert r.returncode != 0 and ("must be a file name" in r.stderr or "no published checkpoint" in r.stderr)

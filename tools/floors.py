@@ -27,7 +27,6 @@ from metrics import (  # noqa: E402
     held_out_images,
     precision_recall,
     real_subsets,
-    reference_stats,
 )
 from utils import OneLineArgumentParser, UserError, atomic_write, cpu_model, run_main  # noqa: E402
 
@@ -39,7 +38,7 @@ def floors(judge, data_dir, n, subsets):
     held_out, _ = held_out_images(data_dir)
     x_test, _ = mnist_tensors(data_dir, train=False, verbose=False)
     f_held, f_test = features(judge.model, held_out), features(judge.model, x_test)
-    ref = reference_stats(judge, data_dir)
+    ref = judge.reference
     out = {k: [] for k in METRICS}
     for seed in range(subsets):
         i_real, i_test = real_subsets(n, seed, len(held_out), len(x_test))
