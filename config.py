@@ -70,9 +70,10 @@ DEFAULTS = {**{flag: v for flag, v in zip(MODEL_FLAGS, _signature_defaults(UNet,
 
 PRESETS = {
     "paper": {},  # the defaults: Ho et al. 2020's CIFAR-10 model and recipe (a GPU job)
-    # Chosen by measuring short runs on a 2-core CPU (docs/experiments.md): about 15 minutes there.
-    # Not the paper's noise schedule: the cosine one (Nichol & Dhariwal 2021) won the trials at equal
-    # cost, feature-FID 38 against 48 at the preset's 2,811 steps over two seeds each (issue 15).
+    # Chosen by measuring short runs on a 2-core AMD EPYC (docs/experiments.md): 13.5 minutes there
+    # (about 27 on another 2-core AMD EPYC). Not the paper's noise schedule: the cosine one (Nichol &
+    # Dhariwal 2021) won the trials at equal cost, feature-FID 38 against 48 at the preset's 2,811 steps
+    # over two seeds each (an AMD EPYC's machine-trained judge).
     "cpu": dict(ch=32, num_res_blocks=1, attn_res=(7,), dropout=0.0, schedule="cosine",
                 n_epochs=3, batch_size=64, lr=1e-3, warmup=200, lr_decay="cosine", ema_decay=0.999),
 }

@@ -30,7 +30,8 @@ from utils import OneLineArgumentParser, UserError, atomic_write, check_writable
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 JUDGE_FILE = os.path.join(REPO, "checkpoints", "mnist_judge.pt")
-JUDGE_SHA256 = "PINNED"  # the published judge; tests/test_judge.py pins it too
+# The published judge's SHA-256 (tests/test_judge.py pins it too).
+JUDGE_SHA256 = "b9ecc7d901b18ee3efe345a4f9b710a06c726348b345b3aa904406327397282c"
 JUDGE_TRAIN_IMAGES = 50_000  # the judge trains on training images [0, 50000); [50000, 60000) are held out
 TRAIN_COMMAND = "python metrics.py --train_judge --out FILE"
 
@@ -182,15 +183,14 @@ def _git_commit():
 
 
 def record_test_set(model, data_dir):
-    """What the judge records of the 10,000 MNIST test images, scored in float64 as the metrics do:
-    its accuracy and the feature mean and covariance that are the FID reference."""
+    """What the judge records of the 10,000 MNIST test images, scored in the model's dtype (float64 when
+    written, as the metrics score): its accuracy and the feature mean and covariance (the FID reference)."""
     xt, yt = mnist_tensors(data_dir, train=False, verbose=False)
-    model = model.double().eval()
-    f = features(model, xt)
+    f = features(model.eval(), xt)
     with torch.no_grad():
         acc = (model.head(f).argmax(1) == yt).double().mean().item()  # eval: dropout is the identity
     mean, cov = feature_stats(f)
-    return {"test_accuracy": acc, "ref_mean": mean, "ref_cov": cov}
+    return {"test_accuracy": acc, "ref_mean": mean.double(), "ref_cov": cov.double()}
 
 
 def write_judge(out, data_dir="./data", seed=0, progress=True, command=None):
@@ -202,7 +202,7 @@ def write_judge(out, data_dir="./data", seed=0, progress=True, command=None):
     record = {"command": command or f"{TRAIN_COMMAND.replace('FILE', out)} --seed {seed}", "seed": seed,
               "commit": _git_commit(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
               "torch": str(torch.__version__), "train_images": f"MNIST training images [0, {JUDGE_TRAIN_IMAGES})",
-              "train_seconds": round(seconds, 1), **record_test_set(model, data_dir)}
+              "train_seconds": round(seconds, 1), **record_test_set(model.double(), data_dir)}
     model.float()
     checkpoint.save(out, {"model": model.state_dict(), **record})
     line = f"{sha256_file(out)}  {os.path.basename(out)}\n"
@@ -420,7 +420,7 @@ def main(argv=None):
         judge = Judge(args.judge)
         print(f"{judge.path}: {judge.label}")
         for k, v in judge.record.items():
-            print(f"  {k}: {v}")
+            print(f"  {k}: {tuple(v.shape) if torch.is_tensor(v) else v}")
         return
     if not args.out:
         raise UserError(f"--train_judge needs --out FILE (the published judge is {os.path.relpath(JUDGE_FILE)})")

@@ -1,12 +1,13 @@
 #!/bin/sh
-# Training recipes at equal cost (issue 15): the cpu preset's model and number of optimizer steps,
+# Training recipes at equal cost: the cpu preset's model and number of optimizer steps,
 # with and without each recipe option, every trial judged on N samples with one fixed sampler.
 #   sh recipe_trials.sh [N]          # N = 1000 by default
 # A trial is NAME:SEED:FLAGS (FLAGS with + for spaces); RECIPE_TRIALS overrides the list below.
 # Each trial trains into trials/NAME-sSEED.pt with --eval_every (the curve is stored in it), then writes
 # trials/NAME-sSEED.json (the judge's numbers, the training time and the CPU). A trial whose JSON
 # exists is skipped, and an interrupted training is resumed, so rerunning continues where it stopped.
-# Run it alone: the times are part of the table (about 15 + 4 minutes a trial on 2 cores).
+# Run it alone: the times are part of the table (about 30 minutes a trial on 2 cores of an AMD EPYC,
+# 2 hours for the default four; docs/experiments.md).
 # Then the table of every trial in the folder, with its --eval_every curve, and OUT/recipe_curves.png.
 # TRIALS_SAMPLER: the judge's sampler flags; TRIALS_DATA: the MNIST folder; TRIALS_DIR: the output folder.
 set -e

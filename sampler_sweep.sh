@@ -4,12 +4,14 @@
 # until 8179394: git show 8179394:checkpoints/ddpm_trained.pt > ddpm_linear.pt):
 #   sh sampler_sweep.sh [CHECKPOINT] [N] [extra evaluate.py flags, e.g. --device cuda]
 # Rows: each few-step sampler at its own spacing at NFE 10, 20, 50, 100; the other spacings at NFE 20;
-# and the paper's 1000-step sampler, which takes 30-70 minutes for N = 1000 on 2 CPU cores:
+# and the paper's 1000-step sampler, which takes 31-72 minutes for N = 1000 on 2 cores of an AMD EPYC (estimates
+# on two such machines, docs/guidance.md and docs/sampling.md):
 # SWEEP_DDPM=0 skips it, SWEEP_DDPM_NPZ=FILE.npz scores 1000-step samples drawn elsewhere (say, on a
 # GPU by gpu_paper.sh) instead. Each row goes to sweep/<row>.json as soon as it is done, with the
 # checkpoint's SHA-256, the commit, the torch version and the CPU; a row whose file exists is skipped,
 # so an interrupted sweep resumes where it stopped. Speeds compare only rows timed on one machine.
-# SWEEP_NFE="10 20 50" limits the NFE rows (the NFE-100 rows alone take about 25 minutes on 2 cores).
+# SWEEP_NFE="10 20 50" limits the NFE rows (the NFE-100 rows alone take about 30 minutes on 2 cores of an AMD EPYC;
+# with SWEEP_DDPM=0 and N = 1000 the rows' sampling times there add up to about 75 minutes, docs/sampling.md).
 set -e
 CKPT=${1:-checkpoints/ddpm_trained.pt}
 N=${2:-1000}

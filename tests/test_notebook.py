@@ -5,6 +5,7 @@ import nbformat
 from nbclient import NotebookClient
 
 from conftest import ROOT, write_tiny_mnist
+from metrics import JUDGE_SHA256
 
 NOTEBOOK = os.path.join(ROOT, "train_model.ipynb")
 
@@ -22,7 +23,8 @@ def test_notebook_is_committed_executed_and_small():
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 6  # data, noising, loss, samples, ...
     text = "\n".join(o.get("text", "") for o in outputs)
     assert "default run" in text and "quick smoke run" not in text  # the full mode, not the tests' one
-    assert "fid_floor" in text and "bits/dim" in text
+    assert "floor" in text and "bits/dim" in text
+    assert f"published judge (sha256 {JUDGE_SHA256[:12]})" in text  # scored by today's judge
     assert "Executed" in nb.cells[0].source and "python" in nb.cells[0].source  # how, where, how long
 
 
@@ -38,5 +40,5 @@ def test_notebook_executes_quick(tmp_path, monkeypatch):
                    resources={"metadata": {"path": ROOT}}).execute()
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "quick smoke run" in text
-    assert "bits/dim" in text and "fid_floor" in text
+    assert "bits/dim" in text and "floor" in text
     assert (out_dir / "notebook_run.pt").exists()

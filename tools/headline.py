@@ -94,14 +94,12 @@ def main(argv=None):
     results = {name: run_row(name, seeds, args.rescore) for name in rows}
     first = results[rows[0]][0]
     print(f"\nmean +- std over sampling seeds {args.seeds}, n = {first['n_samples']}, {first['judge']}")
-    print("| checkpoint | " + " | ".join(label for _, label, _ in METRICS) + " | seconds per 1000 digits |")
-    print("| --- |" + " --- |" * (len(METRICS) + 1))
+    print("| checkpoint | " + " | ".join(label for _, label, _ in METRICS) + " |")
+    print("| --- |" + " --- |" * len(METRICS))
     for name, scores in results.items():
         s = summary(scores)
         cells = [f"{s[k][0]:.{d}f} +- {s[k][1]:.{d}f}" if k in s else "" for k, _, d in METRICS]
-        secs = [sc["sampling_seconds"] for sc in scores if "sampling_seconds" in sc]
-        tail = f"{sum(secs) / len(secs):.0f}" if secs else ""
-        print(f"| {ROWS[name][2]} | " + " | ".join(cells) + f" | {tail} |")
+        print(f"| {ROWS[name][2]} | " + " | ".join(cells) + " |")
     machines = sorted({f"{sc.get('cpu')}, torch {sc.get('torch')}" for sc in sum(results.values(), [])})
     print("sampled on: " + "; ".join(machines))
 
