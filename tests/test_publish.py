@@ -88,3 +88,32 @@ def test_float16_export_halves_the_file_and_loads_as_float32(trained):
     model, _ = checkpoint.build_model(pub)
     for k, v in model.state_dict().items():
         assert v.dtype == full["ema"][k].dtype and torch.equal(v, full["ema"][k].half().to(v.dtype)), k
+
+
+def test_export_writes_a_new_file_and_replaces_one_only_with_overwrite(trained, monkeypatch):
+    work, src = trained
+    monkeypatch.chdir(work)
+    export.main(["--checkpoint", src])  # the default output is a new file, never a published one
+    assert os.path.exists(work / "ddpm_exported.pt") and os.path.exists(work / "ddpm_exported.pt.sha256")
+    published = work / "published.pt"
+    published.write_bytes(b"the published checkpoint")
+    (work / "published.pt.sha256").write_text("abc  published.pt\n")
+    with pytest.raises(UserError, match="exists.*--overwrite"):
+        export.main(["--checkpoint", src, "--out", str(published)])
+    assert published.read_bytes() == b"the published checkpoint"  # untouched
+    export.main(["--checkpoint", src, "--out", str(published), "--overwrite"])
+    assert checkpoint.load(str(published))["weights"] == "ema"
+
+
+def test_checkpoint_with_nan_weights_is_refused_with_one_line(trained, capsys):
+    work, src = trained
+    ckpt = checkpoint.load(src)
+    key = next(k for k, v in ckpt["ema"].items() if v.is_floating_point())
+    ckpt["ema"][key] = torch.full_like(ckpt["ema"][key], float("nan"))
+    bad = str(work / "nan.pt")
+    checkpoint.save(bad, ckpt)
+    for call in (lambda: evaluate.main(["--checkpoint", bad, "--out", str(work / "nan.png"), "--device", "cpu"]),
+                 lambda: export.main(["--checkpoint", bad, "--out", str(work / "nan_export.pt")])):
+        with pytest.raises(UserError, match=f"not finite.*first {key}"):
+            call()
+    assert not os.path.exists(work / "nan.png") and not os.path.exists(work / "nan_export.pt")
