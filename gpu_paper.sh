@@ -76,7 +76,7 @@ print(f"loss, first {n} steps: fp32 eager mean {a[:n].mean():.4f}, bf16 compile 
 EOF
 
 log "3. export the EMA weights in float16"
-$PY export.py --checkpoint "$WORK/paper.pt" --out "$OUT/ddpm_paper.pt" --dtype float16
+$PY export.py --checkpoint "$WORK/paper.pt" --out "$OUT/ddpm_paper.pt" --dtype float16 --overwrite
 
 log "4. $N_SAMPLES digits from the exported file: 1000-step sampler, DDIM-50 (eta 0, eta 1)"
 for s in "ddpm1000|--sampler ddpm" "ddim50|--sampler ddim --sampling_steps 50" \

@@ -27,6 +27,7 @@ die() { echo "load_and_eval.sh: error: $*" >&2; exit 1; }
 REPO=$(cd "$(dirname "$0")" && pwd)
 NAME=${DDPM_CHECKPOINT:-ddpm_trained.pt}
 case "$NAME" in
+    mnist_judge.pt) die "mnist_judge.pt is the metrics' judge, not a DDPM checkpoint; choose ddpm_trained.pt, ddpm_cond.pt or ddpm_paper.pt" ;;
     */*|"") die "DDPM_CHECKPOINT must be a file name in checkpoints/ (ddpm_trained.pt, ddpm_cond.pt or ddpm_paper.pt), got '$NAME'" ;;
 esac
 SUM_FILE=$REPO/checkpoints/$NAME.sha256
@@ -53,7 +54,7 @@ if [ -z "$PY" ]; then
 fi
 
 if [ ! -f "$SUM_FILE" ]; then
-    [ -n "${DDPM_CHECKPOINT:-}" ] && die "no published checkpoint '$NAME': $SUM_FILE is missing; choose one of: $(cd "$REPO/checkpoints" && ls *.sha256 2>/dev/null | sed 's/\.sha256$//' | tr '\n' ' ')"
+    [ -n "${DDPM_CHECKPOINT:-}" ] && die "no published checkpoint '$NAME': $SUM_FILE is missing; choose one of: $(cd "$REPO/checkpoints" && ls ddpm_*.sha256 2>/dev/null | sed 's/\.sha256$//' | tr '\n' ' ')"
     die "$SUM_FILE is missing; it holds the published checksum (is this a complete clone?)"
 fi
 EXPECTED=$(awk 'NR == 1 { print $1 }' "$SUM_FILE")

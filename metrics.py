@@ -34,6 +34,7 @@ JUDGE_FILE = os.path.join(REPO, "checkpoints", "mnist_judge.pt")
 JUDGE_SHA256 = "b9ecc7d901b18ee3efe345a4f9b710a06c726348b345b3aa904406327397282c"
 JUDGE_TRAIN_IMAGES = 50_000  # the judge trains on training images [0, 50000); [50000, 60000) are held out
 TRAIN_COMMAND = "python metrics.py --train_judge --out FILE"
+JUDGE_KEYS = ("model", "test_accuracy", "ref_mean", "ref_cov", "train_images", "command")
 
 
 class MNISTClassifier(nn.Module):
@@ -70,12 +71,14 @@ def _as_input(images, dtype=torch.float32):
 
 def train_classifier(data_dir="./data", epochs=2, batch_size=128, lr=2e-3, seed=0, progress=True):
     """Adam with one-cycle decay, light shift augmentation, on the first JUDGE_TRAIN_IMAGES training
-    images (all of them if the data has fewer). Returns the model in eval mode."""
+    images (all of them if the data has fewer). Returns (the model in eval mode, images trained on)."""
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
     x, y = mnist_tensors(data_dir, train=True)
     x, y = x[:JUDGE_TRAIN_IMAGES], y[:JUDGE_TRAIN_IMAGES]
+    if len(x) < batch_size:
+        raise UserError(f"{data_dir} has {len(x)} training images; a judge needs at least {batch_size}")
     model = MNISTClassifier()
     steps = epochs * (len(x) // batch_size)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -97,7 +100,7 @@ def train_classifier(data_dir="./data", epochs=2, batch_size=128, lr=2e-3, seed=
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     bar.close()
-    return model.eval()
+    return model.eval(), len(x)
 
 
 @torch.no_grad()
@@ -134,22 +137,27 @@ class Judge:
     Attributes: model (float64, eval), record (how it was trained), sha256, published, label."""
 
     def __init__(self, path=None):
-        path = path or JUDGE_FILE
+        path = JUDGE_FILE if path is None else path
         published = os.path.abspath(path) == os.path.abspath(JUDGE_FILE)
         retrain = TRAIN_COMMAND.replace("FILE", "my_judge.pt")
         fix = ("restore it with 'git checkout -- checkpoints/mnist_judge.pt', or train your own with "
                f"'{retrain}' and pass --judge my_judge.pt" if published else
                f"retrain it with '{retrain}' and pass --judge my_judge.pt")
         if not os.path.isfile(path):
-            raise UserError(f"the judge {path} does not exist; {fix}")
-        digest = sha256_file(path)
+            raise UserError(f"the judge {path!r} does not exist; {fix}")
+        try:
+            digest = sha256_file(path)
+        except OSError as e:
+            raise UserError(f"cannot read the judge {path}: {e.strerror}") from None
         expected = JUDGE_SHA256 if published else _sha256_beside(path, fix)
         if digest != expected:
             raise UserError(f"the judge {path} has SHA-256 {digest[:16]}..., expected {expected[:16]}... "
                             f"(altered or truncated); {fix}")
         ckpt = checkpoint.load_file(path)
+        if not isinstance(ckpt, dict) or not all(k in ckpt for k in JUDGE_KEYS):
+            raise UserError(f"{path} is not a judge file (it lacks {', '.join(JUDGE_KEYS)}); {fix}")
         self.model = MNISTClassifier()
-        self.model.load_state_dict(ckpt["model"])
+        checkpoint.load_weights(self.model, ckpt["model"], f"the judge {path}")
         self.model.double().eval()
         self.record = {k: v for k, v in ckpt.items() if k != "model"}
         self.sha256, self.published, self.path = digest, digest == JUDGE_SHA256, path
@@ -170,7 +178,7 @@ def _sha256_beside(path, fix):
     try:
         with open(path + ".sha256") as f:
             return f.read().split()[0]
-    except (OSError, IndexError):
+    except (OSError, IndexError, UnicodeDecodeError):
         raise UserError(f"the judge {path} has no readable {path}.sha256 beside it; {fix}") from None
 
 
@@ -197,11 +205,11 @@ def write_judge(out, data_dir="./data", seed=0, progress=True, command=None):
     """Train a judge and write it to `out` with its record (command, seed, commit, CPU, torch, the
     test-set accuracy and FID reference statistics) and a .sha256 file beside it. Returns the record."""
     t0 = time.time()
-    model = train_classifier(data_dir, seed=seed, progress=progress)
+    model, n_images = train_classifier(data_dir, seed=seed, progress=progress)
     seconds = time.time() - t0
     record = {"command": command or f"{TRAIN_COMMAND.replace('FILE', out)} --seed {seed}", "seed": seed,
               "commit": _git_commit(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
-              "torch": str(torch.__version__), "train_images": f"MNIST training images [0, {JUDGE_TRAIN_IMAGES})",
+              "torch": str(torch.__version__), "train_images": f"MNIST training images [0, {n_images})",
               "train_seconds": round(seconds, 1), **record_test_set(model.double(), data_dir)}
     model.float()
     checkpoint.save(out, {"model": model.state_dict(), **record})
@@ -263,9 +271,9 @@ def precision_recall(real, fake, k=3, batch=1000):
     """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union
     of balls around its points with radius the distance to the k-th nearest neighbour. Precision:
     share of fake points inside the real manifold; recall: share of real points inside the fake one."""
-    def radii(x):
-        d = torch.cat([torch.cdist(x[i:i + batch], x) for i in range(0, len(x), batch)])
-        return d.kthvalue(k + 1, dim=1).values  # +1: the point itself is at distance 0
+    def radii(x):  # +1: the point itself is at distance 0
+        return torch.cat([torch.cdist(x[i:i + batch], x).kthvalue(k + 1, dim=1).values
+                          for i in range(0, len(x), batch)])
 
     def inside(points, centres, r):
         return torch.cat([(torch.cdist(points[i:i + batch], centres) <= r[None]).any(1)
@@ -389,7 +397,7 @@ def sample_metrics(samples, data_dir="./data", seed=0, labels=None, judge=None):
     precision, recall = precision_recall(f_test, f_fake)
     floor_p, floor_r = precision_recall(f_test, f_real)
     out = {"n_samples": n, "judge": judge.label, "judge_sha256": judge.sha256, "judge_published": judge.published,
-           "classifier_test_accuracy": judge.test_accuracy, "floor_images": source,
+           "classifier_test_accuracy": judge.test_accuracy, "floor_images": source, "real_subsets_seed": seed,
            "fid": fid_from_stats(feature_stats(f_fake), ref),
            "fid_floor": fid_from_stats(feature_stats(f_real), ref),
            "precision": precision, "recall": recall,
@@ -405,23 +413,29 @@ def sample_metrics(samples, data_dir="./data", seed=0, labels=None, judge=None):
 def main(argv=None):
     p = OneLineArgumentParser(description="Check the published MNIST judge, or train your own.")
     p.add_argument("--train_judge", action="store_true", help=f"train a judge on MNIST training images "
-                   f"[0, {JUDGE_TRAIN_IMAGES}) (about 80-160 s on 2 CPU cores) and write it to --out")
+                   f"[0, {JUDGE_TRAIN_IMAGES}) (2-3 min on 2 CPU cores) and write it to --out")
     p.add_argument("--out", help="with --train_judge: the file to write (a .sha256 goes beside it); an existing "
                    "file is kept unless --overwrite")
     p.add_argument("--overwrite", action="store_true", help="with --train_judge: replace an existing --out")
-    p.add_argument("--seed", type=int, default=0, help="with --train_judge: the training seed")
+    p.add_argument("--seed", type=int, help="with --train_judge: the training seed (default 0)")
     p.add_argument("--judge", help="without --train_judge: the judge file to check (default: the published one)")
-    p.add_argument("--data_dir", default="./data", help="where MNIST is (or is put)")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--data_dir", help="with --train_judge: where MNIST is (or is put; default ./data)")
+    p.add_argument("--no_progress", action="store_true", help="with --train_judge: no progress bar")
     args = p.parse_args(argv)
+    train_flags = [f for f in ("out", "overwrite", "seed", "data_dir", "no_progress")
+                   if getattr(args, f) is not None and getattr(args, f) is not False]
     if not args.train_judge:
-        if args.out or args.overwrite:
-            raise UserError("--out and --overwrite are for --train_judge")
+        if train_flags:
+            raise UserError(f"--{train_flags[0]} is for --train_judge")
         judge = Judge(args.judge)
         print(f"{judge.path}: {judge.label}")
         for k, v in judge.record.items():
             print(f"  {k}: {tuple(v.shape) if torch.is_tensor(v) else v}")
         return
+    if args.judge is not None:
+        raise UserError("--judge checks an existing judge; drop it with --train_judge (the new one goes to --out)")
+    args.seed = 0 if args.seed is None else args.seed
+    args.data_dir = args.data_dir or "./data"
     if not args.out:
         raise UserError(f"--train_judge needs --out FILE (the published judge is {os.path.relpath(JUDGE_FILE)})")
     for path in (args.out, args.out + ".sha256"):

@@ -3,6 +3,7 @@ machine and thread count, and one-line errors for a missing, altered or local ju
 import copy
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -98,3 +99,18 @@ def test_a_local_judge_is_trained_only_when_asked_and_labelled_local(tmp_path, c
         metrics.Judge(out)
     with pytest.raises(UserError, match="--judge is for --metrics"):
         evaluate.main(["--judge", out])
+
+
+def test_a_file_that_is_no_judge_and_flags_out_of_place_are_one_line_errors(tmp_path):
+    fake = tmp_path / "ddpm_trained.pt"  # a DDPM checkpoint with its checksum beside it: not a judge
+    shutil.copy(os.path.join(ROOT, "checkpoints", "ddpm_trained.pt"), fake)
+    shutil.copy(os.path.join(ROOT, "checkpoints", "ddpm_trained.pt.sha256"), str(fake) + ".sha256")
+    with pytest.raises(UserError, match="is not a judge file"):
+        metrics.Judge(str(fake))
+    with pytest.raises(UserError, match="does not exist"):
+        metrics.Judge("")  # an empty --judge is not the published judge
+    for argv, message in ((["--seed", "0"], "--seed is for --train_judge"),
+                          (["--out", "x.pt"], "--out is for --train_judge"),
+                          (["--train_judge", "--out", "x.pt", "--judge", "y.pt"], "drop it with --train_judge")):
+        with pytest.raises(UserError, match=message):
+            metrics.main(argv)

@@ -40,5 +40,5 @@ def test_notebook_executes_quick(tmp_path, monkeypatch):
                    resources={"metadata": {"path": ROOT}}).execute()
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "quick smoke run" in text
-    assert "bits/dim" in text and "floor" in text
+    assert "bits/dim" in text and "fid:" in text and "floor" in text and "published judge (sha256" in text
     assert (out_dir / "notebook_run.pt").exists()

@@ -20,6 +20,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+from metrics import JUDGE_SHA256  # noqa: E402
 from utils import OneLineArgumentParser, UserError, atomic_write, run_main  # noqa: E402
 
 OUT = os.path.join(ROOT, "docs", "results")
@@ -36,13 +37,18 @@ METRICS = (("fid", "feature-FID", 2), ("precision", "precision", 3), ("recall", 
 
 
 def evaluate(*args):
-    subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args], cwd=ROOT, check=True)
+    """Run evaluate.py; its own one-line error is enough when it fails."""
+    if subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args], cwd=ROOT).returncode != 0:
+        raise UserError(f"evaluate.py {' '.join(args)} failed (its error is above)")
 
 
 def ensure_linear_checkpoint():
     path = os.path.join(ROOT, ROWS["uncond_linear"][0])
     if not os.path.exists(path):
-        data = subprocess.run(["git", "show", f"{LINEAR[0]}:{LINEAR[1]}"], cwd=ROOT, capture_output=True).stdout
+        try:
+            data = subprocess.run(["git", "show", f"{LINEAR[0]}:{LINEAR[1]}"], cwd=ROOT, capture_output=True).stdout
+        except OSError:
+            data = b""
         if not data:
             raise UserError(f"cannot restore {path} with 'git show {LINEAR[0]}:{LINEAR[1]}' (not a full clone?)")
         atomic_write(path, lambda f: f.write(data))
@@ -60,11 +66,19 @@ def run_row(name, seeds, rescore):
             evaluate("--checkpoint", ckpt, *SAMPLER, *extra, "--seed", str(seed), "--no_progress",
                      "--out", os.path.join(OUT, f".{name}_seed{seed}.png"), "--save_samples", npz)
             os.remove(os.path.join(OUT, f".{name}_seed{seed}.png"))
-        if rescore or not os.path.exists(js):
+        if rescore or stale(js, npz):
             evaluate("--metrics", "--from_samples", npz, "--seed", str(seed), "--no_progress", "--metrics_out", js)
         with open(js) as f:
             scores.append(json.load(f))
     return scores
+
+
+def stale(js, npz):
+    """A score file is re-made when missing, older than its samples, or not by the published judge."""
+    if not os.path.exists(js) or os.path.getmtime(js) < os.path.getmtime(npz):
+        return True
+    with open(js) as f:
+        return json.load(f).get("judge_sha256") != JUDGE_SHA256
 
 
 def summary(scores):
