@@ -22,4 +22,4 @@ for mode in "--amp none" "--amp bf16" "--amp bf16 --compile"; do
     timeout 400 $PY benchmark.py --preset paper --device cuda --batch_size 128 --steps 100 $mode --json "$OUT/bench_$tag.json"
 done
 echo "== test suite on the GPU machine"
-timeout 300 $PY -m pytest -q -x tests 2>&1 | tail -15
+DDPM_SLOW_TESTS=1 timeout 400 $PY -m pytest -q -x tests 2>&1 | tail -15

@@ -66,7 +66,7 @@ def get_parser():
 
 def save_npz(path, **arrays):
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    np.savez_compressed(buf, **arrays)
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 

@@ -13,7 +13,7 @@ import checkpoint
 import evaluate
 from conftest import ROOT, TINY_FLAGS, write_tiny_mnist
 
-STEPS = 60
+STEPS = 30
 FLAGS = [*TINY_FLAGS, "--batch_size", "32", "--lr", "1e-3", "--warmup", "10", "--n_samples", "1", "--sampler", "ddim",
          "--sampling_steps", "2", "--no_progress", "--device", "cpu", "--save_every", "10"]
 
@@ -100,7 +100,7 @@ def test_killed_two_process_run_resumes(runs):
 
 def test_sigterm_to_one_process_stops_all_at_the_same_step_and_resumes(runs):
     work, res = runs
-    ckpt, total = work / "term.pt", 100  # 25 epochs of 4 steps; the lr is constant after warm-up
+    ckpt, total = work / "term.pt", 60  # 15 epochs of 4 steps; the lr is constant after warm-up
     p = launch(work, ckpt, 2, "--max_steps", str(total), wait=False)
     deadline = time.time() + 120
     while not ckpt.exists() and p.poll() is None and time.time() < deadline:
