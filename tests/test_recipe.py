@@ -1,4 +1,4 @@
-"""The training-recipe options (issue 15): the cosine schedule, Min-SNR-gamma weighting, and
+"""The training-recipe options: the cosine schedule, Min-SNR-gamma weighting, and
 --eval_every, which must not change what is trained."""
 import math
 import os
@@ -104,7 +104,7 @@ def test_eval_every_trains_bitwise_the_same_and_its_curve_survives_resume(tmp_pa
 
 def test_presets_schedules():
     """The paper preset keeps the DDPM recipe; the cpu and reference presets adopted the cosine schedule,
-    the winner of the trials at equal cost (issue 15); Min-SNR stays off everywhere."""
+    the winner of the trials at equal cost; Min-SNR stays off everywhere."""
     import config
     for preset, schedule in (("paper", "linear"), ("cpu", "cosine"), ("reference", "cosine")):
         _, diffusion_args, cfg = config.resolve(preset)

@@ -59,7 +59,7 @@ def test_published_checkpoints_load_and_match_their_checksums(name):
     ckpt = checkpoint.load(path)
     assert ckpt["format"] == checkpoint.FORMAT and checkpoint.is_exported(ckpt)
     assert not checkpoint.is_resumable(ckpt) and not checkpoint.is_unfinished(ckpt)  # an export is no run to resume
-    # ddpm_paper.pt: 13,089 of the seed's 46,800 steps, float16 weights (docs/gpu.md)
+    # ddpm_paper.pt: 13,089 of the 100-epoch run's 46,800 steps, float16 weights (docs/gpu.md)
     assert (ckpt["step"] < ckpt["total_steps"]) == (name == "ddpm_paper.pt")
     assert ckpt["meta"].get("weights_dtype", "float32") == ("float16" if name == "ddpm_paper.pt" else "float32")
     model, diffusion = checkpoint.build_model(ckpt)
