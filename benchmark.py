@@ -128,7 +128,7 @@ def sample_time(net, n, sampler, device, amp, compile):
     return time.perf_counter() - t0
 
 
-def training_figures(model, diffusion, device, args):
+def training_figures(model, diffusion, device, args, flops_per_train_image):
     """Peak matmul FLOP/s, bare and full training step times, and what follows from them."""
     res = {"peak_matmul_flops": peak_matmul_flops(device, torch.bfloat16 if args.amp == "bf16" else
                                                   torch.float16 if args.amp == "fp16" else torch.float32)}
@@ -138,7 +138,7 @@ def training_figures(model, diffusion, device, args):
                                         os.path.join(tempfile.gettempdir(), "_ddpm_bench.pt"), **speed)
     res["overhead_fraction"] = 1 - res["bare_step_s"] / res["full_step_s"]
     res["train_img_per_s"] = args.batch_size / res["full_step_s"]
-    res["achieved_flops"] = res["flops_per_train_image"] * res["train_img_per_s"]  # forward + backward
+    res["achieved_flops"] = flops_per_train_image * res["train_img_per_s"]  # forward + backward
     res["fraction_of_peak"] = res["achieved_flops"] / res["peak_matmul_flops"]
     return res
 
@@ -165,7 +165,7 @@ def main(argv=None):
            "threads": torch.get_num_threads(), "params": count_parameters(model)}
     res["flops_per_forward"], res["flops_per_train_image"] = count_flops(model, 8, device)
     if not args.sample_only:
-        res.update(training_figures(model, diffusion, device, args))
+        res.update(training_figures(model, diffusion, device, args, res["flops_per_train_image"]))
     res["dense_op_share_b100"] = dense_op_share(model, 100, device)
     res["sample_10_s"] = sample_time(model, 10, "ddpm", device, args.amp, args.compile)
     res["sample_100_ddim50_s"] = sample_time(model, 100, "ddim", device, args.amp, args.compile)
