@@ -18,6 +18,7 @@ Kinds: a training checkpoint can be resumed (it has the optimizer and random-num
 exported one (export.py) holds only the EMA weights, the arguments and the loss history. A bare
 UNet state dict is accepted too, with the paper's default arguments.
 """
+import hashlib
 import io
 import os
 import random
@@ -27,7 +28,7 @@ import torch
 
 from diffusion import GaussianDiffusion
 from model import UNet
-from utils import UserError, atomic_write
+from utils import UserError, atomic_write, check_writable
 
 FORMAT = "ddpm-mnist/1"
 KNOWN_FORMATS = (FORMAT,)  # a later format adds its name here and keeps reading these
@@ -44,6 +45,24 @@ def to_bytes(obj):
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
+
+
+def check_publish_target(path, overwrite):
+    """A published file and its .sha256 replace nothing that exists unless `overwrite` (--overwrite)."""
+    for p in (path, path + ".sha256"):
+        if os.path.exists(p) and not overwrite:
+            raise UserError(f"{p} exists; choose another --out, or add --overwrite to replace it")
+        check_writable(p)
+
+
+def save_published(path, obj):
+    """save(), then a .sha256 beside it ("<hex>  NAME", the format `sha256sum -c` reads).
+    Returns (the number of bytes written, the hex digest)."""
+    data = to_bytes(obj)
+    digest = hashlib.sha256(data).hexdigest()
+    atomic_write(path, lambda f: f.write(data))
+    atomic_write(path + ".sha256", lambda f: f.write(f"{digest}  {os.path.basename(path)}\n".encode()))
+    return len(data), digest
 
 
 def load_file(path, map_location="cpu"):

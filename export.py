@@ -8,15 +8,10 @@ writes the export and OUT.sha256 ("<hex>  NAME", the format `sha256sum -c` reads
 file (the published checkpoints above all) is never replaced without --overwrite. The exported
 file loads in evaluate.py like any checkpoint but cannot be resumed (no optimizer state).
 """
-import hashlib
 import os
 
 import checkpoint
-from utils import OneLineArgumentParser, UserError, atomic_write, check_writable, run_main
-
-
-def sha256_line(data, name):
-    return f"{hashlib.sha256(data).hexdigest()}  {name}\n"
+from utils import OneLineArgumentParser, UserError, run_main
 
 
 def main(argv=None):
@@ -31,22 +26,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if os.path.abspath(args.out) == os.path.abspath(args.checkpoint):
         raise UserError("--out must differ from --checkpoint (the training checkpoint is kept)")
-    for path in (args.out, args.out + ".sha256"):
-        if os.path.exists(path) and not args.overwrite:
-            raise UserError(f"{path} exists (a published checkpoint?); choose another --out, or add --overwrite "
-                            f"to replace it")
-        check_writable(path)
+    checkpoint.check_publish_target(args.out, args.overwrite)
     ckpt = checkpoint.load(args.checkpoint)
     checkpoint.check_finite(checkpoint.ema_weights(ckpt), args.checkpoint)
     out = checkpoint.export(ckpt, args.dtype)
     if checkpoint.is_unfinished(ckpt):
         print(f"note: {args.checkpoint} is an unfinished run (step {ckpt['step']} of {ckpt['total_steps']})")
-    data = checkpoint.to_bytes(out)
-    atomic_write(args.out, lambda f: f.write(data))
-    line = sha256_line(data, os.path.basename(args.out))
-    atomic_write(args.out + ".sha256", lambda f: f.write(line.encode()))
-    print(f"wrote {args.out} ({len(data) / 1e6:.1f} MB, step {out.get('step', '?')}, EMA weights in {args.dtype}) and "
-          f"{args.out}.sha256 ({line.split()[0][:16]}...)")
+    size, digest = checkpoint.save_published(args.out, out)
+    print(f"wrote {args.out} ({size / 1e6:.1f} MB, step {out.get('step', '?')}, EMA weights in {args.dtype}) and "
+          f"{args.out}.sha256 ({digest[:16]}...)")
 
 
 if __name__ == "__main__":

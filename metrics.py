@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 import checkpoint
 from dataloader import epoch_permutation, mnist_tensors
-from utils import OneLineArgumentParser, UserError, atomic_write, check_writable, cpu_model, run_main
+from utils import OneLineArgumentParser, UserError, cpu_model, run_main
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 JUDGE_FILE = os.path.join(REPO, "checkpoints", "mnist_judge.pt")
@@ -212,9 +212,7 @@ def write_judge(out, data_dir="./data", seed=0, progress=True, command=None):
               "torch": str(torch.__version__), "train_images": f"MNIST training images [0, {n_images})",
               "train_seconds": round(seconds, 1), **record_test_set(model.double(), data_dir)}
     model.float()
-    checkpoint.save(out, {"model": model.state_dict(), **record})
-    line = f"{sha256_file(out)}  {os.path.basename(out)}\n"
-    atomic_write(out + ".sha256", lambda f: f.write(line.encode()))
+    checkpoint.save_published(out, {"model": model.state_dict(), **record})
     return record
 
 
@@ -438,10 +436,7 @@ def main(argv=None):
     args.data_dir = args.data_dir or "./data"
     if not args.out:
         raise UserError(f"--train_judge needs --out FILE (the published judge is {os.path.relpath(JUDGE_FILE)})")
-    for path in (args.out, args.out + ".sha256"):
-        if os.path.exists(path) and not args.overwrite:
-            raise UserError(f"{path} exists; choose another --out, or add --overwrite to replace it")
-        check_writable(path)
+    checkpoint.check_publish_target(args.out, args.overwrite)
     command = f"{TRAIN_COMMAND.replace('FILE', args.out)} --seed {args.seed}"
     record = write_judge(args.out, args.data_dir, seed=args.seed, progress=not args.no_progress, command=command)
     print(f"wrote {args.out} and {args.out}.sha256: test accuracy {record['test_accuracy']:.4f}, "
