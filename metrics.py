@@ -231,7 +231,12 @@ def conditional_accuracy(predicted, requested, num_classes=10):
 def classifier_scores(model, images, threshold=0.9):
     """Share of confident samples (max softmax >= threshold), the predicted-class histogram and
     its KL divergence to uniform (nats; 0 = every digit equally often, log 10 = one digit only)."""
-    probs = predict(model, images).softmax(1)
+    return scores_from_logits(predict(model, images), threshold)
+
+
+def scores_from_logits(logits, threshold=0.9):
+    """classifier_scores of images whose logits (N, 10) are already computed."""
+    probs = logits.softmax(1)
     conf = (probs.max(1).values >= threshold).float().mean().item()
     hist = torch.bincount(probs.argmax(1), minlength=10).double()
     p = hist / hist.sum()
@@ -356,15 +361,14 @@ class TrainingJudge:
     same --eval_samples."""
 
     def __init__(self, judge_path=None):
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]):  # building the network draws its initial weights
             self.judge = Judge(judge_path)
-        self.ref = self.judge.reference
 
     @torch.no_grad()
     def __call__(self, samples):
         """uint8 samples (N, 28, 28) -> {"fid", "confidence"}."""
         clf = self.judge.model
-        return {"fid": fid_from_stats(feature_stats(features(clf, samples)), self.ref),
+        return {"fid": fid_from_stats(feature_stats(features(clf, samples)), self.judge.reference),
                 "confidence": classifier_scores(clf, samples)["confidence"]}
 
 

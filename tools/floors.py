@@ -20,33 +20,41 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataloader import mnist_tensors  # noqa: E402
 from metrics import (  # noqa: E402
     Judge,
-    classifier_scores,
     feature_stats,
     features,
     fid_from_stats,
     held_out_images,
     precision_recall,
     real_subsets,
+    scores_from_logits,
 )
 from utils import OneLineArgumentParser, UserError, atomic_write, cpu_model, run_main  # noqa: E402
 
 METRICS = ("fid", "precision", "recall", "confidence")
 
 
-def floors(judge, data_dir, n, subsets):
+class RealFeatures:
+    """The judge's features (and logits) of the held-out and the test images, computed once for every n."""
+
+    def __init__(self, judge, data_dir):
+        held_out, _ = held_out_images(data_dir)
+        x_test, _ = mnist_tensors(data_dir, train=False, verbose=False)
+        self.held, self.test = features(judge.model, held_out), features(judge.model, x_test)
+        with torch.no_grad():
+            self.held_logits = judge.model.head(self.held)  # = predict(): eval-mode dropout is the identity
+        self.ref = judge.reference
+
+
+def floors(real, n, subsets):
     """{metric: [value per subset]} for n real held-out images, subsets seeded 0..subsets-1."""
-    held_out, _ = held_out_images(data_dir)
-    x_test, _ = mnist_tensors(data_dir, train=False, verbose=False)
-    f_held, f_test = features(judge.model, held_out), features(judge.model, x_test)
-    ref = judge.reference
     out = {k: [] for k in METRICS}
     for seed in range(subsets):
-        i_real, i_test = real_subsets(n, seed, len(held_out), len(x_test))
-        p, r = precision_recall(f_test[i_test], f_held[i_real])
-        out["fid"].append(fid_from_stats(feature_stats(f_held[i_real]), ref))
+        i_real, i_test = real_subsets(n, seed, len(real.held), len(real.test))
+        p, r = precision_recall(real.test[i_test], real.held[i_real])
+        out["fid"].append(fid_from_stats(feature_stats(real.held[i_real]), real.ref))
         out["precision"].append(p)
         out["recall"].append(r)
-        out["confidence"].append(classifier_scores(judge.model, held_out[i_real])["confidence"])
+        out["confidence"].append(scores_from_logits(real.held_logits[i_real])["confidence"])
     return out
 
 
@@ -69,7 +77,8 @@ def main(argv=None):
     if not all(10 <= n <= 10000 for n in sizes) or args.subsets < 2:
         raise UserError("--n values must be in 10..10000 and --subsets >= 2")
     judge, t0 = Judge(), time.time()
-    table = {n: floors(judge, args.data_dir, n, args.subsets) for n in sizes}
+    real = RealFeatures(judge, args.data_dir)
+    table = {n: floors(real, n, args.subsets) for n in sizes}
     print(f"floors of the {judge.label}, {args.subsets} subsets of held-out images per n (mean +- std):")
     print("| n | " + " | ".join(METRICS) + " |\n| --- |" + " --- |" * len(METRICS))
     for n, vals in table.items():
