@@ -11,7 +11,7 @@ import torch
 
 import checkpoint
 import evaluate
-from conftest import ROOT, TINY_FLAGS, write_tiny_mnist
+from conftest import ROOT, TINY_FLAGS, slow, write_tiny_mnist
 
 STEPS = 30
 FLAGS = [*TINY_FLAGS, "--batch_size", "32", "--lr", "1e-3", "--warmup", "10", "--n_samples", "1", "--sampler", "ddim",
@@ -98,6 +98,7 @@ def test_killed_two_process_run_resumes(runs):
     torch.testing.assert_close(done["loss_history"], res[2][0]["loss_history"], rtol=1e-6, atol=0)
 
 
+@slow  # 26 s on 2 cores; test_killed_two_process_run_resumes covers resuming a 2-process run
 def test_sigterm_to_one_process_stops_all_at_the_same_step_and_resumes(runs):
     work, res = runs
     ckpt, total = work / "term.pt", 60  # 15 epochs of 4 steps; the lr is constant after warm-up

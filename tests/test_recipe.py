@@ -9,7 +9,7 @@ from test_resume import same_weights
 from test_samplers import MU, S, sample
 
 import checkpoint
-from conftest import ROOT, TINY_FLAGS, write_tiny_mnist
+from conftest import ROOT, TINY_FLAGS, slow, write_tiny_mnist
 from diffusion import LAMBDA_MIN, GaussianDiffusion
 from test_scripts import expect_user_error, sh
 
@@ -125,6 +125,7 @@ def test_recipe_flag_errors(argv, match, capsys, tmp_path, monkeypatch):
     expect_user_error(capsys, run.main, [*argv, "--dry_run", "--device", "cpu"], match)
 
 
+@slow  # 31 s on 2 cores: the sweep tool end to end (its trainings are run.py's, tested elsewhere)
 def test_recipe_trials_script(tmp_path):
     """recipe_trials.sh end to end with two tiny trials: it trains, judges, writes a row per trial, and
     skips a trial that is done."""

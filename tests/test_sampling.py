@@ -1,11 +1,9 @@
 """The samplers: DDIM against the ancestral step, determinism, shapes, seeds."""
-import os
-
 import pytest
 import torch
 
 from config import SAMPLERS
-from conftest import TINY, undo_zero_init
+from conftest import TINY, slow, undo_zero_init
 from diffusion import GaussianDiffusion, sample_seed
 from model import UNet
 from sample import sample_func
@@ -99,8 +97,7 @@ def test_sample_seeds_are_distinct():
     assert sample_seed(-1, 0) == sample_seed(2 ** 64 - 1, 0)
 
 
-@pytest.mark.skipif(os.environ.get("DDPM_SLOW_TESTS") != "1", reason="inductor's cold compile takes 35 s on 2 "
-                    "cores; run with DDPM_SLOW_TESTS=1 (bench_gpu.sh does)")
+@slow  # inductor's cold compile: 35 s on 2 cores
 def test_compiled_forward_matches_eager():
     """torch.compile (inductor) gives the same network output as eager, to float32 tolerance."""
     torch.manual_seed(0)
