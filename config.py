@@ -80,18 +80,10 @@ PRESETS = {
 # The published checkpoint (checkpoints/ddpm_trained.pt), 1.5 to 2 hours on 2 CPU cores: the cpu
 # preset's model and recipe for 20 epochs, with a slower EMA for the longer run.
 PRESETS["reference"] = dict(PRESETS["cpu"], n_epochs=20, ema_decay=0.9995)
-DDIM_STEPS = 50  # the few-step samplers' number of steps when --sampling_steps is not given
 # What --eval_every samples with: the best stochastic sampler at 20 NFE (docs/sampling.md), from fixed
 # noise (per-sample streams of this seed, not the run's), the same at every evaluation and in every run.
 EVAL_SAMPLER = dict(sampler="dpm++2m-sde", sampling_steps=20, spacing="logsnr")
 EVAL_SEED = 0
-SAMPLERS = ("ddpm", "ddim", "dpm++2m", "dpm++2m-sde", "restart")
-# Each few-step sampler's own timestep spacing (--spacing's default; diffusion.ddim_timesteps names them):
-# DDIM's own paper and code space evenly in t; DPM-Solver++ (Lu et al. 2022) recommends log-SNR
-# spacing for pixel-space models, and restart takes its ODE solver's. Measured on the linear-schedule
-# checkpoint published at ab316d2, at 20 NFE (docs/sampling.md): each is the best or within the noise of the best.
-DEFAULT_SPACING = {"ddim": "uniform", "dpm++2m": "logsnr", "dpm++2m-sde": "logsnr", "restart": "logsnr"}
-
 
 def resolve(preset="paper", class_cond=False, **overrides):
     """Defaults, then the preset, then the overrides (None = not given). Returns (UNet keyword
@@ -145,17 +137,23 @@ def add_speed_flags(p):
 
 
 def add_sampler_flags(p):
-    p.add_argument("--sampler", default="ddpm", choices=SAMPLERS,
-                   help="ddpm: the paper's T-step ancestral sampler (Algorithm 2); ddim: Song et al. 2021; "
-                        "dpm++2m / dpm++2m-sde: DPM-Solver++(2M) and its stochastic form (Lu et al. 2022); "
-                        "restart: Restart sampling (Xu et al. 2023) with DPM-Solver++(2M) steps")
+    """--sampler and its settings, from the registry (samplers.SAMPLERS): a sampler's options are flags."""
+    from samplers import DEFAULT_STEPS, SAMPLERS, SPACINGS
+
+    p.add_argument("--sampler", default="ddpm", choices=list(SAMPLERS),
+                   help="; ".join(f"{s.name}: {s.help}" for s in SAMPLERS.values()))
     p.add_argument("--sampling_steps", type=int,
-                   help=f"few-step samplers: solver steps, one network evaluation each (default {DDIM_STEPS}); "
+                   help=f"few-step samplers: solver steps, one network evaluation each (default {DEFAULT_STEPS}); "
                         "ddpm always takes T")
-    p.add_argument("--eta", type=float, help="ddim only: 0 = deterministic (default), 1 = ancestral-like")
-    p.add_argument("--spacing", choices=["uniform", "quadratic", "logsnr", "karras"],
+    p.add_argument("--spacing", choices=SPACINGS,
                    help="few-step samplers: where the steps go in t (default: the sampler's own, "
-                        + ", ".join(f"{k} {v}" for k, v in DEFAULT_SPACING.items()) + ")")
+                        + ", ".join(f"{s.name} {s.spacing}" for s in SAMPLERS.values() if s.spacing) + ")")
+    options = {}  # option -> (the samplers that take it, (default, help))
+    for s in SAMPLERS.values():
+        for option, spec in s.options.items():
+            options.setdefault(option, ([], spec))[0].append(s.name)
+    for option, (names, (default, help)) in options.items():
+        p.add_argument(f"--{option}", type=type(default), help=f"{' or '.join(names)} only: {help}")
 
 
 def add_label_flags(p):

@@ -1,47 +1,52 @@
-"""Sampling: the 1000-step ancestral reverse process (Algorithm 2 of Ho et al. 2020), or a few-step
-sampler (DDIM, Song et al. 2021; DPM-Solver++(2M) and its SDE form, Lu et al. 2022; Restart sampling,
-Xu et al. 2023), from the same trained model."""
+"""Sampling from a trained model: the 1000-step ancestral reverse process (Algorithm 2 of Ho et al.
+2020) or a few-step sampler (samplers.SAMPLERS), in batches, with per-sample noise streams, mixed
+precision, torch.compile and classifier-free guidance; and the checks of the sampling flags."""
 import math
 import weakref
 
 import torch
+from tqdm.auto import tqdm
 
-from config import DDIM_STEPS, DEFAULT_SPACING, SAMPLERS
-from diffusion import GaussianDiffusion, SampleNoise
+from diffusion import GaussianDiffusion
+from samplers import DEFAULT_STEPS, SAMPLERS, Denoiser, SampleNoise, noise_source
 from utils import UserError, autocast
 
 
 def sampler_kwargs(args, T):
-    """Checked sampler settings from parsed flags (config.add_sampler_flags) for a diffusion of T
-    steps; none is accepted and silently ignored."""
-    if args.sampler == "ddpm":
-        if args.sampling_steps not in (None, T) or args.eta is not None or args.spacing is not None:
-            raise UserError("--sampling_steps, --eta and --spacing are for the few-step samplers (--sampler ddim, "
-                            "dpm++2m, dpm++2m-sde or restart); "
-                            f"the ddpm sampler always takes all T={T} steps")
-        return {"sampler": "ddpm"}
-    if args.eta is not None and args.sampler != "ddim":
-        raise UserError(f"--eta is for --sampler ddim; {args.sampler} has none")
-    if args.eta is not None and args.eta < 0:
-        raise UserError(f"--eta must be >= 0, got {args.eta}")
-    steps = DDIM_STEPS if args.sampling_steps is None else args.sampling_steps
-    spacing = args.spacing or DEFAULT_SPACING[args.sampler]
+    """Checked sampler settings {sampler, sampling_steps, spacing, options...} from parsed flags
+    (config.add_sampler_flags) for a diffusion of T steps; none is accepted and silently ignored."""
+    s = SAMPLERS[args.sampler]
+    given = [o for o in _all_options() if getattr(args, o, None) is not None and o not in s.options]
+    if s.spacing is None:  # every timestep: the paper's sampler
+        if args.sampling_steps not in (None, T) or args.spacing is not None or given:
+            raise UserError(f"--sampling_steps, --spacing and the samplers' options are for the few-step samplers; "
+                            f"the {s.name} sampler always takes all T={T} steps")
+        return {"sampler": s.name}
+    if given:
+        raise UserError(f"--{given[0]} is for --sampler " + " or ".join(n for n, o in SAMPLERS.items()
+                                                                      if given[0] in o.options)
+                        + f"; {s.name} has none")
+    kw = {"sampler": s.name, "sampling_steps": DEFAULT_STEPS if args.sampling_steps is None else args.sampling_steps,
+          "spacing": args.spacing or s.spacing}
     try:
-        d = GaussianDiffusion(T=T)
-        d.restart_pairs(steps, spacing) if args.sampler == "restart" else d.ddim_timesteps(steps, spacing)
+        s.timesteps(GaussianDiffusion(T=T), kw["sampling_steps"], kw["spacing"])
     except ValueError as e:
-        raise UserError(f"--sampling_steps {steps}: {e}") from None
-    kw = {"sampler": args.sampler, "sampling_steps": steps, "spacing": spacing}
-    if args.sampler == "ddim":
-        kw["eta"] = args.eta or 0.0
+        raise UserError(f"--sampling_steps {kw['sampling_steps']}: {e}") from None
+    for o, (default, _) in s.options.items():
+        kw[o] = default if getattr(args, o) is None else getattr(args, o)
+        if kw[o] < 0:
+            raise UserError(f"--{o} must be >= 0, got {kw[o]}")
     return kw
 
 
+def _all_options():
+    return {o: spec for s in SAMPLERS.values() for o, spec in s.options.items()}
+
+
 def network_evaluations(skw, T, guidance_scale=0.0):
-    """Network evaluations (NFE) per sample: one per step (T for ddpm, sampling_steps for the others),
-    twice that under classifier-free guidance with w > 0 (two passes per step)."""
-    steps = T if skw["sampler"] == "ddpm" else skw["sampling_steps"]
-    return steps * (2 if guidance_scale else 1)
+    """Network evaluations (NFE) per sample (the registry's count for the steps: T for ddpm), twice
+    that under classifier-free guidance with w > 0 (two passes per step)."""
+    return SAMPLERS[skw["sampler"]].nfe(skw.get("sampling_steps", T)) * (2 if guidance_scale else 1)
 
 
 def check_n_samples(n):
@@ -106,18 +111,18 @@ def guided(net, y, w, null_label):
 @torch.no_grad()
 def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, device=None,
                 batch_size=256, return_steps=(), clip_denoised=True, progress=True,
-                sampler="ddpm", sampling_steps=None, eta=0.0, spacing=None, amp="none", compile=False,
-                labels=None, guidance_scale=0.0):
+                sampler="ddpm", sampling_steps=None, spacing=None, amp="none", compile=False,
+                labels=None, guidance_scale=0.0, **options):
     """Draw `n_samples` images with Algorithm 2 (T reverse steps from pure noise), or a few-step sampler.
 
     labels: (n_samples,) class labels for a class-conditional model (its null label = unconditional),
     guided with weight `guidance_scale` (see guided); None for an unconditional model.
 
-    sampler: "ddpm" (ancestral, T steps), or one of the few-step samplers over `sampling_steps` steps
-    (default DDIM_STEPS) placed by `spacing` (default: the sampler's own, config.DEFAULT_SPACING):
-    "ddim" (`eta` = 0 deterministic, 1 ancestral-like), "dpm++2m", "dpm++2m-sde", "restart".
+    sampler: a name of samplers.SAMPLERS: "ddpm" (ancestral, T steps), or a few-step sampler over
+    `sampling_steps` steps (default samplers.DEFAULT_STEPS) placed by `spacing` (default: the sampler's
+    own), with its `options` (e.g. ddim's eta: 0 deterministic, 1 ancestral-like).
     seed / generator: reproducibility. With a seed, sample i draws all its noise from its own stream
-    (diffusion.SampleNoise), so it depends only on (seed, i): the same digits whatever batch_size,
+    (samplers.SampleNoise), so it depends only on (seed, i): the same digits whatever batch_size,
     n_samples or device. A torch.Generator (on the model's device) is used as is instead, one stream
     for all samples (faster on a GPU, but the digits then depend on the batching).
     return_steps: the paper's t in {0, ..., T} whose x_t are kept (T = noise, 0 = the sample).
@@ -127,35 +132,57 @@ def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, dev
     check_n_samples(n_samples)
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
-    diffusion = diffusion or GaussianDiffusion()
+    s, diffusion = SAMPLERS[sampler], diffusion or GaussianDiffusion()
+    ts = s.timesteps(diffusion, sampling_steps, spacing)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    m = model.model_args
-    shape = (m["in_channels"], m["resolution"], m["resolution"])
-    null_label = getattr(model, "num_classes", None)
+    m, null_label = model.model_args, getattr(model, "num_classes", None)
     if (labels is None) != (null_label is None):
         raise ValueError("labels are required by a class-conditional model and refused by an unconditional one")
     if labels is not None and len(labels) != n_samples:
         raise ValueError(f"need one label per sample: {len(labels)} labels for {n_samples} samples")
-    samples, steps = [], {}
-    net = _compiled(model, device) if compile else model
+    samples, steps, was_training = [], {}, model.training
+    net = _compiled(model.eval(), device) if compile else model.eval()
     try:
         for start in range(0, n_samples, batch_size):
             b = min(batch_size, n_samples - start)
-            g = generator if generator is not None else SampleNoise(seed, range(start, start + b), device)
-            kw = dict(generator=g, device=device, clip_denoised=clip_denoised, return_steps=return_steps,
-                      progress=progress)
-            with autocast(device, amp), _freezing(compile):
-                y = None if labels is None else labels[start:start + b].to(device)
-                x, st = _loop(diffusion, guided(net, y, guidance_scale, null_label), (b, *shape), kw,
-                              sampler, sampling_steps, eta, spacing)
+            noise = noise_source(generator if generator is not None else
+                                 SampleNoise(seed, range(start, start + b), device), device)
+            y = None if labels is None else labels[start:start + b].to(device)
+            with autocast(device, amp), _freezing(compile), _Keep(ts, return_steps, diffusion.T, progress) as keep:
+                x = keep.start(noise((b, m["in_channels"], m["resolution"], m["resolution"])))
+                x = s.fn(Denoiser(guided(net, y, guidance_scale, null_label), diffusion, clip_denoised), x, ts,
+                         noise, keep, **s.fixed, **options)
             samples.append(x.cpu())
-            for t, xt in st.items():
+            for t, xt in keep.steps.items():
                 steps.setdefault(t, []).append(xt.cpu())
     finally:
         model.train(was_training)
     return torch.cat(samples), {t: torch.cat(v) for t, v in steps.items()}
+
+
+class _Keep:
+    """The samplers' callback: a progress bar, and the x_k of return_steps (the paper's k in {0, ..., T}):
+    a step from t down to t_next gives the x_k for t_next < k <= t (the last visit wins); x_T is the noise."""
+
+    def __init__(self, ts, return_steps, T, progress):
+        self.keep, self.T, self.steps = set(return_steps), T, {}
+        self.bar = tqdm(total=len(ts) - 1, desc="sampling", disable=not progress, leave=False)
+
+    def __enter__(self):
+        return self
+
+    def start(self, x):
+        if self.T in self.keep:
+            self.steps[self.T] = x.clone()
+        return x
+
+    def __call__(self, t, t_next, x):
+        for k in [k for k in self.keep if t_next < k <= t and k != self.T]:
+            self.steps[k] = x.clone()
+        self.bar.update(1)
+
+    def __exit__(self, *exc):
+        self.bar.close()
 
 
 _COMPILED = weakref.WeakKeyDictionary()  # model -> its compiled form, so repeated calls compile once
@@ -176,15 +203,3 @@ def _freezing(on):
         return contextlib.nullcontext()
     import torch._inductor.config as inductor_config
     return inductor_config.patch(freezing=True)
-
-
-def _loop(diffusion, model, shape, kw, sampler, sampling_steps, eta, spacing):
-    steps, spacing = sampling_steps or DDIM_STEPS, spacing or DEFAULT_SPACING.get(sampler)
-    if sampler == "ddim":
-        return diffusion.ddim_sample_loop(model, shape, sampling_steps=steps, eta=eta, spacing=spacing, **kw)
-    if sampler in ("dpm++2m", "dpm++2m-sde"):
-        return diffusion.dpmpp_sample_loop(model, shape, sampling_steps=steps, spacing=spacing,
-                                           sde=sampler == "dpm++2m-sde", **kw)
-    if sampler == "restart":
-        return diffusion.restart_sample_loop(model, shape, sampling_steps=steps, spacing=spacing, **kw)
-    return diffusion.p_sample_loop(model, shape, **kw)

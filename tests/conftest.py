@@ -71,3 +71,39 @@ def tiny_data(tmp_path):
 def tiny_unet():
     torch.manual_seed(0)
     return UNet(**TINY)
+
+
+class ConstEps(torch.nn.Module):
+    """A network whose eps_theta is a fixed tensor, whatever x_t and t."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x, t):
+        return self.eps.expand_as(x)
+
+
+MU, S = 0.3, 0.2  # Gaussian data: x_0 ~ N(MU, S^2) in every pixel
+
+
+class GaussianEps:
+    """The optimal eps-predictor for x_0 ~ N(MU, S^2): E[eps | x_t] = sigma (x_t - a MU) / (a^2 S^2 + sigma^2)."""
+
+    def __init__(self, d):
+        self.d = d
+
+    def __call__(self, x, t):
+        ab = self.d.alphas_cumprod.to(x.device)[t].reshape(-1, 1, 1, 1)
+        a, sigma = ab.sqrt(), (1 - ab).sqrt()
+        return (sigma * (x - a * MU) / (ab * S ** 2 + 1 - ab)).float()
+
+
+def gaussian_samples(d, sampler, steps=None, n=4000, seed=0, spacing=None, net=None, **options):
+    """n samples (n, 1, 2, 2) of a registered sampler from the optimal predictor of Gaussian data (or `net`),
+    one torch.Generator of `seed`, no clipping."""
+    from samplers import SAMPLERS, Denoiser, noise_source
+
+    s, noise = SAMPLERS[sampler], noise_source(torch.Generator().manual_seed(seed))
+    model = Denoiser(net or GaussianEps(d), d, clip=False)
+    return s.fn(model, noise((n, 1, 2, 2)), s.timesteps(d, steps, spacing), noise, **s.fixed, **options)

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ConstEps
 from diffusion import GaussianDiffusion, from_model_range, to_model_range, to_uint8
 
 T = 1000
@@ -76,33 +77,30 @@ def test_posterior_is_bayes_rule(diff):
         assert v.item() == pytest.approx(var, rel=1e-5)
 
 
-class ConstEps(torch.nn.Module):
-    def __init__(self, eps):
-        super().__init__()
-        self.eps = eps
-
-    def forward(self, x, t):
-        return self.eps.expand_as(x)
-
-
-def test_reverse_mean_is_algorithm_2(diff):
-    """Without clipping, the x0-parameterised mean equals eq. 11 / Algorithm 2's
-    1/sqrt(alpha_t) (x_t - beta_t/sqrt(1-abar_t) eps)."""
+def test_p_sample_is_eq_11_without_clipping(diff):
+    """Algorithm 2's step as computed (the posterior mean at the predicted x_0) is eq. 11's
+    1/sqrt(alpha_t) (x_t - beta_t/sqrt(1-abar_t) eps) as the paper writes it (p_mean_eq11, and numpy)
+    plus sigma_t z with sigma_t^2 = beta_t (fixed_large)."""
     betas, abar, _ = np_schedule()
     g = torch.Generator().manual_seed(0)
-    xt, eps = torch.randn(3, 1, 28, 28, generator=g), torch.randn(3, 1, 28, 28, generator=g)
+    xt, eps, z = (torch.randn(3, 1, 28, 28, generator=g) for _ in range(3))
     t = torch.tensor([1, 400, 999])
-    mean, var, _ = diff.p_mean_variance(ConstEps(eps), xt, t, clip_denoised=False)
+    step = diff.p_sample(ConstEps(eps), xt, t, z, clip=False)
+    eq11 = diff.p_mean_eq11(eps, xt, t)
     for i, ti in enumerate(t.tolist()):
         expect = (xt[i] - betas[ti] / np.sqrt(1 - abar[ti]) * eps[i]) / np.sqrt(1 - betas[ti])
-        np.testing.assert_allclose(mean[i].numpy(), expect.numpy(), rtol=1e-4, atol=1e-5)
-        assert var[i].item() == pytest.approx(betas[ti], rel=1e-6)  # sigma^2 = beta_t (fixed_large)
+        np.testing.assert_allclose(eq11[i].numpy(), expect.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose((step[i] - np.sqrt(betas[ti]) * z[i]).numpy(), expect.numpy(), rtol=1e-4, atol=1e-5)
+    # with clipping the two differ exactly where the predicted x_0 leaves [-1, 1]
+    clipped = diff.p_sample(ConstEps(eps * 50), xt, t, z) - diff.p_sample(ConstEps(eps * 50), xt, t, z, clip=False)
+    assert clipped.abs().max() > 0.1
 
 
 def test_fixed_small_variance_is_beta_tilde():
     d = GaussianDiffusion(var_type="fixed_small")
-    _, v, _ = d.p_mean_variance(ConstEps(torch.zeros(1)), torch.zeros(1, 1, 2, 2), torch.tensor([500]))
-    assert v.flatten()[0].item() == pytest.approx(d.posterior_variance[500].item(), rel=1e-6)
+    x, z, t = torch.zeros(1, 1, 2, 2), torch.ones(1, 1, 2, 2), torch.tensor([500])
+    step = d.p_sample(ConstEps(torch.zeros(1)), x, t, z)  # x = 0, eps = 0: the mean is 0, the rest sigma_t z
+    assert step.flatten()[0].item() == pytest.approx(d.posterior_variance[500].sqrt().item(), rel=1e-6)
     with pytest.raises(ValueError):
         GaussianDiffusion(var_type="learned")
 
@@ -110,9 +108,8 @@ def test_fixed_small_variance_is_beta_tilde():
 def test_last_step_adds_no_noise(diff):
     x = torch.randn(2, 1, 4, 4)
     model = ConstEps(torch.zeros(1))
-    a = diff.p_sample(model, x, torch.tensor([0, 0]), torch.Generator().manual_seed(1))
-    b = diff.p_sample(model, x, torch.tensor([0, 0]), torch.Generator().manual_seed(2))
-    assert torch.equal(a, b)
+    assert torch.equal(diff.p_sample(model, x, torch.tensor([0, 0]), torch.randn(2, 1, 4, 4)),
+                       diff.p_sample(model, x, torch.tensor([0, 0]), torch.randn(2, 1, 4, 4)))
 
 
 def test_training_draws_t_over_the_whole_range(diff):

@@ -10,12 +10,13 @@ import evaluate
 import run
 from checkpoint import build_model
 from checkpoint import load as load_checkpoint
-from config import SAMPLERS, TrainConfig
+from config import TrainConfig
 from conftest import TINY, TINY_FLAGS, fake_digits, short_chain, undo_zero_init, write_tiny_mnist
 from diffusion import GaussianDiffusion
 from metrics import conditional_accuracy
 from model import UNet
 from sample import guided, label_kwargs, sample_func
+from samplers import SAMPLERS
 from train import train_func
 from utils import UserError
 

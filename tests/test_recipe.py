@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 from test_resume import same_weights
-from test_samplers import MU, S, sample
 
 import checkpoint
-from conftest import ROOT, TINY_FLAGS, slow, write_tiny_mnist
-from diffusion import LAMBDA_MIN, GaussianDiffusion
+from conftest import MU, ROOT, TINY_FLAGS, S, gaussian_samples, slow, write_tiny_mnist
+from diffusion import GaussianDiffusion
+from samplers import LAMBDA_MIN, log_snr, timesteps
 from test_scripts import expect_user_error, sh
 
 
@@ -29,12 +29,11 @@ def test_log_snr_spacings_skip_the_cosine_schedules_empty_end():
     """Only the first step lies below LAMBDA_MIN; the linear schedule never reaches it (unchanged)."""
     for schedule in ("linear", "cosine"):
         d = GaussianDiffusion(schedule=schedule)
-        lam = 0.5 * torch.log(d.alphas_cumprod / (1 - d.alphas_cumprod))
+        lam = log_snr(d)
         for spacing in ("logsnr", "karras"):
-            ts = d.ddim_timesteps(20, spacing)
-            assert ts[-1] == 999 and (lam[ts[:-1]] >= LAMBDA_MIN - 0.05).all(), (schedule, spacing)
-    lam = 0.5 * torch.log(GaussianDiffusion().alphas_cumprod / (1 - GaussianDiffusion().alphas_cumprod))
-    assert lam[-1] > LAMBDA_MIN
+            ts = timesteps(d, 20, spacing)[:-1]  # from T-1 down to 0
+            assert ts[0] == 999 and (lam[ts[1:]] >= LAMBDA_MIN - 0.05).all(), (schedule, spacing)
+    assert log_snr(GaussianDiffusion())[-1] > LAMBDA_MIN
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
@@ -75,7 +74,7 @@ def test_min_snr_weights():
 @pytest.mark.parametrize("sampler, steps, tol", [("ddpm", None, 0.01), ("dpm++2m-sde", 50, 0.01),
                                                  ("restart", 20, 0.01), ("ddim", 100, 0.01)])
 def test_samplers_on_gaussian_data_under_the_cosine_schedule(sampler, steps, tol):
-    x = sample(GaussianDiffusion(schedule="cosine"), sampler, steps, spacing="logsnr" if sampler != "ddpm" else None)
+    x = gaussian_samples(GaussianDiffusion(schedule="cosine"), sampler, steps, spacing="logsnr" if steps else None)
     assert abs(x.mean().item() - MU) < tol and abs(x.std().item() - S) < tol, (x.mean(), x.std())
 
 

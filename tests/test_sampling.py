@@ -1,60 +1,36 @@
-"""The samplers: DDIM against the ancestral step, determinism, shapes, seeds."""
+"""sample_func: shapes, the reverse-process steps, per-sample seeds, batch-size independence; timestep grids."""
 import pytest
 import torch
 
-from config import SAMPLERS
 from conftest import TINY, slow, undo_zero_init
-from diffusion import GaussianDiffusion, sample_seed
+from diffusion import GaussianDiffusion
 from model import UNet
 from sample import sample_func
-from test_diffusion import ConstEps
-
-
-@pytest.mark.parametrize("clip", [False, True])
-def test_ddim_eta1_full_steps_is_the_ancestral_step(clip):
-    """eta = 1 over all T steps: DDIM's step has the mean and variance of p_theta with sigma^2 = beta-tilde."""
-    d = GaussianDiffusion(var_type="fixed_small")
-    g = torch.Generator().manual_seed(0)
-    xt, eps = 1.5 * torch.randn(4, 1, 6, 6, generator=g), torch.randn(4, 1, 6, 6, generator=g)
-    for ti in (1, 37, 500, 999):
-        t = torch.full((4,), ti)
-        m_ddpm, v_ddpm, _ = d.p_mean_variance(ConstEps(eps), xt, t, clip)
-        m_ddim, v_ddim = d.ddim_mean_variance(ConstEps(eps), xt, t, t - 1, eta=1.0, clip_denoised=clip)
-        torch.testing.assert_close(m_ddim, m_ddpm, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(v_ddim.expand_as(v_ddpm), v_ddpm, rtol=1e-4, atol=1e-10)
-
-
-def test_ddim_eta0_uses_no_noise_after_x_T():
-    d, model = GaussianDiffusion(), ConstEps(torch.tensor(0.3))
-    g = torch.Generator().manual_seed(5)
-    a, _ = d.ddim_sample_loop(model, (2, 1, 4, 4), generator=g, sampling_steps=20, eta=0.0, progress=False)
-    ref = torch.Generator().manual_seed(5)
-    x_T = torch.randn((2, 1, 4, 4), generator=ref)
-    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=ref))  # only x_T was drawn
-    b, _ = d.ddim_sample_loop(model, (2, 1, 4, 4), generator=torch.Generator().manual_seed(5), sampling_steps=20,
-                              eta=0.0, progress=False)
-    assert torch.equal(a, b) and not torch.equal(a, x_T)
+from samplers import SAMPLERS, SPACINGS, log_snr, sample_seed, timesteps
 
 
 def test_timestep_spacings():
     d = GaussianDiffusion()
-    lam = 0.5 * torch.log(d.alphas_cumprod / (1 - d.alphas_cumprod))
-    for spacing in d.SPACINGS:
+    lam = log_snr(d)
+
+    def grid(S, spacing="uniform"):  # increasing, without the final -1 (x_0)
+        return torch.tensor(timesteps(d, S, spacing)[-2::-1])
+    for spacing in SPACINGS:
         for S in (10, 50, 100, 900, 1000):  # every spacing gives S distinct timesteps from 0 to T-1
-            ts = d.ddim_timesteps(S, spacing)
+            ts = grid(S, spacing)
             assert ts[0] == 0 and ts[-1] == 999 and len(ts) == S and (ts.diff() > 0).all(), (spacing, S)
-        assert torch.equal(d.ddim_timesteps(1000, spacing), torch.arange(1000))
-        assert d.ddim_timesteps(1, spacing).tolist() == [999]  # one step starts from x_T
-    assert d.ddim_timesteps(10).tolist() == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
-    assert d.ddim_timesteps(5, "quadratic").tolist() == [0, 62, 250, 562, 999]  # (i/4)^2 * 999, rounded
-    steps = lam[d.ddim_timesteps(8, "logsnr")].diff()  # even in log-SNR, up to rounding to a timestep
+        assert torch.equal(grid(1000, spacing), torch.arange(1000))
+        assert timesteps(d, 1, spacing) == [999, -1]  # one step starts from x_T
+    assert grid(10).tolist() == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    assert grid(5, "quadratic").tolist() == [0, 62, 250, 562, 999]  # (i/4)^2 * 999, rounded
+    steps = lam[grid(8, "logsnr")].diff()  # even in log-SNR, up to rounding to a timestep
     assert (steps.max() - steps.min()).abs() < 0.05 * steps.abs().mean()
-    q = d.ddim_timesteps(10, "karras")
+    q = grid(10, "karras")
     assert q[1] - q[0] < q[-1] - q[-2]  # denser near t = 0
     with pytest.raises(ValueError):
-        d.ddim_timesteps(0)
+        timesteps(d, 0)
     with pytest.raises(ValueError, match="spacing must be one of"):
-        d.ddim_timesteps(10, "cosine")
+        timesteps(d, 10, "cosine")
 
 
 @pytest.mark.parametrize("kw", [{}, {"sampler": "ddim", "sampling_steps": 10, "eta": 0.5, "spacing": "quadratic"}])

@@ -1,0 +1,296 @@
+"""The samplers: every way this repo goes from noise x_T to a digit x_0, as one family.
+
+Each sampler is one function with the discipline of k-diffusion's `sample_*` functions, on this
+repo's discrete timesteps instead of sigmas:
+
+    x_0 = sample_NAME(model, x, ts, noise, callback=None, **options)
+
+    model     the network as a denoiser (`Denoiser`): model(x, t) is its x_0 prediction at the integer
+              timestep t; model.diffusion is the schedule it was trained with, model.net its eps_theta
+    x         the starting noise x_T ~ N(0, I)
+    ts        the timesteps it visits, in order, ending with -1 (x_0); each step goes from t to t_next,
+              the next entry (`timesteps` makes them for every sampler; restart's go back up as well)
+    noise     the per-sample noise source: noise(shape) -> N(0, I) (`noise_source`)
+    callback  callback(t, t_next, x) after each step, with the new x
+
+`SAMPLERS` is the registry: each sampler's name, function, default spacing, options and NFE. sample.py,
+the command-line flags, the tests and the sweep read it: a new sampler is one function and one entry.
+Timesteps are 0-indexed (the paper's t + 1); t = -1 is x_0, where alphabar = 1.
+"""
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from diffusion import bcast
+
+SPACINGS = ("uniform", "quadratic", "logsnr", "karras")
+DEFAULT_STEPS = 50  # the few-step samplers' steps when --sampling_steps is not given
+# The log-SNR below which the logsnr and karras spacings place no step but the first: alpha_t = 0.005,
+# where x_t keeps half a percent of the image. The linear schedule ends above it (lambda_T = -5.06),
+# so its spacings are unchanged; the cosine schedule reaches -9.9 at T, in its last 4 steps.
+LAMBDA_MIN = math.log(0.005)
+
+
+# ---- the network as a denoiser, and the noise ------------------------------------------------------
+class Denoiser:
+    """model(x, t): the x_0 that eps_theta(x_t, t) implies (eq. 4 inverted), clipped to [-1, 1] with
+    `clip` (the authors' code, default on). t is an int: every sample of the batch is at t."""
+
+    def __init__(self, net, diffusion, clip=True):
+        self.net, self.diffusion, self.clip = net, diffusion, clip
+
+    def __call__(self, x, t):
+        return self.diffusion.predict_x0(self.net, x, batch_t(x, t), self.clip)
+
+    def alphabar(self, t):
+        """alphabar_t as a float64 scalar tensor; 1 at t = -1 (x_0)."""
+        return self.diffusion.alphas_cumprod[t] if t >= 0 else torch.ones((), dtype=torch.float64)
+
+
+def batch_t(x, t):
+    """The int timestep t as the (B,) tensor the network and diffusion.py take."""
+    return torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+
+
+def sample_seed(seed, i):
+    """The 32-bit seed of sample i of a run with `seed`, mixed by NumPy's SeedSequence (torch's CPU
+    generator keeps only the low 32 bits of a seed, so (seed << 32) | i would not do)."""
+    return int(np.random.SeedSequence([seed % (1 << 64), i]).generate_state(1)[0])
+
+
+class SampleNoise:
+    """Per-sample random streams, as EDM's generate.py draws them (Karras et al. 2022): row i of every
+    draw comes from its own CPU generator seeded with sample_seed(seed, indices[i]), so a sample depends
+    only on (seed, its index), not on the batch it is drawn in nor on the device. Drawn on the CPU and
+    moved to `device`."""
+
+    def __init__(self, seed, indices, device="cpu"):
+        self.device = torch.device(device)
+        self.gens = [torch.Generator().manual_seed(sample_seed(seed, i)) for i in indices]
+
+    def __call__(self, shape):
+        if shape[0] != len(self.gens):
+            raise ValueError(f"{len(self.gens)} sample streams for a batch of {shape[0]}")
+        return torch.stack([torch.randn(shape[1:], generator=g) for g in self.gens]).to(self.device)
+
+
+def noise_source(generator, device="cpu"):
+    """noise(shape) -> eps ~ N(0, I): per-sample streams (a SampleNoise, returned as it is), or one
+    torch.Generator on `device` (None: torch's global one)."""
+    if isinstance(generator, SampleNoise):
+        return generator
+    return lambda shape: torch.randn(shape, device=device, generator=generator)
+
+
+# ---- the timesteps a sampler visits ------------------------------------------------------------------
+def log_snr(diffusion):
+    """lambda_t = log(alpha_t / sigma_t) = 0.5 log(alphabar_t / (1 - alphabar_t)), decreasing in t (float64)."""
+    ab = diffusion.alphas_cumprod
+    return 0.5 * torch.log(ab / (1 - ab))
+
+
+def distinct(ts, last):
+    """Increasing distinct integers ending at `last` from rounded targets: where rounding gave the same t
+    twice, the later one moves up to the next free timestep (and, where that runs past `last`, the ones
+    below it down)."""
+    for i in range(1, len(ts)):
+        ts[i] = max(ts[i], ts[i - 1] + 1)
+    ts[-1] = last
+    for i in range(len(ts) - 2, -1, -1):
+        ts[i] = min(ts[i], ts[i + 1] - 1)
+    return ts
+
+
+def timesteps(diffusion, steps, spacing="uniform"):
+    """The `steps` timesteps a sampler calls the network at, from T-1 down to 0, then -1 (x_0):
+        uniform    evenly spaced in t (DDIM's "linear" spacing, here from 0 to T-1); steps = T is every t;
+        quadratic  t_i = (i / (S-1))^2 (T-1), denser near t = 0. The DDIM paper's CIFAR-10 spacing;
+                   its code takes linspace(0, sqrt(0.8 T), S)^2 truncated to int, which stops near
+                   t = 800 and repeats t = 0 for 50 steps. Here it ends at T-1 and never repeats;
+        logsnr     evenly spaced in the log-SNR lambda_t (Lu et al. 2022, DPM-Solver's "logSNR"
+                   spacing, their choice for pixel-space models);
+        karras     sigma_t = sqrt((1 - ab_t) / ab_t) spaced as in Karras et al. 2022, eq. 5, rho = 7.
+    logsnr and karras span lambda from lambda_0 down to max(lambda_T, LAMBDA_MIN); t = T-1 is always
+    the first step. Each target is rounded to the nearest timestep (nearest in lambda for logsnr and
+    karras), then made distinct, so S steps always give S distinct timesteps."""
+    T = diffusion.T
+    if not 1 <= steps <= T:
+        raise ValueError(f"sampling steps must be in [1, {T}], got {steps}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+    if steps == 1:  # a single step must start from x_T
+        return [T - 1, -1]
+    u = torch.linspace(0, 1, steps, dtype=torch.float64)
+    if spacing == "uniform":  # written as linspace(0, T-1): its rounding of exact halves is the one kept
+        ts = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long()
+    elif spacing == "quadratic":
+        ts = (torch.linspace(0, math.sqrt(T - 1), steps, dtype=torch.float64) ** 2).round().long()
+    else:
+        lam = log_snr(diffusion)
+        lam_T = max(float(lam[-1]), LAMBDA_MIN)  # the cosine schedule's last steps carry no signal
+        if spacing == "logsnr":
+            target = lam[0] + u * (lam_T - lam[0])
+        else:
+            ab = diffusion.alphas_cumprod
+            rho, sig0, sig_T = 7.0, ((1 - ab[0]) / ab[0]).sqrt(), math.exp(-lam_T)
+            target = -torch.log((sig0 ** (1 / rho) + u * (sig_T ** (1 / rho) - sig0 ** (1 / rho))) ** rho)
+        ts = (lam[None, :] - target[:, None]).abs().argmin(1)
+    return distinct(ts.tolist(), T - 1)[::-1] + [-1]
+
+
+def restart_timesteps(diffusion, steps, spacing="logsnr", sigma_min=0.06, sigma_max=0.30, times=1, share=0.2):
+    """The timesteps of Restart sampling (Xu et al. 2023, Algorithm 1) in `steps` solver steps: an ODE
+    path over steps - times * n timesteps (n = floor(share * steps / times) per restart), and on reaching
+    the interval's lower end t_min, `times` restarts: a jump back up to t_max (the forward process), then
+    n ODE steps down to t_min again, evenly in the log-SNR. The interval is the paper's for CIFAR-10
+    under the VP model, sigma = sqrt((1 - ab) / ab) in [0.06, 0.30] (t = 14 to 88 here; MNIST shares the
+    [-1, 1] pixel range), t_min moved to the nearest timestep of the main path. One restart with a fifth
+    of the steps is our choice: restarts of a single (first-order) step across that interval narrow
+    Gaussian data's std from 0.20 to 0.13-0.14 at S = 10 (tests/test_samplers.py). Below n = 2 there is
+    no restart: the plain ODE path."""
+    n = int(share * steps / times) if times else 0
+    n, times = (n, times) if n >= 2 else (0, 0)
+    main = timesteps(diffusion, steps - times * n, spacing)
+    if not times:
+        return main
+    lam = log_snr(diffusion)
+    t_min = min(sorted(main[:-1]), key=lambda t: abs(float(lam[t]) + math.log(sigma_min)))  # lambda = -log sigma
+    t_max = max(int((lam + math.log(sigma_max)).abs().argmin()), t_min + n)
+    target = lam[t_min] + torch.linspace(0, 1, n + 1, dtype=torch.float64) * (lam[t_max] - lam[t_min])
+    up = distinct((lam[None, t_min:t_max + 1] - target[:, None]).abs().argmin(1).add(t_min).tolist(), t_max)
+    i = main.index(t_min) + 1
+    return main[:i] + times * up[::-1] + main[i:]
+
+
+# ---- the samplers ----------------------------------------------------------------------------------
+def sample_ddpm(model, x, ts, noise, callback=None):
+    """Algorithm 2 of Ho et al. 2020: x_{t-1} = mu_theta(x_t, t) + sigma_t z at every timestep, each step
+    diffusion.p_sample (the paper's sampler; ts must visit every t)."""
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x = model.diffusion.p_sample(model.net, x, batch_t(x, t), noise(x.shape), model.clip)
+        if callback:
+            callback(t, t_next, x)
+    return x
+
+
+def sample_ddim(model, x, ts, noise, callback=None, eta=0.0):
+    """DDIM (Song et al. 2021, eq. 12): x_next = sqrt(ab_next) x0_hat + sqrt(1 - ab_next - sigma^2) eps_hat
+    + sigma z, with sigma^2 = eta^2 (1 - ab_next) / (1 - ab_t) (1 - ab_t / ab_next) (their eq. 16). eta = 0
+    is deterministic given x_T (no noise drawn); eta = 1 on consecutive steps is Algorithm 2 with
+    sigma_t^2 = beta-tilde_t. With eps re-derived from the (clipped) x0_hat, the step is a combination of
+    x0_hat and x_t whose coefficients are computed in float64 (1 - ab_t / ab_next cancels)."""
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x0 = model(x, t)
+        ab, ab_next = model.alphabar(t), model.alphabar(t_next)
+        var = eta ** 2 * (1 - ab_next) / (1 - ab) * (1 - ab / ab_next)
+        c_eps = (1 - ab_next - var).clamp(min=0).sqrt() / (1 - ab).sqrt()
+        x = bcast(ab_next.sqrt() - c_eps * ab.sqrt(), x) * x0 + bcast(c_eps, x) * x
+        if eta != 0:
+            x = x + bcast(var, x).sqrt() * noise(x.shape)
+        if callback:
+            callback(t, t_next, x)
+    return x
+
+
+def alpha_sigma_lambda(ab):
+    """(alpha, sigma, lambda) of alphabar `ab` (a float): sqrt(ab), sqrt(1 - ab) and the log-SNR
+    lambda = log(alpha / sigma) (Lu et al. 2022, section 2), as float64 numbers."""
+    return math.sqrt(ab), math.sqrt(1.0 - ab), 0.5 * math.log(ab / (1.0 - ab))
+
+
+def dpmpp_2m_step(model, x, t, t_next, noise, history, sde=False):
+    """x_t -> x_{t_next} by DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2: data prediction, multistep,
+    second order), or with sde=True by SDE-DPM-Solver++(2M) (their section 5; the "midpoint" form of
+    k-diffusion's sample_dpmpp_2m_sde). With alpha = sqrt(ab), sigma = sqrt(1 - ab), the log-SNR
+    lambda = log(alpha / sigma) and h = lambda_next - lambda_t:
+        ODE: x = (sigma_next / sigma_t) x_t + alpha_next (1 - e^-h) D
+        SDE: x = (sigma_next / sigma_t) e^-h x_t + alpha_next (1 - e^-2h) D + sigma_next sqrt(1 - e^-2h) z
+    where D is the x_0 prediction, corrected with the previous step's by (1 / 2r) (x0 - x0_prev),
+    r = h_prev / h (first order on the first step: then the ODE step is DDIM with eta 0, and the SDE
+    step between consecutive timesteps is Algorithm 2 with sigma^2 = beta-tilde). The step to x_0
+    returns the x_0 prediction. history: the previous step's x_0 prediction and h (a dict, updated)."""
+    x0 = model(x, t)
+    if t_next < 0:
+        return x0
+    _, s, lam = alpha_sigma_lambda(float(model.alphabar(t)))
+    a_next, s_next, lam_next = alpha_sigma_lambda(float(model.alphabar(t_next)))
+    h = lam_next - lam
+    decay = -math.expm1(-2 * h) if sde else -math.expm1(-h)  # 1 - e^-2h or 1 - e^-h
+    x = (s_next / s * (math.exp(-h) if sde else 1.0)) * x + (a_next * decay) * x0
+    if history.get("x0") is not None:
+        x = x + (0.5 * a_next * decay * h / history["h"]) * (x0 - history["x0"])  # (1 / 2r), r = h_prev / h
+    if sde:
+        x = x + (s_next * math.sqrt(-math.expm1(-2 * h))) * noise(x.shape)
+    history.update(x0=x0, h=h)
+    return x
+
+
+def sample_dpmpp_2m(model, x, ts, noise, callback=None, sde=False):
+    """DPM-Solver++(2M), one network evaluation a step (dpmpp_2m_step), or with sde=True its SDE form."""
+    history = {}
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x = dpmpp_2m_step(model, x, t, t_next, noise, history, sde)
+        if callback:
+            callback(t, t_next, x)
+    return x
+
+
+def sample_restart(model, x, ts, noise, callback=None):
+    """Restart sampling (Xu et al. 2023, Algorithm 1) with DPM-Solver++(2M) as its ODE solver (the paper
+    uses Heun's, two network evaluations a step; 2M takes one), on restart_timesteps. A step up
+    (t_next > t) is the forward process itself, q(x_next | x_t) = N(sqrt(ab_next / ab_t) x_t,
+    (1 - ab_next / ab_t) I) (eq. 4 between two noise levels), with no network evaluation; after it the
+    solver starts afresh (its first step is first order)."""
+    history = {}
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        if t_next > t:
+            history.clear()
+            r = float(model.alphabar(t_next) / model.alphabar(t))
+            x = math.sqrt(r) * x + math.sqrt(1.0 - r) * noise(x.shape)
+        else:
+            x = dpmpp_2m_step(model, x, t, t_next, noise, history)
+        if callback:
+            callback(t, t_next, x)
+    return x
+
+
+# ---- the registry ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler of the family: `fn` with `fixed` keyword arguments; `spacing` its default timestep
+    spacing (None: every timestep, T steps, no --sampling_steps or --spacing); `options` the keyword
+    options a user may set, with their defaults and help; `nfe(steps)` the network evaluations per sample
+    (unguided); `grid` makes its timesteps (diffusion, steps, spacing) -> ts."""
+    name: str
+    fn: Callable
+    spacing: str | None
+    help: str
+    options: dict = field(default_factory=dict)  # name -> (default, help)
+    fixed: dict = field(default_factory=dict)
+    grid: Callable = timesteps
+    nfe: Callable = lambda steps: steps  # noqa: E731 - one network evaluation a step
+
+    def timesteps(self, diffusion, steps=None, spacing=None):
+        """The timesteps it visits: `steps` (default DEFAULT_STEPS) placed by `spacing` (default its own);
+        every timestep for a sampler without a spacing (ddpm)."""
+        if self.spacing is None:
+            return timesteps(diffusion, diffusion.T)
+        return self.grid(diffusion, steps or DEFAULT_STEPS, spacing or self.spacing)
+
+
+# Each few-step sampler's own spacing: DDIM's paper and code space evenly in t; DPM-Solver++ (Lu et al.
+# 2022) recommends log-SNR spacing for pixel-space models, and restart takes its ODE solver's. Measured on
+# the linear-schedule checkpoint published at ab316d2, at 20 NFE (docs/sampling.md): each is the best or
+# within the noise of the best.
+SAMPLERS = {s.name: s for s in [
+    Sampler("ddpm", sample_ddpm, None, "the paper's T-step ancestral sampler (Algorithm 2)"),
+    Sampler("ddim", sample_ddim, "uniform", "DDIM, Song et al. 2021",
+            options={"eta": (0.0, "0 = deterministic (default), 1 = ancestral-like")}),
+    Sampler("dpm++2m", sample_dpmpp_2m, "logsnr", "DPM-Solver++(2M), Lu et al. 2022"),
+    Sampler("dpm++2m-sde", sample_dpmpp_2m, "logsnr", "its stochastic form", fixed={"sde": True}),
+    Sampler("restart", sample_restart, "logsnr", "Restart sampling, Xu et al. 2023, with DPM-Solver++(2M) steps",
+            grid=restart_timesteps),
+]}
