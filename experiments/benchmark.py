@@ -186,12 +186,12 @@ def main(argv=None):
     p.add_argument("--window", type=int, default=500, help="--probe: steps per speed figure")
     p.add_argument("--no_flush", action="store_true", help="--probe: never move the loss to the host")
     args = p.parse_args(argv)
-    if min(args.batch_size, args.steps, args.window, args.probe or 1) < 1:
+    if min(args.batch_size, args.steps, args.window, 1 if args.probe is None else args.probe) < 1:
         raise UserError("--batch_size, --steps, --window and --probe must be >= 1")
     device = resolve_device(args.device)
     check_amp(device, args.amp)
     torch.manual_seed(0)
-    if args.probe:
+    if args.probe is not None:
         return probe(config.resolve(args.preset)[0], device, args)
     model = UNet(**config.resolve(args.preset)[0]).to(device)
     diffusion = GaussianDiffusion()
