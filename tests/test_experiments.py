@@ -161,6 +161,7 @@ def test_guidance_sweep(tmp_path, in_process, capsys):
     assert [c[0] for c in in_process] == ["evaluate.py", "evaluate.py"] and "--guidance_scale" in in_process[0]
 
 
+@slow  # 10-11 s on a shared 2-core machine (the 1000-step sampler from the exported file)
 def test_gpu_paper_on_the_cpu(tmp_path, in_process, capsys):
     """The documented dry run with a tiny model: both trainings, the losses, the export, the four npz files."""
     import gpu_paper
@@ -187,7 +188,8 @@ def test_bench_gpu_dry_run_in_a_real_process_from_another_folder(tmp_path):
     assert all(os.path.exists(os.path.join(ROOT, line.split()[0])) for line in lines)
 
 
-def test_benchmark_sampling_and_probe(tmp_path, capsys, monkeypatch):
+@slow  # 11-14 s on a shared 2-core machine: the sampling figures (1000-step sampler, 100 digits with DDIM-50)
+def test_benchmark_sample_only(tmp_path, capsys, monkeypatch):
     import benchmark
     from diffusion import GaussianDiffusion
     monkeypatch.setitem(config.PRESETS, "tiny", TINY_PRESET)
@@ -196,6 +198,12 @@ def test_benchmark_sampling_and_probe(tmp_path, capsys, monkeypatch):
     r = common.read_json(tmp_path / "b.json")
     assert r["preset"] == "tiny" and r["sample_10_s"] > 0 and r["flops_per_forward"] > 0 and "full_step_s" not in r
     assert "sample 100 digits, DDIM 50 steps" in capsys.readouterr().out
+
+
+def test_benchmark_probe(capsys, monkeypatch):
+    """--probe (speed_probe.py folded in): one line per window after the first."""
+    import benchmark
+    monkeypatch.setitem(config.PRESETS, "tiny", TINY_PRESET)
     benchmark.main(["--preset", "tiny", "--device", "cpu", "--probe", "6", "--window", "2", "--batch_size", "8"])
     assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == [
         "flush=True steps 2-4", "flush=True steps 4-6"]
