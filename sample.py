@@ -19,7 +19,9 @@ def sampler_kwargs(args, T):
     given = [o for o in _all_options() if getattr(args, o, None) is not None and o not in s.options]
     if s.spacing is None:  # every timestep: the paper's sampler
         if args.sampling_steps not in (None, T) or args.spacing is not None or given:
-            raise UserError(f"--sampling_steps, --spacing and the samplers' options are for the few-step samplers; "
+            few = [n for n, o in SAMPLERS.items() if o.spacing]
+            raise UserError(f"--sampling_steps, --spacing and --{', --'.join(_all_options())} are for the few-step "
+                            f"samplers (--sampler {', '.join(few[:-1])} or {few[-1]}); "
                             f"the {s.name} sampler always takes all T={T} steps")
         return {"sampler": s.name}
     if given:

@@ -101,7 +101,7 @@ def make_optimizer_and_net(model, device, lr, compile, ddp=False):
     With compile on CUDA: channels_last weights, a fused Adam and CUDA graphs
     (mode="reduce-overhead"): the paper model at batch 128 is launch-bound on a big GPU. A scratch
     timing of the bare step on one H200 gave 79 steps/s for this combination against 31 for a
-    plain compile; bench_gpu.sh has yet to confirm it for the full loop.
+    plain compile; experiments/bench_gpu.py has yet to confirm it for the full loop.
     """
     cuda_compile = compile and device.type == "cuda"
     if cuda_compile:

@@ -8,7 +8,7 @@ import torch
 from test_resume import same_weights
 
 import checkpoint
-from conftest import MU, ROOT, TINY_FLAGS, S, gaussian_samples, slow, write_tiny_mnist
+from conftest import MU, ROOT, TINY_FLAGS, S, gaussian_samples, write_tiny_mnist
 from diffusion import GaussianDiffusion
 from samplers import LAMBDA_MIN, log_snr, timesteps
 from test_scripts import expect_user_error, sh
@@ -122,27 +122,3 @@ def test_recipe_flag_errors(argv, match, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     import run
     expect_user_error(capsys, run.main, [*argv, "--dry_run", "--device", "cpu"], match)
-
-
-@slow  # 31 s on 2 cores: the sweep tool end to end (its trainings are run.py's, tested elsewhere)
-def test_recipe_trials_script(tmp_path):
-    """recipe_trials.sh end to end with two tiny trials: it trains, judges, writes a row per trial, and
-    skips a trial that is done."""
-    import subprocess
-    write_tiny_mnist(str(tmp_path / "data"))
-    tiny = "+".join(TINY_FLAGS[:-2] + ["--batch_size", "16", "--max_steps", "3", "--eval_samples", "10"])
-    env = dict(os.environ, RECIPE_TRIALS=f"base:0:{tiny} min_snr:0:{tiny}+--loss_weight+min_snr",
-               TRIALS_SAMPLER="--sampler ddim --sampling_steps 2", TRIALS_DATA=str(tmp_path / "data"),
-               TRIALS_DIR=str(tmp_path / "trials"))
-    run = lambda: subprocess.run(["sh", os.path.join(ROOT, "recipe_trials.sh"), "12"], cwd=ROOT, env=env,  # noqa: E731
-                                 capture_output=True, text=True, timeout=240)
-    p = run()
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "min_snr:0:" in p.stdout and "eval at step 3" in p.stdout
-    for name in ("base-s0", "min_snr-s0"):
-        ckpt = checkpoint.load(tmp_path / "trials" / f"{name}.pt")
-        assert ckpt["step"] == 3 and [e["step"] for e in ckpt["eval_history"]] == [3]
-    assert checkpoint.load(tmp_path / "trials" / "min_snr-s0.pt")["train_config"]["loss_weight"] == "min_snr"
-    assert "curve (feature-FID, n = 10): " in p.stdout
-    assert (tmp_path / "trials" / "recipe_curves.png").stat().st_size > 0
-    assert "done before, skipped" in run().stdout

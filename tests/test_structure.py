@@ -14,7 +14,7 @@ from conftest import ROOT, TINY
 from model import UNet
 from utils import UserError
 
-SOURCES = sorted(glob.glob(os.path.join(ROOT, "*.py")))
+SOURCES = sorted(glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "experiments", "*.py")))
 
 
 def _calls(tree, names):

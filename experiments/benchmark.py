@@ -1,20 +1,28 @@
 """Throughput of training and sampling for a preset, device and batch size.
 
-    python benchmark.py --preset cpu --batch_size 128
-    python benchmark.py --preset paper --device cuda --json bench.json
-    python benchmark.py --preset cpu --sample_only --compile   # sampling alone, compiled
+    python experiments/benchmark.py --preset cpu --batch_size 128
+    python experiments/benchmark.py --preset paper --device cuda --json bench.json
+    python experiments/benchmark.py --preset cpu --sample_only --compile   # sampling alone, compiled
+    python experiments/benchmark.py --probe 6000 --preset paper --device cuda --amp bf16 --compile
 
 Reports: the bare training step (forward, backward, Adam) against the full `train_func` step
 (adds batch drawing, EMA, LR schedule, loss bookkeeping), training images/s, FLOPs per forward
 (torch.utils.flop_counter), achieved FLOP/s against the peak matmul FLOP/s measured in the same
 run, the time to sample 10 digits with the 1000-step sampler and 100 with 50 DDIM steps, and peak memory.
+
+--probe STEPS: instead, the steps/s of the full training step (`train.Trainer.train_step`) in windows of
+--window steps (500), to see whether the speed drifts over a run (docs/gpu.md): one line per window after
+the first. The loss is moved to the host every 25 steps, as in training (--no_flush: never). Random
+images stand in for MNIST (the speed does not depend on them); no checkpoint is written.
 """
-import json
 import os
 import resource
 import tempfile
 import time
 
+import common  # first: the repo's modules onto sys.path
+
+# isort: split
 import torch
 
 import config
@@ -22,8 +30,8 @@ from config import TrainConfig
 from diffusion import GaussianDiffusion
 from model import UNet, count_parameters
 from sample import sample_func
-from train import make_optimizer_and_net, train_func
-from utils import OneLineArgumentParser, UserError, atomic_write, autocast, check_amp, resolve_device, run_main
+from train import Trainer, make_optimizer_and_net, train_func
+from utils import OneLineArgumentParser, UserError, autocast, check_amp, resolve_device, run_main
 
 
 def sync(device):
@@ -128,6 +136,28 @@ def sample_time(net, n, sampler, device, amp, compile):
     return time.perf_counter() - t0
 
 
+def probe(model_args, device, args):
+    """--probe: steps/s of Trainer.train_step in windows of --window steps."""
+    _, dargs, cfg = config.resolve(args.preset, amp=args.amp, compile=args.compile, save_every=10 ** 9,
+                                   max_steps=args.probe, batch_size=args.batch_size)
+    images = torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8)
+    tr = Trainer(UNet(**model_args), GaussianDiffusion(**dargs), images, None, cfg,
+                 os.path.join(tempfile.gettempdir(), "_ddpm_probe.pt"), device)
+    tr.start()
+    t_prev, s_prev = None, 0
+    while tr.step < args.probe:
+        tr.train_step(*tr.batch())
+        if not args.no_flush and tr.step % 25 == 0:
+            tr.flush()
+        if tr.step % args.window == 0:
+            sync(device)
+            now = time.perf_counter()
+            if t_prev is not None:
+                print(f"flush={not args.no_flush} steps {s_prev}-{tr.step}: "
+                      f"{(tr.step - s_prev) / (now - t_prev):.1f} steps/s", flush=True)
+            t_prev, s_prev = now, tr.step
+
+
 def training_figures(model, diffusion, device, args, flops_per_train_image):
     """Peak matmul FLOP/s, bare and full training step times, and what follows from them."""
     res = {"peak_matmul_flops": peak_matmul_flops(device, torch.bfloat16 if args.amp == "bf16" else
@@ -152,12 +182,17 @@ def main(argv=None):
     config.add_speed_flags(p)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--sample_only", action="store_true", help="skip the training measurements")
+    p.add_argument("--probe", type=int, metavar="STEPS", help="only the training step's speed over STEPS steps")
+    p.add_argument("--window", type=int, default=500, help="--probe: steps per speed figure")
+    p.add_argument("--no_flush", action="store_true", help="--probe: never move the loss to the host")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.steps < 1:
-        raise UserError("--batch_size and --steps must be >= 1")
+    if min(args.batch_size, args.steps, args.window, 1 if args.probe is None else args.probe) < 1:
+        raise UserError("--batch_size, --steps, --window and --probe must be >= 1")
     device = resolve_device(args.device)
     check_amp(device, args.amp)
     torch.manual_seed(0)
+    if args.probe is not None:
+        return probe(config.resolve(args.preset)[0], device, args)
     model = UNet(**config.resolve(args.preset)[0]).to(device)
     diffusion = GaussianDiffusion()
     res = {"preset": args.preset, "device": str(device), "batch_size": args.batch_size, "amp": args.amp,
@@ -197,7 +232,7 @@ def main(argv=None):
     for name, val in rows:
         print(f"  {name:<38} {val:>12}")
     if args.json:
-        atomic_write(args.json, lambda f: f.write(json.dumps(res, indent=1).encode()))
+        common.write_json(args.json, res)
 
 
 if __name__ == "__main__":

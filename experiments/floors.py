@@ -1,24 +1,22 @@
 """The published judge's floors: what n real MNIST images it never saw score, over several subsets.
 
-    python tools/floors.py                       # n = 200, 500, 1000, 5000; 10 subsets each (about 2 min)
-    python tools/floors.py --n 1000 --subsets 20 --json floors.json
+    python experiments/floors.py                       # n = 200, 500, 1000, 5000; 10 subsets each (about 2 min)
+    python experiments/floors.py --n 1000 --subsets 20 --json floors.json
 
 A floor is what a perfect generator would score at that n: the n real images replace the samples
 in every metric (feature-FID against the 10,000 test images' statistics, precision/recall against
 n test images, the confident share), with the same subsets evaluate.py --metrics --seed S draws.
 Subset s uses seed s; for n = 5000 the subsets of the 10,000 held-out images overlap.
 """
-import json
-import os
-import sys
 import time
 
+import common  # first: the repo's modules onto sys.path
+
+# isort: split
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dataloader import mnist_tensors  # noqa: E402
-from metrics import (  # noqa: E402
+from dataloader import mnist_tensors
+from metrics import (
     Judge,
     feature_stats,
     features,
@@ -28,7 +26,7 @@ from metrics import (  # noqa: E402
     real_subsets,
     scores_from_logits,
 )
-from utils import OneLineArgumentParser, UserError, atomic_write, cpu_model, run_main  # noqa: E402
+from utils import OneLineArgumentParser, UserError, cpu_model, run_main
 
 METRICS = ("fid", "precision", "recall", "confidence")
 
@@ -85,9 +83,8 @@ def main(argv=None):
         print(f"| {n} | " + " | ".join("{:.3f} +- {:.3f}".format(*mean_std(vals[k])) for k in METRICS) + " |")
     print(f"{time.time() - t0:.0f} s on {cpu_model()}, torch {torch.__version__}")
     if args.json:
-        rec = {"judge_sha256": judge.sha256, "subsets": args.subsets, "cpu": cpu_model(), "torch": torch.__version__,
-               "floors": {str(n): vals for n, vals in table.items()}}
-        atomic_write(args.json, lambda f: f.write(json.dumps(rec, indent=1).encode()))
+        common.write_json(args.json, common.stamp({"judge_sha256": judge.sha256, "subsets": args.subsets,
+                                                   "floors": {str(n): vals for n, vals in table.items()}}))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """The README's Results rows: each checkpoint sampled with 3 seeds at n = 1000, scored by the published judge.
 
-    python tools/headline.py              # samples what is missing (about 3 min per row and seed on 2 CPU
+    python experiments/headline.py              # samples what is missing (about 3 min per row and seed on 2 CPU
                                           # cores), scores everything, prints the table
-    python tools/headline.py --rows uncond_cosine --seeds 0,1,2,3,4
+    python experiments/headline.py --rows uncond_cosine --seeds 0,1,2,3,4
 
 The samples are committed (docs/results/ROW_seedS.npz, uint8, compressed), so a later change of the
 judge is a re-score (`evaluate.py --metrics --from_samples`), not a re-sample. A seed whose .npz
@@ -13,15 +13,15 @@ needs the previous published checkpoint: `git show 8179394:checkpoints/ddpm_trai
 import json
 import os
 import subprocess
-import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import common  # first: the repo's modules onto sys.path
 
-import torch  # noqa: E402
+# isort: split
+import torch
 
-from metrics import JUDGE_SHA256  # noqa: E402
-from utils import OneLineArgumentParser, UserError, atomic_write, run_main  # noqa: E402
+from common import ROOT
+from metrics import JUDGE_SHA256
+from utils import OneLineArgumentParser, UserError, atomic_write, run_main
 
 OUT = os.path.join(ROOT, "docs", "results")
 SAMPLER = ["--sampler", "dpm++2m-sde", "--sampling_steps", "50", "--n_samples", "1000", "--batch_size", "250"]
@@ -36,12 +36,6 @@ METRICS = (("fid", "feature-FID", 2), ("precision", "precision", 3), ("recall", 
            ("confidence", "confident", 3), ("conditional_accuracy", "conditional accuracy", 3))
 
 
-def evaluate(*args):
-    """Run evaluate.py; its own one-line error is enough when it fails."""
-    if subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args], cwd=ROOT).returncode != 0:
-        raise UserError(f"evaluate.py {' '.join(args)} failed (its error is above)")
-
-
 def ensure_linear_checkpoint():
     path = os.path.join(ROOT, ROWS["uncond_linear"][0])
     if not os.path.exists(path):
@@ -54,7 +48,7 @@ def ensure_linear_checkpoint():
         atomic_write(path, lambda f: f.write(data))
 
 
-def run_row(name, seeds, rescore):
+def run_row(name, seeds, rescore, data_dir):
     """Sample (if missing) and score each seed of a row; returns the list of score dicts."""
     ckpt, extra, _ = ROWS[name]
     scores = []
@@ -63,11 +57,12 @@ def run_row(name, seeds, rescore):
         if not os.path.exists(npz):
             if name == "uncond_linear":
                 ensure_linear_checkpoint()
-            evaluate("--checkpoint", ckpt, *SAMPLER, *extra, "--seed", str(seed), "--no_progress",
-                     "--out", os.path.join(OUT, f".{name}_seed{seed}.png"), "--save_samples", npz)
+            common.evaluate("--checkpoint", ckpt, *SAMPLER, *extra, "--seed", seed, "--no_progress",
+                            "--out", os.path.join(OUT, f".{name}_seed{seed}.png"), "--save_samples", npz, cwd=ROOT)
             os.remove(os.path.join(OUT, f".{name}_seed{seed}.png"))
         if rescore or stale(js, npz):
-            evaluate("--metrics", "--from_samples", npz, "--seed", str(seed), "--no_progress", "--metrics_out", js)
+            common.evaluate("--metrics", "--from_samples", npz, "--seed", seed, "--no_progress", "--metrics_out", js,
+                            "--data_dir", data_dir, cwd=ROOT)
         with open(js) as f:
             scores.append(json.load(f))
     return scores
@@ -96,6 +91,7 @@ def main(argv=None):
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated sampling seeds")
     p.add_argument("--rescore", action="store_true", help="score every seed again (a new judge)")
+    p.add_argument("--data_dir", default="./data", help="MNIST, for the floors (relative to the repo root)")
     args = p.parse_args(argv)
     rows = args.rows.split(",")
     if any(r not in ROWS for r in rows):
@@ -105,7 +101,7 @@ def main(argv=None):
     except ValueError:
         raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
     os.makedirs(OUT, exist_ok=True)
-    results = {name: run_row(name, seeds, args.rescore) for name in rows}
+    results = {name: run_row(name, seeds, args.rescore, args.data_dir) for name in rows}
     first = results[rows[0]][0]
     print(f"\nmean +- std over sampling seeds {args.seeds}, n = {first['n_samples']}, {first['judge']}")
     print("| checkpoint | " + " | ".join(label for _, label, _ in METRICS) + " |")

@@ -1,0 +1,113 @@
+"""Training recipes at equal cost: the cpu preset's model and number of optimizer steps, with and
+without each recipe option, every trial judged on N samples with one fixed sampler.
+
+    python experiments/recipe_trials.py [N]          # N = 1000 by default
+
+A trial is NAME:SEED:FLAGS (FLAGS with + for spaces); --trials overrides the default list. Each trial
+trains into DIR/NAME-sSEED.pt with --eval_every (the curve is stored in it: the checkpoint's
+eval_history), then writes DIR/NAME-sSEED.json (the judge's numbers, the training time, steps/s and the
+CPU). A trial whose JSON exists is skipped, and an interrupted training is resumed, so rerunning
+continues where it stopped. Run it alone: the times are part of the table (about 30 minutes a trial on
+2 cores of an AMD EPYC, 2 hours for the default four; docs/experiments.md). train_wall_seconds is timed
+here (this session's part of the training, evaluations included); steps_per_second is the last "average
+speed" line run.py wrote to DIR/NAME-sSEED.log (set-up, compilation and evaluations left out), the one
+place that figure is kept. Then the table of every trial in DIR, with its --eval_every curve, and
+DIR/recipe_curves.png.
+"""
+import glob
+import os
+import re
+import time
+
+import common  # first: the repo's modules onto sys.path
+
+# isort: split
+import checkpoint
+from utils import OneLineArgumentParser, UserError, run_main
+
+# The baseline is the cpu preset as it was before it adopted the cosine schedule: the paper's linear one.
+LIN = "--schedule+linear"
+TRIALS = [f"base:0:{LIN}", f"base:1:{LIN}", f"min_snr:0:{LIN}+--loss_weight+min_snr", "cosine:0:--schedule+cosine"]
+
+
+def run_trial(args, trial):
+    """Train (or resume) one trial, judge it, and write DIR/NAME-sSEED.json; skipped when that file exists."""
+    name, seed, flags = trial.split(":", 2)
+    run = os.path.join(args.dir, f"{name}-s{seed}")
+    if os.path.exists(run + ".json"):
+        print(f"{name}-s{seed}: done before, skipped")
+        return
+    resume = ["--resume"] if os.path.exists(run + ".pt") else []
+    os.makedirs(run, exist_ok=True)
+    start, log = time.time(), run + ".log"
+    sampler = args.sampler_flags.split()
+    if common.run_script("run.py", "--preset", "cpu", "--seed", seed, *flags.replace("+", " ").split(),
+                         "--eval_every", 937, "--checkpoint", run + ".pt", "--out_dir", run, "--n_samples", 10,
+                         *sampler, "--no_progress", "--data_dir", args.data_dir, *resume, log=log, check=False):
+        print("".join(open(log).readlines()[-3:]), end="")
+        raise UserError(f"trial {trial}: run.py failed (the end of {log} is above)")
+    text = open(log).read()
+    print("".join(re.findall(r"^(?:eval at|average speed|evaluations|trained to).*\n", text, re.M)), end="")
+    train_s = int(time.time() - start)
+    common.evaluate("--checkpoint", run + ".pt", "--metrics", "--n_samples", args.n, "--batch_size", 250,
+                    "--bpd_images", 0, "--data_dir", args.data_dir, "--no_progress", "--out",
+                    os.path.join(run, "samples.png"), "--nrow", 25, "--metrics_out", run + ".json.tmp", *sampler)
+    speed = re.findall(r"average speed: ([0-9.]+) steps/s", text)
+    r = dict(common.read_json(run + ".json.tmp"), trial=trial, train_wall_seconds=train_s,
+             steps_per_second=float(speed[-1]) if speed else None)
+    common.write_json(run + ".json", common.stamp(r))
+    os.remove(run + ".json.tmp")
+
+
+def table(out):
+    """Print every trial in `out` with its --eval_every curve (from its checkpoint); plot the curves."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [common.read_json(f) for f in sorted(glob.glob(os.path.join(out, "*.json")))]
+    if not rows:
+        raise UserError(f"no trials in {out}")
+    print(f"n = {rows[0]['n_samples']}, sampler {rows[0]['sampler']}, feature-FID floor {rows[0]['fid_floor']:.2f}")
+    print(f"{'trial':<34}{'FID':>8}{'prec':>7}{'recall':>8}{'conf':>7}{'train s':>9}  CPU")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in rows:
+        print(f"{r['trial']:<34}{r['fid']:>8.2f}{r['precision']:>7.3f}{r['recall']:>8.3f}{r['confidence']:>7.3f}"
+              f"{r['train_wall_seconds']:>9}  {r['cpu']}")
+        name, seed = r["trial"].split(":")[:2]
+        ckpt = checkpoint.load(os.path.join(out, f"{name}-s{seed}.pt"))
+        curve = {e["step"]: e["fid"] for e in ckpt.get("eval_history", [])}  # a step evaluated twice: the last
+        steps = sorted(curve)
+        print(f"{'':<4}--eval_every curve (feature-FID, n = {ckpt['train_config'].get('eval_samples', '?')}): "
+              + ", ".join(f"{curve[s]:.2f} at {s}" for s in steps))
+        ax.plot(steps, [curve[s] for s in steps], "o-" if seed == "0" else "s--", label=f"{name} seed {seed}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("feature-FID of --eval_every's digits")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title("recipe trials: quality while training")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "recipe_curves.png"), dpi=120)
+    print(f"wrote {os.path.join(out, 'recipe_curves.png')}")
+
+
+def main(argv=None):
+    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("n", nargs="?", type=int, default=1000, help="samples to judge each trial with (default 1000)")
+    p.add_argument("--trials", nargs="+", default=TRIALS, metavar="NAME:SEED:FLAGS",
+                   help="FLAGS with + for spaces (default: " + " ".join(TRIALS) + ")")
+    p.add_argument("--sampler_flags", default="--sampler dpm++2m-sde --sampling_steps 50",
+                   help="the judge's sampler flags (also --eval_every's run.py flags)")
+    p.add_argument("--data_dir", default="./data", help="the MNIST folder")
+    p.add_argument("--dir", default="trials", help="the output folder")
+    args = p.parse_args(argv)
+    if any(t.count(":") < 2 for t in args.trials):
+        raise UserError(f"--trials are NAME:SEED:FLAGS, got {' '.join(args.trials)}")
+    os.makedirs(args.dir, exist_ok=True)
+    for trial in args.trials:
+        run_trial(args, trial)
+    table(args.dir)
+
+
+if __name__ == "__main__":
+    run_main(main)

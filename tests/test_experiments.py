@@ -1,0 +1,245 @@
+"""experiments/ on tiny data and models: each script's rows or steps, what it skips, the files it writes
+and the table it prints. Most run the repo scripts they drive (run.py, evaluate.py, export.py) in this
+process (the `in_process` fixture: no second torch import per call); common.run_script's subprocess is
+tested on its own, and one script runs as a real process from another folder."""
+import contextlib
+import importlib
+import os
+import sys
+import time
+import types
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint
+import config
+from conftest import ROOT, TINY, TINY_FLAGS, expect_user_error, sh, slow, write_tiny_mnist
+from metrics import sha256_file
+from model import UNet
+from utils import UserError, cpu_model
+
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import common  # noqa: E402
+
+TINY_PRESET = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_res=(14,), dropout=0.0)
+
+
+def tiny_checkpoint(path, T=100, num_classes=None):
+    """An untrained tiny UNet as a checkpoint whose chain has T steps (the 1000-step sampler then takes T)."""
+    torch.manual_seed(0)
+    net = UNet(**TINY, num_classes=num_classes)
+    checkpoint.save(path, {"model_args": net.model_args, "diffusion_args": {"T": T}, "model": net.state_dict(),
+                           "ema": net.state_dict()})
+    return str(path)
+
+
+@pytest.fixture
+def in_process(monkeypatch):
+    """common.run_script calling the repo script's main() here (its output to the log, if any).
+    Returns the list of calls, each (script, *flags)."""
+    calls = []
+
+    def run_script(script, *args, log=None, check=True, **_):
+        calls.append((os.path.basename(script), *map(str, args)))
+        module = importlib.import_module(os.path.basename(script)[:-3])
+        with open(log, "a") if log else contextlib.nullcontext(sys.stdout) as f, contextlib.redirect_stdout(f):
+            module.main([str(a) for a in args])
+        return 0
+    monkeypatch.setattr(common, "run_script", run_script)
+    return calls
+
+
+def test_run_script_prints_logs_stops_and_fails(tmp_path, capsys):
+    code = "print('shown'); print(' hidden'); import sys; sys.exit(3)"
+    assert common.run_script("-c", code, show=common.without_config, check=False) == 3
+    assert capsys.readouterr().out == "shown\n"
+    with pytest.raises(UserError, match="-c .* exited 3 .its output is in .*x.log"):
+        common.run_script("-c", code, log=str(tmp_path / "x.log"))
+    assert (tmp_path / "x.log").read_text() == "shown\n hidden\n" and capsys.readouterr().out == ""
+    t0 = time.time()
+    assert common.run_script("-c", "import time; time.sleep(60)", stop_after=0.5, check=False) == -15  # SIGTERM
+    assert time.time() - t0 < 30
+
+
+def test_stamp(tmp_path):
+    path = tiny_checkpoint(tmp_path / "c.pt")
+    r = common.stamp({"fid": 1.0}, path)
+    assert r["checkpoint_sha256"] == sha256_file(path) and r["cpu"] == cpu_model() and r["torch"] == torch.__version__
+    assert r["fid"] == 1.0 and "commit" in r and "checkpoint_sha256" not in common.stamp({})
+
+
+def test_sampler_sweep_rows_come_from_the_registry(monkeypatch):
+    import sampler_sweep
+    import samplers
+    few = [s.name for s in samplers.SAMPLERS.values() if s.spacing is not None]
+    names = [name for name, _ in sampler_sweep.rows([10, 20], ddpm=True)]
+    assert names[:len(few)] == [f"{s}-10" for s in few] and names[-1] == "ddpm-1000" and "ddpm-10" not in names
+    assert len(names) == 2 * len(few) + len(few) * (len(samplers.SPACINGS) - 1) + 1
+    monkeypatch.setitem(samplers.SAMPLERS, "new", types.SimpleNamespace(name="new", spacing="karras", options={}))
+    rows = dict(sampler_sweep.rows([10], ddpm=False))
+    assert rows["new-10"] == ["--sampler", "new", "--sampling_steps", "10"]
+    assert rows["new-20-karras"][-2:] == ["--spacing", "karras"] and "ddpm-1000" not in rows
+
+
+def fake_row(sampler, spacing, nfe, fid):
+    return {"sampler": {"sampler": sampler, **({"spacing": spacing} if spacing else {})}, "nfe": nfe, "fid": fid,
+            "n_samples": 10, "fid_floor": 5.0, "precision": 0.5, "recall": 0.5, "confidence": 0.5,
+            "sampling_seconds": 1.0}
+
+
+def test_sampler_sweep(tmp_path, in_process, capsys):
+    """Rows done before are skipped (all but one here); the one left is measured, stamped; table and plot."""
+    import sampler_sweep
+    import samplers
+    ckpt, data, out = tiny_checkpoint(tmp_path / "c.pt"), write_tiny_mnist(str(tmp_path / "data")), tmp_path / "sw"
+    out.mkdir()
+    rows = sampler_sweep.rows([2], ddpm=False)
+    for name, flags in rows[1:]:
+        sampler, steps = flags[1], int(flags[3])
+        spacing = flags[5] if len(flags) > 4 else samplers.SAMPLERS[sampler].spacing
+        common.write_json(str(out / f"{name}.json"), fake_row(sampler, spacing, steps, 40.0))
+    common.write_json(str(out / "ddpm-1000.json"), fake_row("ddpm", None, 1000, 39.0))
+    argv = [ckpt, "10", "--nfe", "2", "--no_ddpm", "--dir", str(out), "--data_dir", data, "--device", "cpu"]
+    sampler_sweep.main(argv)
+    assert rows[0][0] == "ddim-2" and len(in_process) == 1 and in_process[0][-4:] == ("--data_dir", data,
+                                                                                       "--device", "cpu")
+    r = common.read_json(out / "ddim-2.json")
+    assert r["sampler"]["sampler"] == "ddim" and r["n_samples"] == 10 and r["checkpoint_sha256"] == sha256_file(ckpt)
+    assert r["cpu"] == cpu_model() and not list(out.glob("*.tmp")) and (out / "ddim-2.png").exists()
+    text = capsys.readouterr().out
+    assert "n = 10, feature-FID floor" in text and "fewest NFE within 10% of the 1000-step sampler's FID: " in text
+    assert (out / "fid_vs_nfe.png").stat().st_size > 0
+    sampler_sweep.main(argv)
+    assert len(in_process) == 1 and "ddim-2: done before, skipped" in capsys.readouterr().out
+
+
+def test_recipe_trials(tmp_path, in_process, capsys):
+    """A trial trains with --eval_every, is judged, gets a row with its time and CPU; the table shows the
+    curve from its checkpoint; a trial done before is skipped."""
+    import recipe_trials
+    data = write_tiny_mnist(str(tmp_path / "data"))
+    tiny = "+".join(TINY_FLAGS[:-2] + ["--batch_size", "16", "--max_steps", "3", "--eval_samples", "10"])
+    argv = ["10", "--trials", f"min_snr:0:{tiny}+--loss_weight+min_snr", "--sampler_flags",
+            "--sampler ddim --sampling_steps 2", "--data_dir", data, "--dir", str(tmp_path / "trials")]
+    recipe_trials.main(argv)
+    out = capsys.readouterr().out
+    ckpt = checkpoint.load(tmp_path / "trials" / "min_snr-s0.pt")
+    assert ckpt["step"] == 3 and [e["step"] for e in ckpt["eval_history"]] == [3]
+    assert ckpt["train_config"]["loss_weight"] == "min_snr" and "eval at step 3" in out
+    assert f"curve (feature-FID, n = 10): {ckpt['eval_history'][0]['fid']:.2f} at 3" in out
+    r = common.read_json(tmp_path / "trials" / "min_snr-s0.json")
+    assert r["trial"].startswith("min_snr:0:") and r["train_wall_seconds"] >= 0 and "steps_per_second" in r
+    assert r["cpu"] == cpu_model() and r["sampler"]["sampler"] == "ddim" and r["n_samples"] == 10
+    assert (tmp_path / "trials" / "recipe_curves.png").stat().st_size > 0
+    recipe_trials.main(argv)
+    assert len(in_process) == 2 and "done before, skipped" in capsys.readouterr().out
+
+
+@slow  # about 30 s on 2 cores: the real processes of the test above
+def test_recipe_trials_in_real_processes(tmp_path):
+    write_tiny_mnist(str(tmp_path / "data"))
+    tiny = "+".join(TINY_FLAGS[:-2] + ["--batch_size", "16", "--max_steps", "3", "--eval_samples", "10"])
+    p = sh([os.path.join(ROOT, "experiments", "recipe_trials.py"), "12", "--trials", f"base:0:{tiny}",
+            "--sampler_flags", "--sampler ddim --sampling_steps 2", "--data_dir", "data", "--dir", "trials"],
+           cwd=tmp_path)
+    assert "eval at step 3" in p.stdout and "curve (feature-FID, n = 10): " in p.stdout
+    assert checkpoint.load(tmp_path / "trials" / "base-s0.pt")["step"] == 3
+    assert "base-s0.log" in os.listdir(tmp_path / "trials")
+
+
+def test_guidance_sweep(tmp_path, in_process, capsys):
+    import guidance_sweep
+    cond, uncond = tiny_checkpoint(tmp_path / "c.pt", num_classes=10), tiny_checkpoint(tmp_path / "u.pt")
+    data = write_tiny_mnist(str(tmp_path / "data"))
+    guidance_sweep.main([cond, uncond, "10", "--scales", "0.5", "--dir", str(tmp_path / "g"), "--sampler", "ddim",
+                         "--sampling_steps", "2", "--data_dir", data, "--device", "cpu"])
+    assert sorted(os.listdir(tmp_path / "g")) == ["cond_w0.5.json", "cond_w0.5.png", "uncond.json", "uncond.png"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2].split()[:2] == ["conditional", "0.5"] and lines[-1].split()[:2] == ["unconditional", "-"]
+    assert [c[0] for c in in_process] == ["evaluate.py", "evaluate.py"] and "--guidance_scale" in in_process[0]
+
+
+@slow  # 10-11 s on a shared 2-core machine (the 1000-step sampler from the exported file)
+def test_gpu_paper_on_the_cpu(tmp_path, in_process, capsys):
+    """The documented dry run with a tiny model: both trainings, the losses, the export, the four npz files."""
+    import gpu_paper
+    data, out = write_tiny_mnist(str(tmp_path / "data")), tmp_path / "g"
+    published = tiny_checkpoint(tmp_path / "published.pt", T=10)
+    extra = " ".join(TINY_FLAGS + ["--max_steps", "2", "--batch_size", "8", "--data_dir", data])
+    gpu_paper.main(["--out", str(out), "--work", str(tmp_path / "w"), "--device", "cpu", "--n_samples", "2",
+                    "--loss_steps", "2", "--speed", "--amp bf16", "--extra", extra, "--published", published])
+    assert sorted(os.listdir(out)) == ["ddim50.npz", "ddim50_eta1.npz", "ddpm1000.npz", "ddpm_paper.pt",
+                                       "ddpm_paper.pt.sha256", "losses.npz", "trained_ddpm1000.npz"]
+    losses = np.load(out / "losses.npz")
+    assert len(losses["fp32_eager"]) == len(losses["bf16_compile"]) == 2
+    assert checkpoint.load(out / "ddpm_paper.pt")["train_config"]["amp"] == "bf16"
+    assert "loss, first 2 steps" in capsys.readouterr().out and [c[0] for c in in_process][:3] == [
+        "run.py", "run.py", "export.py"]
+
+
+def test_bench_gpu_dry_run_in_a_real_process_from_another_folder(tmp_path):
+    lines = sh([os.path.join(ROOT, "experiments", "bench_gpu.py"), "--dry_run", "--out", "o"], cwd=tmp_path
+               ).stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["run.py", "evaluate.py", "evaluate.py", *["experiments/benchmark.py"]
+                                                   * 3]
+    assert lines[-1].endswith("--amp bf16 --compile --json o/bench_ampbf16compile.json")
+    assert all(os.path.exists(os.path.join(ROOT, line.split()[0])) for line in lines)
+
+
+@slow  # 11-14 s on a shared 2-core machine: the sampling figures (1000-step sampler, 100 digits with DDIM-50)
+def test_benchmark_sample_only(tmp_path, capsys, monkeypatch):
+    import benchmark
+    from diffusion import GaussianDiffusion
+    monkeypatch.setitem(config.PRESETS, "tiny", TINY_PRESET)
+    monkeypatch.setattr(benchmark, "GaussianDiffusion", lambda **kw: GaussianDiffusion(**{"T": 50, **kw}))  # short
+    benchmark.main(["--preset", "tiny", "--device", "cpu", "--sample_only", "--json", str(tmp_path / "b.json")])
+    r = common.read_json(tmp_path / "b.json")
+    assert r["preset"] == "tiny" and r["sample_10_s"] > 0 and r["flops_per_forward"] > 0 and "full_step_s" not in r
+    assert "sample 100 digits, DDIM 50 steps" in capsys.readouterr().out
+
+
+def test_benchmark_probe(capsys, monkeypatch):
+    """--probe (speed_probe.py folded in): one line per window after the first."""
+    import benchmark
+    monkeypatch.setitem(config.PRESETS, "tiny", TINY_PRESET)
+    benchmark.main(["--preset", "tiny", "--device", "cpu", "--probe", "6", "--window", "2", "--batch_size", "8"])
+    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == [
+        "flush=True steps 2-4", "flush=True steps 4-6"]
+
+
+def test_headline(tmp_path, in_process, capsys, monkeypatch):
+    """A row's seed is sampled and scored once; then only the table."""
+    import headline
+    monkeypatch.setattr(headline, "OUT", str(tmp_path))
+    monkeypatch.setattr(headline, "ROWS", {"tiny": (tiny_checkpoint(tmp_path / "c.pt"), [], "a tiny row")})
+    monkeypatch.setattr(headline, "SAMPLER", ["--sampler", "ddim", "--sampling_steps", "2", "--n_samples", "10"])
+    argv = ["--rows", "tiny", "--seeds", "0", "--data_dir", write_tiny_mnist(str(tmp_path / "data"))]
+    headline.main(argv)
+    assert {"tiny_seed0.npz", "tiny_seed0.json"} <= set(os.listdir(tmp_path)) and len(in_process) == 2
+    assert "| a tiny row | " in capsys.readouterr().out
+    headline.main(argv)
+    assert len(in_process) == 2 and "| a tiny row | " in capsys.readouterr().out
+
+
+def test_floors(tmp_path, capsys):
+    import floors
+    floors.main(["--n", "10,20", "--subsets", "2", "--data_dir", write_tiny_mnist(str(tmp_path / "data")),
+                 "--json", str(tmp_path / "f.json")])
+    r = common.read_json(tmp_path / "f.json")
+    assert set(r["floors"]) == {"10", "20"} and len(r["floors"]["10"]["fid"]) == 2 and r["cpu"] == cpu_model()
+    assert "| 20 | " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script, argv, match", [
+    ("sampler_sweep", ["--nfe", "1,x"], "--nfe must be comma-separated integers"),
+    ("guidance_sweep", ["c.pt", "u.pt", "--scales", "1,x"], "--scales must be comma-separated numbers"),
+    ("recipe_trials", ["--trials", "base"], "--trials are NAME:SEED:FLAGS"),
+    ("floors", ["--n", "5"], "--n values must be in 10..10000"),
+    ("headline", ["--rows", "nope"], "--rows must name rows"),
+    ("benchmark", ["--probe", "0"], "must be >= 1"),
+])
+def test_bad_input(script, argv, match, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    expect_user_error(capsys, importlib.import_module(script).main, argv, match)
