@@ -266,10 +266,6 @@ def fid_from_stats(a, b):
     return float((m1 - m2).pow(2).sum() + torch.trace(s1 + s2) - 2 * np.trace(covmean))
 
 
-def fid(feats_a, feats_b):
-    return fid_from_stats(feature_stats(feats_a), feature_stats(feats_b))
-
-
 def precision_recall(real, fake, k=3, batch=1000):
     """Improved precision and recall (Kynkaanniemi et al. 2019): each set's manifold is the union
     of balls around its points with radius the distance to the k-th nearest neighbour. Precision:

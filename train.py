@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 import checkpoint
-from config import EVAL_SAMPLER, EVAL_SEED, TrainConfig  # noqa: F401 - TrainConfig: imported from here by the notebook
+from config import EVAL_SAMPLER, EVAL_SEED
 from dataloader import epoch_permutation
 from diffusion import to_model_range, to_uint8
 from sample import sample_func

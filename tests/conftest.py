@@ -1,5 +1,7 @@
-"""Shared fixtures: tiny MNIST-format data written by the tests themselves, and a tiny UNet."""
+"""Shared fixtures and helpers: tiny MNIST-format data written by the tests themselves, a tiny UNet,
+running a script, expecting a one-line error, comparing weights. Test modules import only this one."""
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -11,6 +13,7 @@ sys.path.insert(0, ROOT)
 
 from dataloader import RAW_FILES, _write_idx  # noqa: E402
 from model import UNet  # noqa: E402
+from utils import run_main  # noqa: E402
 
 # Tests that take half a minute of a 2-core machine each and guard what another test guards in part: run
 # with DDPM_SLOW_TESTS=1 (bench_gpu.sh does), skipped by bash .ci/run to keep it under 5 minutes.
@@ -19,6 +22,29 @@ slow = pytest.mark.skipif(os.environ.get("DDPM_SLOW_TESTS") != "1", reason="slow
 # The smallest UNet that still has every part: 2 levels (28 -> 14), attention at 14 and in the middle.
 TINY = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(14,), dropout=0.0)
 TINY_FLAGS = ["--ch", "8", "--ch_mult", "1,2", "--num_res_blocks", "1", "--attn_res", "14", "--dropout", "0"]
+
+
+def sh(args, cwd, check=True, **kw):
+    p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=240, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{args} exited {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def expect_user_error(capsys, main, argv, match):
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+    assert "Traceback" not in err
+
+
+def same_weights(a, b):
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs"
 
 
 def fake_digits(n, seed):

@@ -5,13 +5,11 @@ import os
 
 import pytest
 import torch
-from test_resume import same_weights
 from test_samplers import MU, S, sample
 
 import checkpoint
-from conftest import ROOT, TINY_FLAGS, slow, write_tiny_mnist
+from conftest import ROOT, TINY_FLAGS, expect_user_error, same_weights, sh, slow, write_tiny_mnist
 from diffusion import LAMBDA_MIN, GaussianDiffusion
-from test_scripts import expect_user_error, sh
 
 
 def test_cosine_schedule_is_nichol_and_dhariwal_eq_17():
