@@ -34,7 +34,7 @@ from utils import (
 
 def get_parser():
     p = OneLineArgumentParser(description="Sample MNIST digits from a trained DDPM checkpoint.")
-    p.add_argument("--checkpoint", default="ddpm_trained.pt", help="checkpoint to load")
+    config.add_checkpoint_flag(p, "checkpoint to load")
     p.add_argument("--n_samples", type=int, default=10, help="number of digits to generate")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same digits)")
     config.add_device_flag(p)

@@ -117,7 +117,7 @@ def guidance_panel(args, ckpt, device):
 
 def main(argv=None):
     p = OneLineArgumentParser(description="Remake the README pictures from a checkpoint and its loss history.")
-    p.add_argument("--checkpoint", default="checkpoints/ddpm_trained.pt", help="checkpoint (with its loss history)")
+    config.add_checkpoint_flag(p, "checkpoint (with its loss history)", published=True)
     p.add_argument("--out_dir", default="pics", help="folder for the pictures")
     p.add_argument("--n_samples", type=int, default=100, help="digits in 'generated samples.png'")
     p.add_argument("--n_reverse", type=int, default=8, help="rows of 'reverse process.png'")

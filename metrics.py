@@ -12,7 +12,6 @@ vector width move no metric beyond 1e-4.
     python metrics.py                                        # check the published judge, print its record
     python metrics.py --train_judge --out my_judge.pt        # train your own (evaluate.py --judge my_judge.pt)
 """
-import hashlib
 import math
 import os
 import subprocess
@@ -120,14 +119,6 @@ def features(model, images, batch_size=200):
                       for i in range(0, len(images), batch_size)])
 
 
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 class Judge:
     """The classifier that scores samples, loaded from a file and checked before use.
 
@@ -146,7 +137,7 @@ class Judge:
         if not os.path.isfile(path):
             raise UserError(f"the judge {path!r} does not exist; {fix}")
         try:
-            digest = sha256_file(path)
+            digest = checkpoint.sha256_file(path)
         except OSError as e:
             raise UserError(f"cannot read the judge {path}: {e.strerror}") from None
         expected = JUDGE_SHA256 if published else _sha256_beside(path, fix)
