@@ -27,8 +27,7 @@ def meta(help, check=None, resume="may change", choices=None):
     (predicate, "must be ...") or the `choices`, and what --resume does with it: "keep" (the
     checkpoint's value; a flag that differs is refused), "may change" (a flag given overrides the
     checkpoint's) or "from flags" (how to run, not what to train: always the flag's)."""
-    if choices:
-        check = (lambda v: v in choices, "must be " + ", ".join(choices[:-1]) + " or " + choices[-1])
+    check = (lambda v: v in choices, "must be " + ", ".join(choices[:-1]) + " or " + choices[-1]) if choices else check
     return dict(help=help, check=check, resume=resume, choices=choices)
 
 
@@ -68,12 +67,11 @@ class TrainConfig:
                           "2023: each timestep's eps loss times min(SNR_t, gamma) / SNR_t)", choices=LOSS_WEIGHTS)
     snr_gamma: float = hp(5.0, "gamma of --loss_weight min_snr (their default); refused without it",
                           (lambda v: v > 0, "must be > 0"))
-    eval_every: int = hp(0, "every N steps and at the end, sample --eval_samples digits from the EMA weights "
-                         "(dpm++2m-sde, 20 NFE, fixed noise) and store their feature-FID and confident share in "
-                         "the checkpoint (plotted in train_loss.png); trains bitwise as without it (0 = never)",
+    eval_every: int = hp(0, "every N steps and at the end, judge --eval_samples digits of the EMA (dpm++2m-sde, "
+                         "20 NFE, fixed noise) into the checkpoint's curve; trains bitwise as without (0 = never)",
                          at_least(0))
-    eval_samples: int = hp(200, "digits per --eval_every evaluation (feature-FID at 200 reads higher than at "
-                           "1000: compare along one curve)", at_least(10))
+    eval_samples: int = hp(200, "digits per --eval_every evaluation (FID at 200 reads higher than at 1000)",
+                           at_least(10))
 
     def __post_init__(self):  # every TrainConfig is checked once, where it is made
         for f in fields(self):

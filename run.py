@@ -18,6 +18,7 @@ import torch
 
 import checkpoint
 import config
+import utils
 from config import TrainConfig
 from dataloader import mnist_tensors
 from diffusion import GaussianDiffusion, from_model_range
@@ -25,18 +26,7 @@ from metrics import TrainingJudge
 from model import UNet, count_parameters
 from sample import check_n_samples, label_kwargs, network_evaluations, sample_func, sampler_kwargs
 from train import TrainingInterrupted, train_func
-from utils import (
-    OneLineArgumentParser,
-    UserError,
-    atomic_write,
-    check_amp,
-    check_writable,
-    plot_loss,
-    rank_world,
-    run_main,
-    save_image_grid,
-    setup_distributed,
-)
+from utils import UserError
 
 CPU_HINT = "On a CPU, 'python run.py --preset cpu' trains a smaller model in about 15 minutes (README)"
 
@@ -44,7 +34,7 @@ CPU_HINT = "On a CPU, 'python run.py --preset cpu' trains a smaller model in abo
 def get_parser():
     """Flags that set the model or the recipe default to None: "not given", so that the preset
     (or, with --resume, the checkpoint) supplies the value. Their defaults, help and checks are in config."""
-    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p = utils.OneLineArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="paper", choices=sorted(config.PRESETS), help="model and recipe defaults")
     p.add_argument("--class_cond", action="store_true",
                    help="class-conditional model for classifier-free guidance (Ho & Salimans 2022)")
@@ -86,7 +76,7 @@ class Plan:
 def configure(args, device, world):
     """Resolve the preset and the flags (or, with --resume, the checkpoint and the flags) into a Plan;
     every value is checked here, before the data is loaded and before any file is written."""
-    check_amp(device, args.amp)
+    utils.check_amp(device, args.amp)
     if args.resume:
         ckpt = resume_checkpoint(args)
         model_args, diffusion_args, meta = dict(ckpt["model_args"]), ckpt["diffusion_args"], ckpt.get("meta", {})
@@ -102,7 +92,7 @@ def configure(args, device, world):
                 label_kwargs(args, model_args.get("num_classes"), args.n_samples),
                 os.path.join(args.out_dir, "generated_samples.jpg"), os.path.join(args.out_dir, "train_loss.png"))
     for path in (args.checkpoint, plan.samples_path, plan.loss_path):
-        check_writable(path)
+        utils.check_writable(path)
     return plan
 
 
@@ -170,7 +160,7 @@ def protect_existing(path, keep_copy=True):
         return
     with open(path, "rb") as f:
         data = f.read()
-    atomic_write(path + ".prev", lambda f: f.write(data))
+    utils.atomic_write(path + ".prev", lambda f: f.write(data))
     print(f"{path} exists and --resume was not given: starting a new run; the old file is kept as {path}.prev")
 
 
@@ -189,7 +179,7 @@ def train(args, plan, model, diffusion, images, labels, device, log):
     hint = CPU_HINT if device.type == "cpu" and plan.meta.get("preset") == "paper" else None
     t0 = time.time()
     try:
-        judge = TrainingJudge() if plan.cfg.eval_every and rank_world()[0] == 0 else None  # rank 0 evaluates
+        judge = TrainingJudge() if plan.cfg.eval_every and utils.rank_world()[0] == 0 else None  # rank 0 evaluates
         state = train_func(model, diffusion, images, plan.cfg, args.checkpoint, device=device, resume=plan.resume,
                            model_meta=plan.meta, progress=not args.no_progress, speed_hint=hint, judge=judge,
                            labels=labels if plan.model_args.get("num_classes") is not None else None)
@@ -207,13 +197,13 @@ def train(args, plan, model, diffusion, images, labels, device, log):
 
 def sample_and_plot(args, plan, model, diffusion, state, device):
     """The loss curve, and n_samples digits from the EMA weights with the chosen sampler."""
-    plot_loss(state["loss_history"], plan.loss_path, evals=state.get("eval_history"))
+    utils.plot_loss(state["loss_history"], plan.loss_path, evals=state.get("eval_history"))
     model.load_state_dict(state["ema"])
     t0 = time.time()
     samples, _ = sample_func(model, args.n_samples, diffusion, seed=plan.cfg.seed, device=device,
                              progress=not args.no_progress, amp=args.amp, compile=args.compile,
                              **plan.sampler, **plan.labels)
-    save_image_grid(from_model_range(samples), plan.samples_path, nrow=5)
+    utils.save_image_grid(from_model_range(samples), plan.samples_path, nrow=5)
     nfe = network_evaluations(plan.sampler, diffusion.T, plan.labels["guidance_scale"])
     print(f"sampled {args.n_samples} digits ({plan.sampler['sampler']}, NFE {nfe}) in {time.time() - t0:.1f} s; "
           f"wrote {plan.samples_path} and {plan.loss_path}")
@@ -221,7 +211,7 @@ def sample_and_plot(args, plan, model, diffusion, state, device):
 
 def main(argv=None):
     args = get_parser().parse_args(argv)
-    device, rank, world = setup_distributed(args.device)  # (device, 0, 1) without torchrun
+    device, rank, world = utils.setup_distributed(args.device)  # (device, 0, 1) without torchrun
     log = print if rank == 0 else (lambda *a, **k: None)  # rank 0 prints and writes the outputs
     try:
         plan = configure(args, device, world)
@@ -243,7 +233,7 @@ def main(argv=None):
 
 
 def _resume_command(args):
-    world = rank_world()[1]
+    world = utils.rank_world()[1]
     launcher = "python" if world == 1 else f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}"
     out = ["--resume", "--checkpoint", args.checkpoint]
     for k in ("data_dir", "out_dir", "device", "amp"):
@@ -253,4 +243,4 @@ def _resume_command(args):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    utils.run_main(main)

@@ -55,7 +55,7 @@ def resolve_device(name):
     if name == "auto":
         if torch.cuda.is_available():
             return _setup(torch.device("cuda"))
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _has_mps():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -66,11 +66,15 @@ def resolve_device(name):
         raise UserError(f"--device {name} asked for, but CUDA is not available here; use --device cpu or auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if device.type == "mps" and not _has_mps():
         raise UserError(f"--device {name} asked for, but MPS is not available here; use --device cpu or auto")
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return _setup(device)
+
+
+def _has_mps():
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
 
 
 def setup_distributed(device_name):
