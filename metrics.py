@@ -103,20 +103,16 @@ def train_classifier(data_dir="./data", epochs=2, batch_size=128, lr=2e-3, seed=
 
 
 @torch.no_grad()
-def predict(model, images, batch_size=200):
-    """Logits (N, 10) for uint8 (N, 28, 28) or float [0, 1] images, in the model's dtype."""
+def predict(model, images, batch_size=200, features=False):
+    """Logits (N, 10), or with `features` the penultimate features (N, 128), for uint8 (N, 28, 28) or
+    float [0, 1] images, in the model's dtype."""
     model.eval()
-    dtype = next(model.parameters()).dtype
-    return torch.cat([model(_as_input(images[i:i + batch_size], dtype)) for i in range(0, len(images), batch_size)])
+    dtype, fn = next(model.parameters()).dtype, model.features if features else model
+    return torch.cat([fn(_as_input(images[i:i + batch_size], dtype)) for i in range(0, len(images), batch_size)])
 
 
-@torch.no_grad()
 def features(model, images, batch_size=200):
-    """Penultimate features (N, 128), in the model's dtype."""
-    model.eval()
-    dtype = next(model.parameters()).dtype
-    return torch.cat([model.features(_as_input(images[i:i + batch_size], dtype))
-                      for i in range(0, len(images), batch_size)])
+    return predict(model, images, batch_size, features=True)
 
 
 class Judge:
