@@ -241,11 +241,16 @@ RESUME_TEXT = {"keep": "the checkpoint's (a flag must match it)", "may change": 
                "if given", "from flags": "the flag's"}
 
 
-def flags_table(parser, skip=()):
-    """A markdown table of a parser's flags (but `skip`): flag, default, meaning, what --resume does."""
+def flags_table():
+    """run.py's flags (but the sampler and label flags: a table of their own) as a markdown table: flag,
+    default, meaning (with the check), what --resume does."""
+    import run
+    shared = argparse.ArgumentParser()  # its only flags: --help and the sampler and label flags
+    add_sampler_flags(shared)
+    add_label_flags(shared)
     rows = ["| flag | default | meaning | on `--resume` |", "| --- | --- | --- | --- |"]
-    for a in parser._actions:
-        if not a.option_strings or a.dest in skip or a.dest == "help":
+    for a in run.get_parser()._actions:
+        if a.dest in {b.dest for b in shared._actions}:
             continue
         flag = a.option_strings[0] + (" " + "|".join(map(str, a.choices)) if a.choices else "")
         if a.dest in FLAGS:
@@ -259,22 +264,13 @@ def flags_table(parser, skip=()):
     return "\n".join(rows)
 
 
-def run_flags_table():
-    """run.py's table in docs/flags.md: every flag but the sampler and label flags (a table of their own)."""
-    import run
-    shared = argparse.ArgumentParser()
-    add_sampler_flags(shared)
-    add_label_flags(shared)
-    return flags_table(run.get_parser(), skip={a.dest for a in shared._actions})
-
-
 def flags_doc():
     """docs/flags.md as it is, and as it should be (its run.py table regenerated)."""
     with open(FLAGS_DOC) as f:
         text = f.read()
     head, rest = text.split(TABLE_MARKERS[0] + "\n")
     _, tail = rest.split(TABLE_MARKERS[1])
-    return text, f"{head}{TABLE_MARKERS[0]}\n{run_flags_table()}\n{TABLE_MARKERS[1]}{tail}"
+    return text, f"{head}{TABLE_MARKERS[0]}\n{flags_table()}\n{TABLE_MARKERS[1]}{tail}"
 
 
 if __name__ == "__main__":  # python config.py: rewrite docs/flags.md's run.py table
