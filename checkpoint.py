@@ -19,7 +19,6 @@ exported one (export.py) holds only the EMA weights, the arguments and the loss 
 UNet state dict is accepted too, with the paper's default arguments.
 """
 import hashlib
-import io
 import os
 import random
 
@@ -40,13 +39,6 @@ def save(path, obj):
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
-def to_bytes(obj):
-    """The bytes `save` would write (for a checksum computed before the file is written)."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getvalue()
-
-
 def check_publish_target(path, overwrite):
     """A published file and its .sha256 replace nothing that exists unless `overwrite` (--overwrite)."""
     for p in (path, path + ".sha256"):
@@ -55,21 +47,29 @@ def check_publish_target(path, overwrite):
         check_writable(p)
 
 
+def sha256_file(path):
+    """The SHA-256 of a file, as hex (what `sha256sum` prints)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def save_published(path, obj):
     """save(), then a .sha256 beside it ("<hex>  NAME", the format `sha256sum -c` reads).
     Returns (the number of bytes written, the hex digest)."""
-    data = to_bytes(obj)
-    digest = hashlib.sha256(data).hexdigest()
-    atomic_write(path, lambda f: f.write(data))
+    save(path, obj)
+    digest = sha256_file(path)
     atomic_write(path + ".sha256", lambda f: f.write(f"{digest}  {os.path.basename(path)}\n".encode()))
-    return len(data), digest
+    return os.path.getsize(path), digest
 
 
-def load_file(path, map_location="cpu"):
+def load_file(path, map_location="cpu", missing=None):
     """torch.load with weights_only=True (tensors and plain data only: no pickled code runs),
-    every failure turned into a one-line UserError."""
+    every failure turned into a one-line UserError (`missing`: the message for a missing file)."""
     if not os.path.exists(path):
-        raise UserError(f"{path} does not exist")
+        raise UserError(missing or f"{path} does not exist")
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder, not a file")
     try:
@@ -82,12 +82,11 @@ def load_file(path, map_location="cpu"):
         raise UserError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {msg}") from None
 
 
-def load(path, map_location="cpu"):
+def load(path, map_location="cpu", missing=None):
     """Read a DDPM checkpoint: a dict with at least model_args, diffusion_args and model.
     A bare UNet state dict is given the paper's default arguments. An unknown format is refused."""
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint {path} does not exist; train one with 'python run.py' or pass --checkpoint PATH")
-    ckpt = load_file(path, map_location)
+    ckpt = load_file(path, map_location, missing or f"checkpoint {path} does not exist; train one with "
+                     "'python run.py' or pass --checkpoint PATH")
     if isinstance(ckpt, dict) and "model" in ckpt and "model_args" in ckpt:
         fmt = ckpt.get("format", FORMAT)  # files written before the field existed are format 1
         if fmt not in KNOWN_FORMATS:

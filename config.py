@@ -3,57 +3,80 @@
 The defaults are the paper's (Ho et al. 2020, CIFAR-10 setup, on 28x28 MNIST), each written once
 where its concept lives: the UNet layout in `model.UNet`'s signature (Appendix B), the noise
 schedule in `diffusion.GaussianDiffusion`'s, the training recipe in `TrainConfig` below. A preset
-is data: the values it changes.
+is data: the values it changes. Beside each default, once: its flag's help, its check and what
+--resume does with it (`meta`); run.py's flags, the checks, --resume and docs/flags.md's run.py
+table are derived from that (`python config.py` rewrites the table).
 
     model_args, diffusion_args, cfg = resolve("cpu", lr=5e-4)   # as `python run.py --preset cpu --lr 5e-4`
 """
 import argparse
 import inspect
-from dataclasses import dataclass, fields
+import os
+from dataclasses import dataclass, field, fields
 
-from diffusion import LOSS_WEIGHTS, GaussianDiffusion
+from diffusion import LOSS_WEIGHTS, SCHEDULES, VAR_TYPES, GaussianDiffusion
 from model import UNet
-from utils import UserError
+from utils import AMP_MODES, UserError
+
+LR_DECAYS = ("none", "cosine")
+
+
+def meta(help, check=None, resume="may change", choices=None):
+    """What a flag needs besides its default: its help text (None: no flag), its check, a pair
+    (predicate, "must be ...") or the `choices`, and what --resume does with it: "keep" (the
+    checkpoint's value; a flag that differs is refused), "may change" (a flag given overrides the
+    checkpoint's) or "from flags" (how to run, not what to train: always the flag's)."""
+    check = (lambda v: v in choices, "must be " + ", ".join(choices[:-1]) + " or " + choices[-1]) if choices else check
+    return dict(help=help, check=check, resume=resume, choices=choices)
+
+
+def hp(default, help, check=None, resume="may change", choices=None):
+    """A TrainConfig field: its default and meta(...)."""
+    return field(default=default, metadata=meta(help, check, resume, choices))
+
+
+def at_least(lo):
+    return (lambda v: v >= lo, f"must be >= {lo}")
 
 
 @dataclass
 class TrainConfig:
-    n_epochs: int = 100         # passes over the 60k training images
-    max_steps: int = 0          # stop after this many optimizer steps (0 = no limit)
-    batch_size: int = 128       # paper: 128 (the global batch under torchrun)
-    lr: float = 2e-4            # paper: 2e-4 (CIFAR-10), Adam
-    warmup: int = 5000          # linear learning-rate warm-up steps (paper: 5000)
-    lr_decay: str = "none"      # "none" (paper: constant after warm-up) or "cosine" (to 0 at the last step)
-    grad_clip: float = 1.0      # clip the global gradient norm (authors' code: 1.0; 0 = off)
-    ema_decay: float = 0.9999   # paper: 0.9999; warmed up as min(decay, (1+n)/(10+n))
-    save_every: int = 1000      # checkpoint every N steps (and at the end)
-    log_every: int = 25         # move the loss to the host and check it is finite every N steps
-    seed: int = 0               # model init, data order, noise, dropout
-    amp: str = "none"           # autocast: "none", "bf16" or "fp16" (fp16 with a GradScaler)
-    compile: bool = False       # torch.compile the network for the training step
-    p_uncond: float = 0.1       # class-conditional models only: share of labels replaced by the null label
-    loss_weight: str = "none"   # "none" (paper: L_simple) or "min_snr" (Min-SNR-gamma, Hang et al. 2023)
-    snr_gamma: float = 5.0      # gamma of min_snr (their default)
-    eval_every: int = 0         # sample and judge the EMA weights every N steps (0 = never); no effect on training
-    eval_samples: int = 200     # digits per evaluation (feature-FID at n = 200: for the curve's shape)
+    """The training recipe: each field's default, flag help, check and --resume rule, written once."""
+    n_epochs: int = hp(100, "passes over the 60k training images", at_least(1))
+    max_steps: int = hp(0, "stop after this many optimizer steps (0 = no limit)", at_least(0))
+    batch_size: int = hp(128, "training batch, the paper's (the global batch under torchrun)", at_least(1), "keep")
+    lr: float = hp(2e-4, "Adam learning rate after warm-up (the paper's for CIFAR-10)",
+                   (lambda v: v > 0, "must be > 0"))
+    warmup: int = hp(5000, "linear learning-rate warm-up steps (the paper's)", at_least(0))
+    lr_decay: str = hp("none", "after warm-up: constant (the paper's), or cosine to 0 at the last step",
+                       choices=LR_DECAYS)
+    grad_clip: float = hp(1.0, "gradient-norm clip (the authors' code's; 0 = off)", at_least(0))
+    ema_decay: float = hp(0.9999, "EMA decay of the weights used for sampling (the paper's), warmed up as "
+                          "min(decay, (1+n)/(10+n)) after n steps", (lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    save_every: int = hp(1000, "checkpoint every N steps (and at the end)", at_least(1))
+    # no flag: move the loss to the host and check it is finite every N steps
+    log_every: int = hp(25, None, at_least(1), "keep")
+    seed: int = hp(0, "seed for init, data order, noise, dropout and sampling", resume="keep")
+    amp: str = hp("none", "mixed precision (autocast; fp16 trains with a GradScaler and needs CUDA)",
+                  resume="from flags", choices=AMP_MODES)
+    compile: bool = hp(False, "torch.compile the network", resume="from flags")
+    p_uncond: float = hp(0.1, "with --class_cond: probability of training on the null label instead",
+                         (lambda v: 0 <= v <= 1, "must be in [0, 1]"))
+    loss_weight: str = hp("none", "none (the paper's L_simple) or min_snr (Min-SNR-gamma weighting, Hang et al. "
+                          "2023: each timestep's eps loss times min(SNR_t, gamma) / SNR_t)", choices=LOSS_WEIGHTS)
+    snr_gamma: float = hp(5.0, "gamma of --loss_weight min_snr (their default); refused without it",
+                          (lambda v: v > 0, "must be > 0"))
+    eval_every: int = hp(0, "every N steps and at the end, judge --eval_samples digits of the EMA (dpm++2m-sde, "
+                         "20 NFE, fixed noise) into the checkpoint's curve; trains bitwise as without (0 = never)",
+                         at_least(0))
+    eval_samples: int = hp(200, "digits per --eval_every evaluation (FID at 200 reads higher than at 1000)",
+                           at_least(10))
 
     def __post_init__(self):  # every TrainConfig is checked once, where it is made
-        checks = [(self.n_epochs >= 1, "n_epochs must be >= 1"), (self.max_steps >= 0, "max_steps must be >= 0"),
-                  (self.batch_size >= 1, "batch_size must be >= 1"), (self.lr > 0, "lr must be > 0"),
-                  (self.warmup >= 0, "warmup must be >= 0"), (self.lr_decay in ("none", "cosine"),
-                                                              "lr_decay must be none or cosine"),
-                  (self.grad_clip >= 0, "grad_clip must be >= 0"),
-                  (0 <= self.ema_decay < 1, "ema_decay must be in [0, 1)"),
-                  (self.save_every >= 1, "save_every must be >= 1"), (self.log_every >= 1, "log_every must be >= 1"),
-                  (self.amp in ("none", "bf16", "fp16"), "amp must be none, bf16 or fp16"),
-                  (0 <= self.p_uncond <= 1, "p_uncond must be in [0, 1]"),
-                  (self.loss_weight in LOSS_WEIGHTS, "loss_weight must be " + " or ".join(LOSS_WEIGHTS)),
-                  (self.snr_gamma > 0, "snr_gamma must be > 0"), (self.eval_every >= 0, "eval_every must be >= 0"),
-                  (self.eval_samples >= 10, "eval_samples must be >= 10")]
-        for ok, msg in checks:
-            if not ok:
-                name = msg.split()[0]
-                raise UserError(f"--{msg}, got {getattr(self, name)}")
+        for f in fields(self):
+            check, v = f.metadata["check"], getattr(self, f.name)
+            if check and not check[0](v):
+                raise UserError(f"--{f.name} {check[1]}, got {v}")
 
 
 def _signature_defaults(cls, names):
@@ -67,6 +90,17 @@ MODEL_FLAGS = {"ch": "ch", "ch_mult": "ch_mult", "num_res_blocks": "num_res_bloc
 DEFAULTS = {**{flag: v for flag, v in zip(MODEL_FLAGS, _signature_defaults(UNet, MODEL_FLAGS.values()).values())},
             **_signature_defaults(GaussianDiffusion, ["var_type", "schedule"]),
             **{f.name: f.default for f in fields(TrainConfig)}}
+# Every flag with a DEFAULTS entry: the model's and the diffusion's (fixed by a checkpoint), then the recipe's.
+FLAGS = {"ch": meta("UNet base width (even, >= 4)", resume="keep"),
+         "ch_mult": meta("width multipliers per resolution, e.g. 1,2,2 (at most 3 levels: 28, 14, 7)", resume="keep"),
+         "num_res_blocks": meta("residual blocks per resolution", resume="keep"),
+         "attn_res": meta("resolutions with self-attention, e.g. 14 ('' = none)", resume="keep"),
+         "dropout": meta("dropout in the residual blocks", resume="keep"),
+         "var_type": meta("reverse variance sigma_t^2: fixed_large = beta_t (the paper's CIFAR-10 setting) or "
+                          "fixed_small = beta-tilde_t", resume="keep", choices=VAR_TYPES),
+         "schedule": meta("noise schedule: linear betas 1e-4 to 0.02 (the paper's) or cosine (Nichol & Dhariwal "
+                          "2021, eq. 17)", resume="keep", choices=SCHEDULES),
+         **{f.name: f.metadata for f in fields(TrainConfig)}}
 
 PRESETS = {
     "paper": {},  # the defaults: Ho et al. 2020's CIFAR-10 model and recipe (a GPU job)
@@ -118,6 +152,9 @@ def check_model_args(model_args):
 
 
 # ---- the flags several scripts share -------------------------------------------------------------
+CHECKPOINT = "ddpm_trained.pt"  # run.py writes it, evaluate.py and export.py read it
+
+
 def int_list(s):
     """'1,2,2' -> (1, 2, 2); '' -> ()."""
     try:
@@ -130,10 +167,39 @@ def add_device_flag(p):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
 
 
+def add_checkpoint_flag(p, help, published=False):
+    """--checkpoint: ./ddpm_trained.pt (what run.py writes), or with `published` the one in checkpoints/."""
+    p.add_argument("--checkpoint", default=f"checkpoints/{CHECKPOINT}" if published else CHECKPOINT, help=help)
+
+
+def default_text(name):
+    """A FLAGS entry's default as a flag spells it, or each preset's: '0.1' or 'paper 0.1, cpu 0.0, reference 0.0'."""
+    def fmt(v):
+        return ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+    changed = [f"{preset} {fmt(vals[name])}" for preset, vals in PRESETS.items() if name in vals]
+    return ", ".join([f"paper {fmt(DEFAULTS[name])}", *changed]) if changed else fmt(DEFAULTS[name])
+
+
+def add_flag(p, name, default=None):
+    """The flag of a FLAGS entry: its type from its default, its choices, its help with the default shown.
+    default None = "not given": the preset (or, with --resume, the checkpoint) supplies the value."""
+    m, d = FLAGS[name], DEFAULTS[name]
+    if isinstance(d, bool):
+        return p.add_argument(f"--{name}", action="store_true", help=m["help"])
+    p.add_argument(f"--{name}", default=default, type=int_list if isinstance(d, tuple) else type(d),
+                   choices=m["choices"], help=f"{m['help']} (default {default_text(name)})")
+
+
+def add_train_flags(p):
+    """run.py's model, diffusion and recipe flags, one per FLAGS entry (--amp and --compile: add_speed_flags)."""
+    for name, m in FLAGS.items():
+        if m["help"] and m["resume"] != "from flags":
+            add_flag(p, name)
+
+
 def add_speed_flags(p):
-    p.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"],
-                   help="mixed precision (autocast; fp16 trains with a GradScaler and needs CUDA)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the network")
+    add_flag(p, "amp", default="none")
+    add_flag(p, "compile")
 
 
 def add_sampler_flags(p):
@@ -162,3 +228,49 @@ def add_label_flags(p):
     p.add_argument("--guidance_scale", type=float,
                    help="class-conditional models: classifier-free guidance w, eps = (1+w) eps(x,y) - w eps(x,null) "
                         "(default 0 = plain conditional)")
+
+
+# ---- docs/flags.md's run.py table, generated from the flags ------------------------------------------
+FLAGS_DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "flags.md")
+TABLE_MARKERS = ("<!-- run.py's flags: generated by `python config.py` from config.FLAGS and run.get_parser -->",
+                 "<!-- end of the generated table -->")
+RESUME_TEXT = {"keep": "the checkpoint's (a flag must match it)", "may change": "the checkpoint's, or the flag's "
+               "if given", "from flags": "the flag's"}
+
+
+def flags_table():
+    """run.py's flags (but the sampler and label flags: a table of their own) as a markdown table: flag,
+    default, meaning (with the check), what --resume does."""
+    import run
+    shared = argparse.ArgumentParser()  # its only flags: --help and the sampler and label flags
+    add_sampler_flags(shared)
+    add_label_flags(shared)
+    rows = ["| flag | default | meaning | on `--resume` |", "| --- | --- | --- | --- |"]
+    for a in run.get_parser()._actions:
+        if a.dest in {b.dest for b in shared._actions}:
+            continue
+        flag = a.option_strings[0] + (" " + "|".join(map(str, a.choices)) if a.choices else "")
+        if a.dest in FLAGS:
+            m = FLAGS[a.dest]
+            meaning = m["help"] + (f"; {m['check'][1]}" if m["check"] and not m["choices"] else "")
+            default, resume = "" if a.const else default_text(a.dest), RESUME_TEXT[m["resume"]]
+        else:
+            default, meaning, resume = "" if a.default in (None, False) else a.default, a.help, ""
+        cells = (f"`{flag}`", default, meaning, resume)
+        rows.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows)
+
+
+def flags_doc():
+    """docs/flags.md as it is, and as it should be (its run.py table regenerated)."""
+    with open(FLAGS_DOC) as f:
+        text = f.read()
+    head, rest = text.split(TABLE_MARKERS[0] + "\n")
+    _, tail = rest.split(TABLE_MARKERS[1])
+    return text, f"{head}{TABLE_MARKERS[0]}\n{flags_table()}\n{TABLE_MARKERS[1]}{tail}"
+
+
+if __name__ == "__main__":  # python config.py: rewrite docs/flags.md's run.py table
+    new = flags_doc()[1]
+    with open(FLAGS_DOC, "w") as f:
+        f.write(new)

@@ -8,7 +8,7 @@ Sources, in order:
      converted exactly to torchvision's IDX files, then loaded by torchvision as usual.
 Synthetic data is never substituted for MNIST.
 
-Training draws batches by index from one uint8 tensor (`MNISTTensor`, `epoch_permutation`):
+Training draws batches by index from one uint8 tensor (`mnist_tensors`, `epoch_permutation`):
 no per-item PIL work in the hot loop, and the data order is a pure function of (seed, epoch),
 which makes resuming exact.
 """
@@ -150,14 +150,14 @@ def ensure_mnist(data_dir, download=True, verbose=True):
     convert_mnist_pickle(pkl, raw)
 
 
-def load_mnist(data_dir="./data", train=True, download=True, transform=None, verbose=True):
+def load_mnist(data_dir="./data", train=True, download=True, verbose=True):
     """torchvision.datasets.MNIST for the split, from whichever source works (see ensure_mnist)."""
     from torchvision.datasets import MNIST
 
     ensure_mnist(data_dir, download=download, verbose=verbose)
     split = "train" if train else "test"
     try:
-        ds = MNIST(data_dir, train=train, download=False, transform=transform)
+        ds = MNIST(data_dir, train=train, download=False)
         n, h, w = ds.data.shape
         if (h, w) != (28, 28) or len(ds.targets) != n or n == 0:
             raise ValueError(f"images {tuple(ds.data.shape)} and {len(ds.targets)} labels")
@@ -172,19 +172,6 @@ def mnist_tensors(data_dir="./data", train=True, download=True, verbose=True):
     """(images uint8 (N, 28, 28), labels int64 (N,)) for the split."""
     ds = load_mnist(data_dir, train=train, download=download, verbose=verbose)
     return ds.data.to(torch.uint8), ds.targets.to(torch.int64)
-
-
-def get_dataloaders(data_dir="./data", batch_size=128, num_workers=0):
-    """Standard torch DataLoaders (train shuffled, test in order) of (images in [0, 1], labels),
-    for exploration and the notebook. Training itself uses `epoch_permutation` on a tensor."""
-    from torch.utils.data import DataLoader
-    from torchvision import transforms
-
-    tf = transforms.ToTensor()
-    train = load_mnist(data_dir, train=True, transform=tf)
-    test = load_mnist(data_dir, train=False, transform=tf)
-    return (DataLoader(train, batch_size=batch_size, shuffle=True, num_workers=num_workers),
-            DataLoader(test, batch_size=batch_size, shuffle=False, num_workers=num_workers))
 
 
 def epoch_permutation(seed, epoch, n):

@@ -16,25 +16,15 @@ import torch
 
 import checkpoint
 import config
+import utils
 from diffusion import from_model_range, to_uint8
 from sample import check_n_samples, label_kwargs, network_evaluations, sample_func, sampler_kwargs
-from utils import (
-    OneLineArgumentParser,
-    UserError,
-    atomic_write,
-    check_amp,
-    check_writable,
-    cpu_model,
-    image_format,
-    resolve_device,
-    run_main,
-    save_image_grid,
-)
+from utils import UserError
 
 
 def get_parser():
-    p = OneLineArgumentParser(description="Sample MNIST digits from a trained DDPM checkpoint.")
-    p.add_argument("--checkpoint", default="ddpm_trained.pt", help="checkpoint to load")
+    p = utils.OneLineArgumentParser(description="Sample MNIST digits from a trained DDPM checkpoint.")
+    config.add_checkpoint_flag(p, "checkpoint to load")
     p.add_argument("--n_samples", type=int, default=10, help="number of digits to generate")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (same seed, same digits)")
     config.add_device_flag(p)
@@ -67,7 +57,7 @@ def get_parser():
 def save_npz(path, **arrays):
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+    utils.atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 METRICS_DEFAULTS = dict(metrics_out="metrics.json", data_dir="./data", bpd_images=128, bpd_timesteps=100)
@@ -99,11 +89,11 @@ def check_args(args):
     if args.batch_size < 1 or args.nrow < 1:
         raise UserError(f"--batch_size and --nrow must be >= 1, got {args.batch_size} and {args.nrow}")
     check_metrics_args(args)
-    image_format(args.out)
+    utils.image_format(args.out)
     if args.save_samples and not args.save_samples.endswith(".npz"):
         raise UserError(f"--save_samples must name a .npz file, got {args.save_samples}")
     for path in filter(None, (args.out, args.save_samples, args.metrics_out if args.metrics else None)):
-        check_writable(path)
+        utils.check_writable(path)
 
 
 def load(args, device):
@@ -150,14 +140,18 @@ def score_samples_file(args):
     model = diffusion = None
     if args.bpd_images > 0:
         model, diffusion = checkpoint.build_model(checkpoint.load(args.checkpoint), use_ema=not args.no_ema,
-                                                  device=resolve_device(args.device), source=args.checkpoint)
+                                                  device=utils.resolve_device(args.device), source=args.checkpoint)
     print(f"scoring {len(samples)} samples from {args.from_samples}" +
           (f" ({', '.join(f'{k} {v}' for k, v in meta.items())})" if meta else ""))
     results = compute_metrics(model, diffusion, samples, args, digits)
-    results.update(meta, from_samples=args.from_samples, checkpoint=meta.get("checkpoint"))
+    write_metrics(args.metrics_out, {**results, **meta, "from_samples": args.from_samples,
+                                     "checkpoint": meta.get("checkpoint")})
+
+
+def write_metrics(path, results):
     print_table(results)
-    atomic_write(args.metrics_out, lambda f: f.write(json.dumps(results, indent=1).encode()))
-    print(f"wrote {args.metrics_out}")
+    utils.atomic_write(path, lambda f: f.write(json.dumps(results, indent=1).encode()))
+    print(f"wrote {path}")
 
 
 def main(argv=None):
@@ -165,34 +159,30 @@ def main(argv=None):
     check_args(args)
     if args.from_samples is not None:
         return score_samples_file(args)
-    device = resolve_device(args.device)
-    check_amp(device, args.amp)
+    device = utils.resolve_device(args.device)
+    utils.check_amp(device, args.amp)
     model, diffusion, skw, lkw = load(args, device)
     t0 = time.time()
     samples, _ = sample_func(model, args.n_samples, diffusion, seed=args.seed, device=device,
                              batch_size=args.batch_size, progress=not args.no_progress, amp=args.amp,
                              compile=args.compile, **skw, **lkw)
-    sampling_seconds = time.time() - t0
+    sampling_seconds, nfe = time.time() - t0, network_evaluations(skw, diffusion.T, lkw["guidance_scale"])
     digits = requested_digits(lkw["labels"], model, args.n_samples)
-    save_image_grid(from_model_range(samples), args.out, nrow=args.nrow)
+    utils.save_image_grid(from_model_range(samples), args.out, nrow=args.nrow)
     msg = f"wrote {args.out}"
     if args.save_samples:
         # labels: the requested digit per sample, -1 where none was (unconditional model or sampling)
         meta = dict(checkpoint=args.checkpoint, sampler=skw, guidance_scale=lkw["guidance_scale"], seed=args.seed,
-                    nfe=network_evaluations(skw, diffusion.T, lkw["guidance_scale"]), device=str(device),
-                    torch=torch.__version__, cpu=cpu_model(), threads=torch.get_num_threads(),
-                    sampling_seconds=round(sampling_seconds, 1))
+                    nfe=nfe, device=str(device), torch=torch.__version__, cpu=utils.cpu_model(),
+                    threads=torch.get_num_threads(), sampling_seconds=round(sampling_seconds, 1))
         save_npz(args.save_samples, samples=to_uint8(samples).numpy(), labels=digits.numpy(),
                  meta=np.array(json.dumps(meta)))
         msg += f" and {args.save_samples}"
     print(f"{msg} in {time.time() - t0:.1f} s")
     if args.metrics:
         results = compute_metrics(model, diffusion, to_uint8(samples), args, digits)
-        results.update(sampler=skw, guidance_scale=lkw["guidance_scale"], sampling_seconds=sampling_seconds,
-                       device=str(device), nfe=network_evaluations(skw, diffusion.T, lkw["guidance_scale"]))
-        print_table(results)
-        atomic_write(args.metrics_out, lambda f: f.write(json.dumps(results, indent=1).encode()))
-        print(f"wrote {args.metrics_out}")
+        write_metrics(args.metrics_out, {**results, "sampler": skw, "guidance_scale": lkw["guidance_scale"],
+                                         "sampling_seconds": sampling_seconds, "device": str(device), "nfe": nfe})
 
 
 def load_judge(path):
@@ -259,4 +249,4 @@ def print_table(r):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    utils.run_main(main)

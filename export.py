@@ -11,12 +11,13 @@ file loads in evaluate.py like any checkpoint but cannot be resumed (no optimize
 import os
 
 import checkpoint
+import config
 from utils import OneLineArgumentParser, UserError, run_main
 
 
 def main(argv=None):
     p = OneLineArgumentParser(description="Export the EMA weights of a checkpoint for publication, with a SHA-256.")
-    p.add_argument("--checkpoint", default="ddpm_trained.pt", help="training checkpoint to export")
+    config.add_checkpoint_flag(p, "training checkpoint to export")
     p.add_argument("--out", default="ddpm_exported.pt",
                    help="exported checkpoint (a .sha256 file goes beside it); an existing file needs --overwrite")
     p.add_argument("--overwrite", action="store_true",

@@ -22,19 +22,10 @@ import torch
 
 import checkpoint
 import config
+import utils
 from diffusion import from_model_range
 from sample import label_kwargs, network_evaluations, sample_func, sampler_kwargs, valid_guidance_scale
-from utils import (
-    OneLineArgumentParser,
-    UserError,
-    atomic_write,
-    check_writable,
-    image_grid,
-    plot_loss,
-    resolve_device,
-    run_main,
-    save_image_grid,
-)
+from utils import UserError
 
 # Denser near t = 0, where the digit takes shape.
 REVERSE_TIMESTEPS = (1000, 800, 600, 450, 300, 200, 120, 60, 20, 0)  # the columns of 'reverse process.png'
@@ -65,7 +56,7 @@ def _save_figure(fig, title, path):
     import matplotlib.pyplot as plt
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    utils.atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 
 
@@ -84,7 +75,7 @@ def plot_guidance_panel(panels, path, per_digit):
     """panels: {w: (10 * per_digit, 1, H, W) in [-1, 1], digit-major} -> one panel per w."""
     fig, axes = _figure(1, len(panels), (0.55 * per_digit * len(panels) + 0.4, 6.2))
     for ax, (w, imgs) in zip(axes[0], panels.items()):
-        _show(ax, image_grid(from_model_range(imgs).clamp(0, 1), per_digit), f"w = {w:g}", fontsize=10)
+        _show(ax, utils.image_grid(from_model_range(imgs).clamp(0, 1), per_digit), f"w = {w:g}", fontsize=10)
     _save_figure(fig, "classifier-free guidance: digits 0-9 (rows), same noise in every panel", path)
 
 
@@ -98,7 +89,7 @@ def guidance_panel(args, ckpt, device):
     if args.per_digit < 1:
         raise UserError("--per_digit must be >= 1")
     path = os.path.join(args.out_dir, "guidance.png")
-    check_writable(path)
+    utils.check_writable(path)
     model, diffusion = checkpoint.build_model(ckpt, device=device, source=args.checkpoint)
     if model.num_classes is None:
         raise UserError(f"{args.checkpoint} is unconditional; --guidance_panel needs a checkpoint trained with "
@@ -116,8 +107,8 @@ def guidance_panel(args, ckpt, device):
 
 
 def main(argv=None):
-    p = OneLineArgumentParser(description="Remake the README pictures from a checkpoint and its loss history.")
-    p.add_argument("--checkpoint", default="checkpoints/ddpm_trained.pt", help="checkpoint (with its loss history)")
+    p = utils.OneLineArgumentParser(description="Remake the README pictures from a checkpoint and its loss history.")
+    config.add_checkpoint_flag(p, "checkpoint (with its loss history)", published=True)
     p.add_argument("--out_dir", default="pics", help="folder for the pictures")
     p.add_argument("--n_samples", type=int, default=100, help="digits in 'generated samples.png'")
     p.add_argument("--n_reverse", type=int, default=8, help="rows of 'reverse process.png'")
@@ -136,32 +127,32 @@ def main(argv=None):
     if not os.path.isdir(args.out_dir):
         raise UserError(f"--out_dir {args.out_dir} does not exist; create it first")
     if args.guidance_panel is not None:
-        return guidance_panel(args, checkpoint.load(args.checkpoint), resolve_device(args.device))
+        return guidance_panel(args, checkpoint.load(args.checkpoint), utils.resolve_device(args.device))
     names = ["train loss.png", "generated samples.png", "reverse process.png", "generated_samples.jpg"]
     paths = {n: os.path.join(args.out_dir, n) for n in names}
     for path in paths.values():
-        check_writable(path)
+        utils.check_writable(path)
     ckpt = checkpoint.load(args.checkpoint)
     losses = ckpt.get("loss_history")
     if losses is None or len(losses) == 0:
         raise UserError(f"{args.checkpoint} has no loss history; use a checkpoint written by run.py or export.py")
-    device = resolve_device(args.device)
+    device = utils.resolve_device(args.device)
     model, diffusion = checkpoint.build_model(ckpt, device=device, source=args.checkpoint)
     lkw, skw = label_kwargs(args, model.num_classes, args.n_samples), sampler_kwargs(args, diffusion.T)
 
-    plot_loss(losses, paths["train loss.png"], evals=ckpt.get("eval_history"))
+    utils.plot_loss(losses, paths["train loss.png"], evals=ckpt.get("eval_history"))
     t0 = time.time()
     samples, steps = sample_func(model, args.n_samples, diffusion, seed=args.seed, device=device,
                                  batch_size=args.batch_size, return_steps=reverse_timesteps(diffusion.T),
                                  progress=not args.no_progress, **lkw, **skw)
     nfe = network_evaluations(skw, diffusion.T, lkw["guidance_scale"])
     print(f"sampled {args.n_samples} digits ({skw['sampler']}, NFE {nfe}) in {time.time() - t0:.0f} s on {device}")
-    save_image_grid(from_model_range(samples), paths["generated samples.png"], nrow=10)
+    utils.save_image_grid(from_model_range(samples), paths["generated samples.png"], nrow=10)
     plot_reverse_process(steps, paths["reverse process.png"], args.n_reverse)
-    save_image_grid(from_model_range(samples[:10]), paths["generated_samples.jpg"], nrow=5)
+    utils.save_image_grid(from_model_range(samples[:10]), paths["generated_samples.jpg"], nrow=5)
     print("wrote " + ", ".join(f"'{p}'" for p in paths.values()))
 
 
 if __name__ == "__main__":
     with torch.no_grad():
-        run_main(main)
+        utils.run_main(main)

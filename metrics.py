@@ -12,7 +12,6 @@ vector width move no metric beyond 1e-4.
     python metrics.py                                        # check the published judge, print its record
     python metrics.py --train_judge --out my_judge.pt        # train your own (evaluate.py --judge my_judge.pt)
 """
-import hashlib
 import math
 import os
 import subprocess
@@ -104,28 +103,16 @@ def train_classifier(data_dir="./data", epochs=2, batch_size=128, lr=2e-3, seed=
 
 
 @torch.no_grad()
-def predict(model, images, batch_size=200):
-    """Logits (N, 10) for uint8 (N, 28, 28) or float [0, 1] images, in the model's dtype."""
+def predict(model, images, batch_size=200, features=False):
+    """Logits (N, 10), or with `features` the penultimate features (N, 128), for uint8 (N, 28, 28) or
+    float [0, 1] images, in the model's dtype."""
     model.eval()
-    dtype = next(model.parameters()).dtype
-    return torch.cat([model(_as_input(images[i:i + batch_size], dtype)) for i in range(0, len(images), batch_size)])
+    dtype, fn = next(model.parameters()).dtype, model.features if features else model
+    return torch.cat([fn(_as_input(images[i:i + batch_size], dtype)) for i in range(0, len(images), batch_size)])
 
 
-@torch.no_grad()
 def features(model, images, batch_size=200):
-    """Penultimate features (N, 128), in the model's dtype."""
-    model.eval()
-    dtype = next(model.parameters()).dtype
-    return torch.cat([model.features(_as_input(images[i:i + batch_size], dtype))
-                      for i in range(0, len(images), batch_size)])
-
-
-def sha256_file(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return predict(model, images, batch_size, features=True)
 
 
 class Judge:
@@ -146,7 +133,7 @@ class Judge:
         if not os.path.isfile(path):
             raise UserError(f"the judge {path!r} does not exist; {fix}")
         try:
-            digest = sha256_file(path)
+            digest = checkpoint.sha256_file(path)
         except OSError as e:
             raise UserError(f"cannot read the judge {path}: {e.strerror}") from None
         expected = JUDGE_SHA256 if published else _sha256_beside(path, fix)
@@ -264,10 +251,6 @@ def fid_from_stats(a, b):
             covmean = linalg.sqrtm((s1.numpy() + eps) @ (s2.numpy() + eps))
     covmean = np.real(covmean)  # tiny imaginary parts from numerical error
     return float((m1 - m2).pow(2).sum() + torch.trace(s1 + s2) - 2 * np.trace(covmean))
-
-
-def fid(feats_a, feats_b):
-    return fid_from_stats(feature_stats(feats_a), feature_stats(feats_b))
 
 
 def precision_recall(real, fake, k=3, batch=1000):

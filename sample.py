@@ -131,7 +131,6 @@ def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, dev
     Returns (samples, steps): samples (n_samples, C, H, W) in [-1, 1] on the CPU, and
     steps {t: (n_samples, C, H, W)} for the reverse-process figure.
     """
-    check_n_samples(n_samples)
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {sampler!r}")
     s, diffusion = SAMPLERS[sampler], diffusion or GaussianDiffusion()

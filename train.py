@@ -17,11 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 import checkpoint
-from config import EVAL_SAMPLER, EVAL_SEED, TrainConfig  # noqa: F401 - TrainConfig: imported from here by the notebook
+from config import EVAL_SAMPLER, EVAL_SEED
 from dataloader import epoch_permutation
 from diffusion import to_model_range, to_uint8
 from sample import sample_func
-from utils import UserError, autocast
+from utils import UserError, autocast, rank_world
 
 
 class TrainingInterrupted(Exception):
@@ -47,13 +47,6 @@ def agreed_signal(signum, world, step, every, device):
     flag = torch.tensor([signum or 0], device=device)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
     return int(flag.item())
-
-
-def dist_rank_world():
-    """(rank, world size) of this process under torchrun; (0, 1) when not distributed."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 # ---- the training loop ---------------------------------------------------------------------
@@ -115,20 +108,13 @@ def make_optimizer_and_net(model, device, lr, compile, ddp=False):
     return opt, torch.compile(net, mode="reduce-overhead" if cuda_compile else None)  # shares the parameters
 
 
-def check_batch_divides(batch_size, world):
-    """Under torchrun --batch_size is the global batch: each of the `world` processes takes a share."""
-    if batch_size % world:
-        raise UserError(f"--batch_size {batch_size} is the global batch and must divide evenly over the "
-                        f"{world} processes")
-
-
 class Trainer:
     """One training run: the network, its EMA, the optimizer and the random streams, and the
     methods that advance them. Every method reads and writes only these attributes."""
 
     def __init__(self, model, diffusion, images, labels, cfg, checkpoint_path, device, meta=None, speed_hint=None,
                  judge=None):
-        self.rank, self.world = dist_rank_world()
+        self.rank, self.world = rank_world()
         self.model, self.diffusion, self.cfg, self.path, self.device = model, diffusion, cfg, checkpoint_path, device
         self.meta, self.speed_hint = meta or {}, speed_hint
         model.to(device).train()
@@ -142,7 +128,6 @@ class Trainer:
         self.steps_per_epoch = len(images) // B  # the last partial batch of each epoch is dropped
         if self.steps_per_epoch < 1:
             raise UserError(f"batch size {B} is larger than the {len(images)} training images")
-        check_batch_divides(B, self.world)
         self.mine = slice(self.rank * (B // self.world), (self.rank + 1) * (B // self.world))  # this process's share
         total = cfg.n_epochs * self.steps_per_epoch
         self.total = min(total, cfg.max_steps) if cfg.max_steps > 0 else total

@@ -7,6 +7,8 @@ import tempfile
 
 import torch
 
+AMP_MODES = ("none", "bf16", "fp16")  # --amp: autocast off, bfloat16, float16 (with a GradScaler when training)
+
 
 class UserError(Exception):
     """A mistake the user can fix (bad flag, missing file). Scripts print it on one line and exit 2."""
@@ -24,12 +26,17 @@ def run_main(main):
     try:
         main()
     except UserError as e:
-        rank = os.environ.get("RANK", "0")  # under torchrun: which process says it
+        rank = rank_world()[0]  # under torchrun: which process says it
         # One write of the whole line: under torchrun several processes share stderr, and a message
         # written in pieces (print writes the text, then the newline) can interleave with another's.
-        sys.stderr.write(f"{'' if rank == '0' else f'[rank {rank}] '}error: {e}\n")
+        sys.stderr.write(f"{'' if rank == 0 else f'[rank {rank}] '}error: {e}\n")
         sys.stderr.flush()
         sys.exit(2)
+
+
+def rank_world():
+    """(rank, world size) of this process: torchrun's RANK and WORLD_SIZE, (0, 1) without torchrun."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def cpu_model():
@@ -48,7 +55,7 @@ def resolve_device(name):
     if name == "auto":
         if torch.cuda.is_available():
             return _setup(torch.device("cuda"))
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if _has_mps():
             return torch.device("mps")
         return torch.device("cpu")
     try:
@@ -59,22 +66,26 @@ def resolve_device(name):
         raise UserError(f"--device {name} asked for, but CUDA is not available here; use --device cpu or auto")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    if device.type == "mps" and not _has_mps():
         raise UserError(f"--device {name} asked for, but MPS is not available here; use --device cpu or auto")
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return _setup(device)
 
 
+def _has_mps():
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def setup_distributed(device_name):
     """Under torchrun (WORLD_SIZE > 1): join the process group, nccl on CUDA (process i of a node
     takes cuda:LOCAL_RANK) or gloo on the CPU. Returns (device, rank, world size); outside torchrun
     (device, 0, 1) with the device from resolve_device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, world = rank_world()
     if world == 1:
         return resolve_device(device_name), 0, 1
     import torch.distributed as dist
-    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device_name not in ("auto", "cpu", "cuda"):
         raise UserError(f"under torchrun use --device auto, cuda or cpu (each process takes cuda:LOCAL_RANK), "
                         f"not {device_name!r}")
@@ -102,9 +113,7 @@ def _setup(device):
 
 
 def check_amp(device, amp):
-    """Refuse, with a clear message, a mixed-precision mode the device cannot run."""
-    if amp not in ("none", "bf16", "fp16"):
-        raise UserError(f"--amp must be none, bf16 or fp16, got {amp!r}")
+    """Refuse, with a clear message, a mixed-precision mode (one of AMP_MODES) the device cannot run."""
     if amp == "none":
         return
     if device.type == "mps":

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+import checkpoint
 import evaluate
 import metrics
 from conftest import ROOT, write_tiny_mnist
@@ -31,7 +32,7 @@ def mnist(tmp_path_factory):
 
 
 def test_published_judge_is_the_pinned_file_with_its_accuracy(mnist):
-    assert metrics.sha256_file(metrics.JUDGE_FILE) == PUBLISHED_SHA256 == metrics.JUDGE_SHA256
+    assert checkpoint.sha256_file(metrics.JUDGE_FILE) == PUBLISHED_SHA256 == metrics.JUDGE_SHA256
     with open(metrics.JUDGE_FILE + ".sha256") as f:
         assert f.read().split()[0] == PUBLISHED_SHA256
     judge = metrics.Judge()

@@ -2,6 +2,7 @@
 unreachable URL, a 404, no downloader, the published copy, and an existing checkpoint kept."""
 import glob
 import hashlib
+import io
 import os
 import shutil
 import subprocess
@@ -10,7 +11,6 @@ import sys
 import pytest
 import torch
 
-import checkpoint
 from checkpoint import export as export_checkpoint
 from conftest import ROOT, TINY
 from diffusion import GaussianDiffusion
@@ -25,7 +25,9 @@ def _checkpoint_bytes(seed):
     net = UNet(**TINY)
     ckpt = export_checkpoint({"model_args": net.model_args, "diffusion_args": GaussianDiffusion().args,
                               "model": net.state_dict(), "ema": net.state_dict(), "step": 1, "total_steps": 1})
-    return checkpoint.to_bytes(ckpt)
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")

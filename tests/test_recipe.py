@@ -5,13 +5,11 @@ import os
 
 import pytest
 import torch
-from test_resume import same_weights
 
 import checkpoint
-from conftest import MU, ROOT, TINY_FLAGS, S, gaussian_samples, write_tiny_mnist
+from conftest import MU, ROOT, TINY_FLAGS, S, expect_user_error, gaussian_samples, same_weights, sh, write_tiny_mnist
 from diffusion import GaussianDiffusion
 from samplers import LAMBDA_MIN, log_snr, timesteps
-from test_scripts import expect_user_error, sh
 
 
 def test_cosine_schedule_is_nichol_and_dhariwal_eq_17():

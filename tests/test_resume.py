@@ -14,10 +14,9 @@ import run
 from checkpoint import load as load_checkpoint
 from checkpoint import load_weights
 from config import TrainConfig
-from conftest import ROOT, TINY, TINY_FLAGS, write_tiny_mnist
+from conftest import ROOT, TINY, TINY_FLAGS, expect_user_error, same_weights, sh, write_tiny_mnist
 from diffusion import GaussianDiffusion
 from model import UNet
-from test_scripts import expect_user_error, sh
 from train import TrainingDiverged, train_func
 from utils import UserError
 
@@ -32,13 +31,6 @@ def wait_for(path, proc, timeout=120):
         assert proc.poll() is None, proc.communicate()
         assert time.time() - t0 < timeout
         time.sleep(0.02)
-
-
-def same_weights(a, b):
-    for key in ("model", "ema"):
-        assert a[key].keys() == b[key].keys()
-        for k in a[key]:
-            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs"
 
 
 @pytest.fixture(scope="module")

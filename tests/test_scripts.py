@@ -1,7 +1,5 @@
 """run.py and evaluate.py end to end on tiny data, determinism, and bad input."""
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,15 +9,7 @@ import checkpoint
 import config
 import evaluate
 import run
-from conftest import ROOT, TINY_FLAGS
-from utils import run_main
-
-
-def sh(args, cwd, check=True, **kw):
-    p = subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, timeout=240, **kw)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{args} exited {p.returncode}\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
-    return p
+from conftest import ROOT, TINY_FLAGS, expect_user_error, sh
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +67,6 @@ def test_bare_state_dict_loads_with_default_arguments(tmp_path):
     torch.save(UNet().state_dict(), tmp_path / "bare.pt")
     model, diffusion = build_model(load_checkpoint(str(tmp_path / "bare.pt")))
     assert model.model_args["ch"] == 64 and diffusion.T == 1000
-
-
-def expect_user_error(capsys, main, argv, match):
-    with pytest.raises(SystemExit) as e:
-        run_main(lambda: main(argv))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and match in err, err
-    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("argv, match", [

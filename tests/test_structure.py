@@ -93,3 +93,9 @@ def test_predicates_tell_training_exported_and_unfinished_apart():
     assert checkpoint.weights_kind(run) == "EMA" and checkpoint.weights_kind(run, use_ema=False) == "raw"
     with pytest.raises(UserError, match="EMA weights only"):
         checkpoint.weights_kind(pub, use_ema=False)
+
+
+def test_flags_md_run_table_is_up_to_date():
+    import config
+    old, new = config.flags_doc()
+    assert old == new, "docs/flags.md's run.py table is out of date: run 'python config.py' to regenerate it"
