@@ -50,7 +50,9 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(work):
-    sh([*TRAIN, "--data_dir", "data", "--checkpoint", "ref.pt"], cwd=work)
+    """The uninterrupted run, trained in this process (run.main, as `python run.py` runs it)."""
+    run.main([*TRAIN[1:], "--data_dir", str(work / "data"), "--checkpoint", str(work / "ref.pt"),
+              "--out_dir", str(work)])
     return checkpoint.load(work / "ref.pt")
 
 
@@ -71,35 +73,36 @@ run.main({argv!r})
 
 
 @pytest.mark.parametrize("kill_at", [37, 50])  # inside a save interval, and just before a save
-def test_sigkill_then_resume_is_bitwise_identical(work, reference, kill_at):
+def test_sigkill_then_resume_is_bitwise_identical(work, reference, kill_at, monkeypatch):
     print(f"SIGKILL after optimizer step {kill_at}")
     argv = TRAIN[1:] + ["--data_dir", "data", "--checkpoint", f"k{kill_at}.pt"]
     script = KILL_AT_STEP.format(root=ROOT, kill_at=kill_at, argv=argv)
-    p = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=240)
+    p = sh(["-c", script], cwd=work, check=False)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     killed = checkpoint.load(work / f"k{kill_at}.pt")
     assert killed["step"] == 10 * ((kill_at - 1) // 10)  # the last save before the crash (save_every 10)
-    sh([os.path.join(ROOT, "run.py"), "--resume", "--checkpoint", f"k{kill_at}.pt", "--data_dir", "data",
-        "--device", "cpu", "--n_samples", "1", "--sampler", "ddim", "--sampling_steps", "2", "--no_progress"],
-       cwd=work)
+    monkeypatch.chdir(work)  # resumed in this process: a new process would add only its start-up
+    run.main(["--resume", "--checkpoint", f"k{kill_at}.pt", "--data_dir", "data", "--device", "cpu", "--n_samples",
+              "1", "--sampler", "ddim", "--sampling_steps", "2", "--no_progress"])
     resumed = checkpoint.load(work / f"k{kill_at}.pt")
     assert resumed["step"] == 60 and torch.equal(resumed["loss_history"], reference["loss_history"])
     same_weights(resumed, reference)
 
 
 def test_sigint_saves_and_exits_cleanly(work):
-    for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
-        proc = subprocess.Popen([sys.executable, *TRAIN, "--data_dir", "data", "--checkpoint", "int.pt",
-                                 "--max_steps", "100000"], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
-        wait_for(work / "int.pt", proc)
-        proc.send_signal(sig)
+    signals = {"int.pt": (signal.SIGINT, 130), "term.pt": (signal.SIGTERM, 143)}
+    procs = {name: subprocess.Popen([sys.executable, *TRAIN, "--data_dir", "data", "--checkpoint", name, "--max_steps",
+                                     "100000"], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for name in signals}  # both at once: their start-ups overlap
+    for name, proc in procs.items():
+        wait_for(work / name, proc)
+        proc.send_signal(signals[name][0])
+    for name, proc in procs.items():
         out, err = proc.communicate(timeout=60)
-        assert proc.returncode == code, err
+        assert proc.returncode == signals[name][1], err
         assert "Traceback" not in err and "--resume" in out
         at = int(out.split(" at step ")[1].split(";")[0])
-        assert checkpoint.load(work / "int.pt")["step"] == at  # saved at the interruption
-        os.remove(work / "int.pt")
+        assert checkpoint.load(work / name)["step"] == at  # saved at the interruption
 
 
 def test_kill_during_save_keeps_previous_checkpoint(work, reference):
