@@ -92,8 +92,9 @@ def test_sigkill_then_resume_is_bitwise_identical(work, reference, kill_at, monk
 def test_sigint_saves_and_exits_cleanly(work):
     signals = {"int.pt": (signal.SIGINT, 130), "term.pt": (signal.SIGTERM, 143)}
     procs = {name: subprocess.Popen([sys.executable, *TRAIN, "--data_dir", "data", "--checkpoint", name, "--max_steps",
-                                     "100000"], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name in signals}  # both at once: their start-ups overlap
+                                     "100000"], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=dict(os.environ, OMP_NUM_THREADS="1"))
+             for name in signals}  # both at once, on a thread each: their start-ups overlap
     for name, proc in procs.items():
         wait_for(work / name, proc)
         proc.send_signal(signals[name][0])
