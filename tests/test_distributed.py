@@ -1,5 +1,7 @@
 """torchrun: 2 CPU processes (gloo) train like one process at the same global batch; a killed
 2-process run resumes; the checkpoint is the usual one."""
+import contextlib
+import io
 import os
 import signal
 import subprocess
@@ -11,6 +13,7 @@ import torch
 
 import checkpoint
 import evaluate
+import run
 from conftest import ROOT, TINY_FLAGS, slow, write_tiny_mnist
 
 STEPS = 30
@@ -18,11 +21,14 @@ FLAGS = [*TINY_FLAGS, "--batch_size", "32", "--lr", "1e-3", "--warmup", "10", "-
          "--sampling_steps", "2", "--no_progress", "--device", "cpu", "--save_every", "10"]
 
 
-def launch(work, ckpt, nproc, *extra, wait=True):
-    args = ["run.py", "--data_dir", str(work / "data"), *FLAGS, "--max_steps", str(STEPS), "--checkpoint", str(ckpt),
+def flags(work, ckpt, *extra):
+    return ["--data_dir", str(work / "data"), *FLAGS, "--max_steps", str(STEPS), "--checkpoint", str(ckpt),
             "--out_dir", str(work), *extra]
-    cmd = [sys.executable, *args] if nproc == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
+
+
+def launch(work, ckpt, nproc, *extra, wait=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "run.py",
+           *flags(work, ckpt, *extra)]
     p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     if not wait:
@@ -33,14 +39,21 @@ def launch(work, ckpt, nproc, *extra, wait=True):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
+    """The 2-process run under torchrun and, while it starts, the 1-process run in this process (run.main,
+    on one thread as each worker): {nproc: (checkpoint, stdout)}."""
     work = tmp_path_factory.mktemp("ddp")
     write_tiny_mnist(str(work / "data"))
-    results = {}
-    for nproc in (1, 2):
-        rc, out, err = launch(work, work / f"p{nproc}.pt", nproc)
-        assert rc == 0, err[-3000:]
-        results[nproc] = (checkpoint.load(work / f"p{nproc}.pt"), out)
-    return work, results
+    two = launch(work, work / "p2.pt", 2, wait=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) as one:
+            run.main(flags(work, work / "p1.pt"))
+    finally:
+        torch.set_num_threads(threads)
+    out, err = two.communicate(timeout=240)
+    assert two.returncode == 0, err[-3000:]
+    return work, {1: (checkpoint.load(work / "p1.pt"), one.getvalue()), 2: (checkpoint.load(work / "p2.pt"), out)}
 
 
 def test_two_processes_match_one_at_the_same_global_batch(runs):

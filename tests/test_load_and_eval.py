@@ -1,5 +1,9 @@
 """load_and_eval.sh against a local `python -m http.server`: a good file, a wrong hash, an
-unreachable URL, a 404, no downloader, the published copy, and an existing checkpoint kept."""
+unreachable URL, a 404, no downloader, the published copy, and an existing checkpoint kept.
+
+The script ends by exec'ing evaluate.py. One test lets that run (a grid from the installed file); the
+others give it a stand-in Python (PYTHON, which the script honours) that records the command it was
+handed and its folder: the same checks of the script, without a torch start-up (3-4 s) each."""
 import glob
 import hashlib
 import io
@@ -63,12 +67,36 @@ def server(tmp_path_factory, files):
     proc.wait(timeout=10)
 
 
-def run_script(repo, *args, env=None):
-    e = dict(os.environ, PYTHON=sys.executable)
+# Records evaluate.py's command line (and the folder it runs in) in ./evaluate_call.txt; runs anything else.
+RECORDER = """#!/bin/sh
+case "$1" in
+    */evaluate.py) printf '%s\\n' "$PWD" "$@" > evaluate_call.txt ;;
+    *) exec {python} "$@" ;;
+esac
+"""
+
+
+def run_script(repo, *args, env=None, cwd=None, evaluate=False):
+    """sh load_and_eval.sh ARGS in cwd (default: the repo); evaluate.py runs only with evaluate=True."""
+    python = sys.executable
+    if not evaluate:
+        python = str(repo.parent / "recorder.sh")
+        with open(python, "w") as f:
+            f.write(RECORDER.format(python=sys.executable))
+        os.chmod(python, 0o755)
+    e = dict(os.environ, PYTHON=python)
     e.pop("DDPM_CHECKPOINT_URL", None)
     e.update(env or {})
-    return subprocess.run(["sh", str(repo / "load_and_eval.sh"), *args], cwd=repo, env=e,
+    return subprocess.run(["sh", str(repo / "load_and_eval.sh"), *args], cwd=cwd or repo, env=e,
                           capture_output=True, text=True, timeout=300)
+
+
+def evaluated(repo, dest, cwd=None):
+    """The script handed over to the repo's evaluate.py with the installed file and EVAL_ARGS, in cwd."""
+    cwd = cwd or repo
+    call = (cwd / "evaluate_call.txt").read_text().splitlines()
+    (cwd / "evaluate_call.txt").unlink()
+    return call == [str(cwd), str(repo / "evaluate.py"), "--checkpoint", dest, *EVAL_ARGS[1:]]
 
 
 def leftovers(repo):
@@ -76,7 +104,7 @@ def leftovers(repo):
 
 
 def test_good_download_is_verified_installed_and_evaluated(repo, server, files):
-    r = run_script(repo, f"{server}/good.pt", *EVAL_ARGS)
+    r = run_script(repo, f"{server}/good.pt", *EVAL_ARGS, evaluate=True)
     assert r.returncode == 0, r.stderr
     assert (repo / "ddpm_trained_published.pt").read_bytes() == files["good"]
     assert (repo / "grid.png").stat().st_size > 0
@@ -87,6 +115,7 @@ def test_url_from_the_environment(repo, server, files):
     r = run_script(repo, *EVAL_ARGS, env={"DDPM_CHECKPOINT_URL": f"{server}/good.pt"})
     assert r.returncode == 0, r.stderr
     assert "downloading" in r.stdout and (repo / "ddpm_trained_published.pt").read_bytes() == files["good"]
+    assert evaluated(repo, "ddpm_trained_published.pt")
 
 
 @pytest.mark.parametrize("name, message", [("other.pt", "SHA-256 mismatch"), ("missing.pt", "download failed")])
@@ -111,6 +140,7 @@ def test_no_url_uses_the_published_copy_and_checks_it(repo, files):
     r = run_script(repo, *EVAL_ARGS)
     assert r.returncode == 0, r.stderr
     assert "published copy" in r.stdout and (repo / "ddpm_trained_published.pt").read_bytes() == files["good"]
+    assert evaluated(repo, "ddpm_trained_published.pt")
     (repo / "ddpm_trained_published.pt").unlink()
     (repo / "checkpoints" / "ddpm_trained.pt").write_bytes(files["other"])  # corrupted in the clone
     r = run_script(repo, *EVAL_ARGS)
@@ -126,24 +156,23 @@ def test_own_training_is_kept_and_a_different_installed_file_never_replaced(repo
     assert r.returncode == 0, r.stderr
     assert (repo / "ddpm_trained_published.pt").read_bytes() == files["good"]
     assert (repo / "ddpm_trained.pt").read_bytes() == b"my own training" and leftovers(repo) == []
+    assert evaluated(repo, "ddpm_trained_published.pt")
     (repo / "ddpm_trained_published.pt").write_bytes(b"something else")
     r = run_script(repo, *EVAL_ARGS)
     assert r.returncode != 0 and "is not the published checkpoint" in r.stderr
     assert (repo / "ddpm_trained_published.pt").read_bytes() == b"something else" and leftovers(repo) == []
     r = run_script(repo, *EVAL_ARGS, env={"DDPM_CHECKPOINT_DEST": "published.pt"})
     assert r.returncode == 0, r.stderr
-    assert (repo / "published.pt").read_bytes() == files["good"]
+    assert (repo / "published.pt").read_bytes() == files["good"] and evaluated(repo, "published.pt")
 
 
 def test_run_from_another_folder_installs_and_writes_there(repo, tmp_path, files):
     here = tmp_path / "elsewhere"
     here.mkdir()
-    e = dict(os.environ, PYTHON=sys.executable)
-    e.pop("DDPM_CHECKPOINT_URL", None)
-    r = subprocess.run(["sh", str(repo / "load_and_eval.sh"), *EVAL_ARGS], cwd=here, env=e,
-                       capture_output=True, text=True, timeout=300)
+    r = run_script(repo, *EVAL_ARGS, cwd=here)
     assert r.returncode == 0, r.stderr
-    assert (here / "ddpm_trained_published.pt").read_bytes() == files["good"] and (here / "grid.png").exists()
+    assert (here / "ddpm_trained_published.pt").read_bytes() == files["good"]
+    assert evaluated(repo, "ddpm_trained_published.pt", cwd=here)  # so its --out grid.png is written here
     assert not (repo / "ddpm_trained_published.pt").exists()
 
 
@@ -170,7 +199,7 @@ def test_choose_another_published_checkpoint(repo, files):
     r = run_script(repo, *EVAL_ARGS, env={"DDPM_CHECKPOINT": "ddpm_cond.pt"})
     assert r.returncode == 0, r.stderr
     assert (repo / "ddpm_cond_published.pt").read_bytes() == files["other"]
-    assert not (repo / "ddpm_trained_published.pt").exists()
+    assert evaluated(repo, "ddpm_cond_published.pt") and not (repo / "ddpm_trained_published.pt").exists()
     for bad in ("nope.pt", "../ddpm_cond.pt"):
         r = run_script(repo, *EVAL_ARGS, env={"DDPM_CHECKPOINT": bad})
         assert r.returncode != 0 and ("must be a file name" in r.stderr or "no published checkpoint" in r.stderr)

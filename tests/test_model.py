@@ -33,12 +33,12 @@ def test_output_depends_on_t(tiny_unet):
 
 def test_overfits_one_batch(tiny_unet):
     """Fixed x_t, t and eps: the network must learn the map (loss falls by more than half)."""
-    g = torch.Generator().manual_seed(0)
-    x, eps = torch.randn(8, 1, 28, 28, generator=g), torch.randn(8, 1, 28, 28, generator=g)
-    t = torch.randint(0, 1000, (8,), generator=g)
+    g = torch.Generator().manual_seed(0)  # 4 examples, 30 steps: the loss ends near 0.2 of its start
+    x, eps = torch.randn(4, 1, 28, 28, generator=g), torch.randn(4, 1, 28, 28, generator=g)
+    t = torch.randint(0, 1000, (4,), generator=g)
     opt = torch.optim.Adam(tiny_unet.parameters(), lr=3e-3)
     losses = []
-    for _ in range(60):
+    for _ in range(30):
         loss = (tiny_unet(x, t) - eps).pow(2).mean()
         opt.zero_grad()
         loss.backward()

@@ -20,6 +20,7 @@ def trained(tmp_path_factory):
     data = write_tiny_mnist(str(work / "data"))
     ckpt = str(work / "train.pt")
     run.main(["--data_dir", data, *TINY_FLAGS, "--batch_size", "16", "--max_steps", "5", "--n_samples", "1",
+              "--sampler", "ddim", "--sampling_steps", "2",  # its sample is not looked at: 2 steps, not 1000
               "--no_progress", "--device", "cpu", "--checkpoint", ckpt, "--out_dir", str(work)])
     return work, ckpt
 

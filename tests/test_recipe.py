@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import checkpoint
-from conftest import MU, ROOT, TINY_FLAGS, S, expect_user_error, gaussian_samples, same_weights, sh, write_tiny_mnist
+from conftest import MU, TINY_FLAGS, S, expect_user_error, gaussian_samples, same_weights, write_tiny_mnist
 from diffusion import GaussianDiffusion
 from samplers import LAMBDA_MIN, log_snr, timesteps
 
@@ -76,18 +76,21 @@ def test_samplers_on_gaussian_data_under_the_cosine_schedule(sampler, steps, tol
     assert abs(x.mean().item() - MU) < tol and abs(x.std().item() - S) < tol, (x.mean(), x.std())
 
 
-TRAIN = [os.path.join(ROOT, "run.py"), "--device", "cpu", *TINY_FLAGS, "--batch_size", "16", "--max_steps", "8",
-         "--save_every", "4", "--n_samples", "1", "--sampler", "ddim", "--sampling_steps", "2", "--no_progress",
-         "--data_dir", "data", "--loss_weight", "min_snr", "--schedule", "cosine"]
+TRAIN = [*TINY_FLAGS, "--device", "cpu", "--batch_size", "16", "--max_steps", "8", "--save_every", "4",
+         "--n_samples", "1", "--sampler", "ddim", "--sampling_steps", "2", "--no_progress", "--data_dir", "data",
+         "--loss_weight", "min_snr", "--schedule", "cosine"]
 
 
-def test_eval_every_trains_bitwise_the_same_and_its_curve_survives_resume(tmp_path):
+def test_eval_every_trains_bitwise_the_same_and_its_curve_survives_resume(tmp_path, capsys, monkeypatch):
+    """In-process run.main (the same code as `python run.py`, without a process start-up each)."""
+    import run
+    monkeypatch.chdir(tmp_path)
     write_tiny_mnist(str(tmp_path / "data"))
-    sh([*TRAIN, "--checkpoint", "plain.pt"], cwd=tmp_path)
-    p = sh([*TRAIN, "--checkpoint", "eval.pt", "--eval_every", "3", "--eval_samples", "12", "--max_steps", "5"],
-           cwd=tmp_path)
-    assert "eval at step 3: feature-FID" in p.stdout and "evaluations (--eval_every)" in p.stdout
-    p = sh([*TRAIN, "--checkpoint", "eval.pt", "--resume", "--eval_every", "3", "--eval_samples", "12"], cwd=tmp_path)
+    run.main([*TRAIN, "--checkpoint", "plain.pt"])
+    run.main([*TRAIN, "--checkpoint", "eval.pt", "--eval_every", "3", "--eval_samples", "12", "--max_steps", "5"])
+    out = capsys.readouterr().out
+    assert "eval at step 3: feature-FID" in out and "evaluations (--eval_every)" in out
+    run.main([*TRAIN, "--checkpoint", "eval.pt", "--resume", "--eval_every", "3", "--eval_samples", "12"])
     plain, ev = checkpoint.load(tmp_path / "plain.pt"), checkpoint.load(tmp_path / "eval.pt")
     same_weights(plain, ev)
     assert torch.equal(plain["loss_history"], ev["loss_history"])

@@ -42,7 +42,9 @@ def work(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(work):
-    sh([*TRAIN, "--data_dir", "data", "--checkpoint", "ref.pt"], cwd=work)
+    """The uninterrupted run, trained in this process (run.main, as `python run.py` runs it)."""
+    run.main([*TRAIN[1:], "--data_dir", str(work / "data"), "--checkpoint", str(work / "ref.pt"),
+              "--out_dir", str(work)])
     return checkpoint.load(work / "ref.pt")
 
 
@@ -63,17 +65,17 @@ run.main({argv!r})
 
 
 @pytest.mark.parametrize("kill_at", [37, 50])  # inside a save interval, and just before a save
-def test_sigkill_then_resume_is_bitwise_identical(work, reference, kill_at):
+def test_sigkill_then_resume_is_bitwise_identical(work, reference, kill_at, monkeypatch):
     print(f"SIGKILL after optimizer step {kill_at}")
     argv = TRAIN[1:] + ["--data_dir", "data", "--checkpoint", f"k{kill_at}.pt"]
     script = KILL_AT_STEP.format(root=ROOT, kill_at=kill_at, argv=argv)
-    p = subprocess.run([sys.executable, "-c", script], cwd=work, capture_output=True, text=True, timeout=240)
+    p = sh(["-c", script], cwd=work, check=False)
     assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
     killed = checkpoint.load(work / f"k{kill_at}.pt")
     assert killed["step"] == 10 * ((kill_at - 1) // 10)  # the last save before the crash (save_every 10)
-    sh([os.path.join(ROOT, "run.py"), "--resume", "--checkpoint", f"k{kill_at}.pt", "--data_dir", "data",
-        "--device", "cpu", "--n_samples", "1", "--sampler", "ddim", "--sampling_steps", "2", "--no_progress"],
-       cwd=work)
+    monkeypatch.chdir(work)  # resumed in this process: a new process would add only its start-up
+    run.main(["--resume", "--checkpoint", f"k{kill_at}.pt", "--data_dir", "data", "--device", "cpu", "--n_samples",
+              "1", "--sampler", "ddim", "--sampling_steps", "2", "--no_progress"])
     resumed = checkpoint.load(work / f"k{kill_at}.pt")
     assert resumed["step"] == 60 and torch.equal(resumed["loss_history"], reference["loss_history"])
     same_weights(resumed, reference)
