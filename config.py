@@ -119,6 +119,7 @@ PRESETS["reference"] = dict(PRESETS["cpu"], n_epochs=20, ema_decay=0.9995)
 EVAL_SAMPLER = dict(sampler="dpm++2m-sde", sampling_steps=20, spacing="logsnr")
 EVAL_SEED = 0
 
+
 def resolve(preset="paper", class_cond=False, **overrides):
     """Defaults, then the preset, then the overrides (None = not given). Returns (UNet keyword
     arguments, diffusion keyword arguments, TrainConfig); each is checked where it is made."""

@@ -275,37 +275,36 @@ class Trainer:
         tqdm.write(f"eval at step {self.step}: feature-FID {scores['fid']:.2f}, confident {scores['confidence']:.3f} "
                    f"(n = {n}, {EVAL_SAMPLER['sampler']} at {EVAL_SAMPLER['sampling_steps']} NFE; {seconds:.1f} s)")
 
+    def seconds_per_step(self):
+        """Seconds per step from the first logging point to now (set-up, compilation and evaluations left
+        out), or None before a step after it."""
+        if self.speed_mark is None or self.step <= self.speed_mark[0]:
+            return None
+        first, t0, e0 = self.speed_mark
+        return (time.perf_counter() - t0 - (self.eval_seconds - e0)) / (self.step - first)
+
     def report_speed(self):
-        """At the second logging point: seconds per step (timed from the first, so set-up and
-        compilation are left out) and the estimated time of the rest of the run, printed once."""
-        now = (self.step, time.perf_counter(), self.eval_seconds)
+        """At the first logging point, start the clock; at the second, print seconds per step and the
+        estimated time of the rest of the run, once (rank 0)."""
         if self.speed_mark is None:
-            self.speed_mark = now
-            return
-        if self.speed_reported or self.rank != 0:
-            return
-        per_step = (now[1] - self.speed_mark[1] - (now[2] - self.speed_mark[2])) / max(1, now[0] - self.speed_mark[0])
-        self.speed_reported = True
-        left = per_step * (self.total - self.step)
-        eta = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.1f} min" if left >= 60 else f"{left:.0f} s"
-        tqdm.write(f"speed: {per_step:.3f} s/step on {self.device}; the remaining {self.total - self.step:,} steps "
-                   f"take about {eta}" + (f". {self.speed_hint}" if self.speed_hint else ""))
+            self.speed_mark = (self.step, time.perf_counter(), self.eval_seconds)
+        elif not self.speed_reported and self.rank == 0:
+            self.speed_reported, per_step = True, self.seconds_per_step()
+            left = per_step * (self.total - self.step)
+            eta = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.1f} min" if left >= 60 else f"{left:.0f} s"
+            tqdm.write(f"speed: {per_step:.3f} s/step on {self.device}; the remaining {self.total - self.step:,} "
+                       f"steps take about {eta}" + (f". {self.speed_hint}" if self.speed_hint else ""))
 
     def report_average(self):
-        """At the end (or an interruption): steps/s from the first logging point to now, so that
-        set-up, compilation and evaluations are left out (the figure docs/performance.md quotes), and
-        the time the evaluations took. Rank 0 only."""
-        if self.rank != 0:
-            return
-        if self.eval_seconds:
+        """At the end (or an interruption), rank 0: the time the evaluations took, and steps/s from the
+        first logging point (the figure docs/performance.md quotes)."""
+        if self.rank == 0 and self.eval_seconds:
             tqdm.write(f"evaluations (--eval_every): {self.eval_seconds:.1f} s in all this session, "
                        f"{100 * self.eval_seconds / (time.perf_counter() - self.t_start):.0f}% of its time")
-        if self.speed_mark is None or self.step <= self.speed_mark[0]:
-            return
-        first, t0, e0 = self.speed_mark
-        rate = (self.step - first) / (time.perf_counter() - t0 - (self.eval_seconds - e0))
-        tqdm.write(f"average speed: {rate:.2f} steps/s over steps {first}-{self.step} on {self.device} "
-                   f"(from the first logging point: set-up, compilation and evaluations left out)")
+        if self.rank == 0 and self.seconds_per_step():
+            tqdm.write(f"average speed: {1 / self.seconds_per_step():.2f} steps/s over steps {self.speed_mark[0]}-"
+                       f"{self.step} on {self.device} (from the first logging point: set-up, compilation and "
+                       f"evaluations left out)")
 
     def run(self, progress=True):
         """Train from self.step to self.total; returns the final checkpoint dict."""

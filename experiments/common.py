@@ -12,7 +12,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from metrics import sha256_file  # noqa: E402
+from checkpoint import sha256_file  # noqa: E402
 from utils import UserError, atomic_write, cpu_model  # noqa: E402
 
 

@@ -15,8 +15,8 @@ import torch
 
 import checkpoint
 import config
+from checkpoint import sha256_file
 from conftest import ROOT, TINY, TINY_FLAGS, expect_user_error, sh, slow, write_tiny_mnist
-from metrics import sha256_file
 from model import UNet
 from utils import UserError, cpu_model
 
