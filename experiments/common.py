@@ -1,6 +1,8 @@
 """What the experiments share: the repo's modules on sys.path (so that `python experiments/x.py` runs from
-the repo root), the provenance stamp of a result, and running a repo script as a subprocess."""
+the repo root), the provenance stamp of a result, a result row made once, running a repo script as a
+subprocess, and the small pieces of their command lines, tables and plots."""
 import contextlib
+import glob
 import json
 import os
 import subprocess
@@ -13,7 +15,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from checkpoint import sha256_file  # noqa: E402
-from utils import UserError, atomic_write, cpu_model  # noqa: E402
+from utils import OneLineArgumentParser, UserError, atomic_write, cpu_model  # noqa: E402
 
 
 def stamp(record, checkpoint_path=None):
@@ -24,6 +26,17 @@ def stamp(record, checkpoint_path=None):
         record["checkpoint_sha256"] = sha256_file(checkpoint_path)
     record.update(commit=commit.stdout.strip() or None, cpu=cpu_model(), torch=torch.__version__)
     return record
+
+
+def make_row(path, measure, checkpoint_path=None):
+    """The result row PATH (a .json), unless it exists (then it is skipped, and said so): measure(tmp) writes
+    evaluate.py's metrics to the file tmp and returns a dict of more fields (or anything falsy: none); the row
+    is both, stamped."""
+    if os.path.exists(path):
+        return print(f"{os.path.basename(path)[:-5]}: done before, skipped")
+    more = measure(path + ".tmp") or {}
+    write_json(path, stamp({**read_json(path + ".tmp"), **more}, checkpoint_path))
+    os.remove(path + ".tmp")
 
 
 def run_script(script, *args, log=None, show=None, stop_after=None, check=True, cwd=None):
@@ -70,3 +83,56 @@ def read_json(path):
 def write_json(path, record):
     """Write a dict as indented JSON, atomically (a row file exists only when complete)."""
     atomic_write(path, lambda f: f.write(json.dumps(record, indent=1).encode()))
+
+
+def read_rows(folder, what="rows"):
+    """Every row (.json) in a folder, by name; none is a UserError."""
+    rows = [read_json(f) for f in sorted(glob.glob(os.path.join(folder, "*.json")))]
+    if not rows:
+        raise UserError(f"no {what} in {folder}")
+    return rows
+
+
+def parser(doc, passes_on=False):
+    """The command line of a script whose docstring is `doc`; with passes_on, unknown flags go to evaluate.py."""
+    return OneLineArgumentParser(description=doc.split("\n")[0], allow_abbrev=not passes_on,
+                                 epilog="other flags go to evaluate.py" if passes_on else None)
+
+
+def split_list(text, flag, kind=int, what="integers"):
+    """'1,2' -> [1, 2] (each a `kind`), or a one-line UserError naming the flag."""
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UserError(f"{flag} must be comma-separated {what}, got {text!r}") from None
+
+
+def mean_std(values):
+    """(mean, standard deviation) of a list of numbers; the deviation of one number is nan."""
+    v = torch.tensor(values, dtype=torch.float64)
+    return v.mean().item(), (v.std().item() if len(v) > 1 else float("nan"))
+
+
+def quality(r, fid_width=8):
+    """A row's feature-FID, precision, recall and confident share as table cells (QUALITY is their header)."""
+    return f"{r['fid']:>{fid_width}.2f}{r['precision']:>7.3f}{r['recall']:>8.3f}{r['confidence']:>7.3f}"
+
+
+QUALITY = f"{'prec':>7}{'recall':>8}{'conf':>7}"
+
+
+@contextlib.contextmanager
+def figure(path, size, dpi=100, legend=None, **axes):
+    """A matplotlib figure whose axes the block draws on; then its axes set (`axes`), a grid and a legend,
+    saved to path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=size)
+    yield ax
+    ax.set(**axes)
+    ax.legend(fontsize=legend)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    print(f"wrote {path}")

@@ -8,13 +8,12 @@ Writes guidance/<setting>.json (--dir) and prints the table. N = 1000 with the d
 about 7.5 hours on 2 CPU cores (estimate: about 95 min per guided w, 31 unguided, on an AMD EPYC with
 AVX-512); with --sampler ddim --sampling_steps 50, 1,471 s there.
 """
-import glob
 import os
 
 import common  # first: the repo's modules onto sys.path
 
 # isort: split
-from utils import OneLineArgumentParser, UserError, run_main
+from utils import run_main
 
 
 def table(rows):
@@ -22,40 +21,31 @@ def table(rows):
     r0 = rows[0]
     print(f"N = {r0['n_samples']}, feature-FID floor {r0['fid_floor']:.2f}, sampler {r0['sampler']}, "
           f"device {r0['device']}")
-    print(f"{'model':<14}{'w':>5}{'FID':>9}{'prec':>7}{'recall':>8}{'conf':>7}{'cond. acc':>11}{'s / 100':>9}")
+    print(f"{'model':<14}{'w':>5}{'FID':>9}{common.QUALITY}{'cond. acc':>11}{'s / 100':>9}")
     for r in rows:
         cond = r.get("conditional_accuracy")
-        name = "conditional" if cond is not None else "unconditional"
-        w = f"{r['guidance_scale']:g}" if cond is not None else "-"
-        acc = f"{cond:.3f}" if cond is not None else "-"
-        print(f"{name:<14}{w:>5}{r['fid']:>9.2f}{r['precision']:>7.3f}{r['recall']:>8.3f}{r['confidence']:>7.3f}"
-              f"{acc:>11}{100 * r['sampling_seconds'] / r['n_samples']:>9.1f}")
+        name, w, acc = ("conditional", f"{r['guidance_scale']:g}", f"{cond:.3f}") if cond is not None else (
+            "unconditional", "-", "-")
+        print(f"{name:<14}{w:>5}{common.quality(r, 9)}{acc:>11}{100 * r['sampling_seconds'] / r['n_samples']:>9.1f}")
 
 
 def main(argv=None):
-    p = OneLineArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                              epilog="other flags go to evaluate.py")
+    p = common.parser(__doc__, passes_on=True)
     p.add_argument("cond", metavar="COND_CKPT")
     p.add_argument("uncond", metavar="UNCOND_CKPT")
     p.add_argument("n", nargs="?", type=int, default=1000, help="samples per setting (default 1000)")
     p.add_argument("--scales", default="0,0.5,1,2,4", help="guidance scales w, comma-separated")
     p.add_argument("--dir", default="guidance", help="where the settings go (default guidance)")
     args, extra = p.parse_known_args(argv)
-    scales = [w.strip() for w in args.scales.split(",") if w.strip()]
-    try:
-        [float(w) for w in scales]
-    except ValueError:
-        raise UserError(f"--scales must be comma-separated numbers, got {args.scales!r}") from None
+    common.split_list(args.scales, "--scales", float, "numbers")
+    settings = [(f"cond_w{w.strip()}", args.cond, ["--digits", "all", "--guidance_scale", w.strip()])
+                for w in args.scales.split(",") if w.strip()] + [("uncond", args.uncond, [])]
     os.makedirs(args.dir, exist_ok=True)
-    common_flags = ["--metrics", "--n_samples", args.n, "--bpd_images", 0, "--no_progress", "--nrow", 20]
-    for w in scales:
-        out = os.path.join(args.dir, f"cond_w{w}")
-        common.evaluate("--checkpoint", args.cond, *common_flags, "--digits", "all", "--guidance_scale", w,
-                        "--out", out + ".png", "--metrics_out", out + ".json", *extra)
-    out = os.path.join(args.dir, "uncond")
-    common.evaluate("--checkpoint", args.uncond, *common_flags, "--out", out + ".png", "--metrics_out", out + ".json",
-                    *extra)
-    table([common.read_json(f) for f in sorted(glob.glob(os.path.join(args.dir, "*.json")))])
+    for name, ckpt, flags in settings:
+        out = os.path.join(args.dir, name)
+        common.evaluate("--checkpoint", ckpt, "--metrics", "--n_samples", args.n, "--bpd_images", 0, "--no_progress",
+                        "--nrow", 20, *flags, "--out", out + ".png", "--metrics_out", out + ".json", *extra)
+    table(common.read_rows(args.dir))
 
 
 if __name__ == "__main__":

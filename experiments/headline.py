@@ -10,18 +10,15 @@ exists is not sampled again; its scores go to docs/results/ROW_seedS.json. The l
 needs the previous published checkpoint: `git show 8179394:checkpoints/ddpm_trained.pt > ddpm_linear.pt`
 (done here when the file is missing).
 """
-import json
 import os
 import subprocess
 
 import common  # first: the repo's modules onto sys.path
 
 # isort: split
-import torch
-
 from common import ROOT
 from metrics import JUDGE_SHA256
-from utils import OneLineArgumentParser, UserError, atomic_write, run_main
+from utils import UserError, atomic_write, run_main
 
 OUT = os.path.join(ROOT, "docs", "results")
 SAMPLER = ["--sampler", "dpm++2m-sde", "--sampling_steps", "50", "--n_samples", "1000", "--batch_size", "250"]
@@ -38,14 +35,15 @@ METRICS = (("fid", "feature-FID", 2), ("precision", "precision", 3), ("recall", 
 
 def ensure_linear_checkpoint():
     path = os.path.join(ROOT, ROWS["uncond_linear"][0])
-    if not os.path.exists(path):
-        try:
-            data = subprocess.run(["git", "show", f"{LINEAR[0]}:{LINEAR[1]}"], cwd=ROOT, capture_output=True).stdout
-        except OSError:
-            data = b""
-        if not data:
-            raise UserError(f"cannot restore {path} with 'git show {LINEAR[0]}:{LINEAR[1]}' (not a full clone?)")
-        atomic_write(path, lambda f: f.write(data))
+    if os.path.exists(path):
+        return
+    try:
+        data = subprocess.run(["git", "show", f"{LINEAR[0]}:{LINEAR[1]}"], cwd=ROOT, capture_output=True).stdout
+    except OSError:
+        data = b""
+    if not data:
+        raise UserError(f"cannot restore {path} with 'git show {LINEAR[0]}:{LINEAR[1]}' (not a full clone?)")
+    atomic_write(path, lambda f: f.write(data))
 
 
 def run_row(name, seeds, rescore, data_dir):
@@ -63,8 +61,7 @@ def run_row(name, seeds, rescore, data_dir):
         if rescore or stale(js, npz):
             common.evaluate("--metrics", "--from_samples", npz, "--seed", seed, "--no_progress", "--metrics_out", js,
                             "--data_dir", data_dir, cwd=ROOT)
-        with open(js) as f:
-            scores.append(json.load(f))
+        scores.append(common.read_json(js))
     return scores
 
 
@@ -72,22 +69,16 @@ def stale(js, npz):
     """A score file is re-made when missing, older than its samples, or not by the published judge."""
     if not os.path.exists(js) or os.path.getmtime(js) < os.path.getmtime(npz):
         return True
-    with open(js) as f:
-        return json.load(f).get("judge_sha256") != JUDGE_SHA256
+    return common.read_json(js).get("judge_sha256") != JUDGE_SHA256
 
 
 def summary(scores):
     """{metric: (mean, std over seeds)} for the metrics every seed has."""
-    out = {}
-    for key, _, _ in METRICS:
-        if all(key in s for s in scores):
-            v = torch.tensor([s[key] for s in scores], dtype=torch.float64)
-            out[key] = (v.mean().item(), v.std().item() if len(v) > 1 else float("nan"))
-    return out
+    return {key: common.mean_std([s[key] for s in scores]) for key, _, _ in METRICS if all(key in s for s in scores)}
 
 
 def main(argv=None):
-    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated sampling seeds")
     p.add_argument("--rescore", action="store_true", help="score every seed again (a new judge)")
@@ -96,10 +87,7 @@ def main(argv=None):
     rows = args.rows.split(",")
     if any(r not in ROWS for r in rows):
         raise UserError(f"--rows must name rows of {', '.join(ROWS)}, got {args.rows!r}")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+    seeds = common.split_list(args.seeds, "--seeds")
     os.makedirs(OUT, exist_ok=True)
     results = {name: run_row(name, seeds, args.rescore, args.data_dir) for name in rows}
     first = results[rows[0]][0]

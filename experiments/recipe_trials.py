@@ -14,7 +14,6 @@ speed" line run.py wrote to DIR/NAME-sSEED.log (set-up, compilation and evaluati
 place that figure is kept. Then the table of every trial in DIR, with its --eval_every curve, and
 DIR/recipe_curves.png.
 """
-import glob
 import os
 import re
 import time
@@ -23,7 +22,7 @@ import common  # first: the repo's modules onto sys.path
 
 # isort: split
 import checkpoint
-from utils import OneLineArgumentParser, UserError, run_main
+from utils import UserError, run_main
 
 # The baseline is the cpu preset as it was before it adopted the cosine schedule: the paper's linear one.
 LIN = "--schedule+linear"
@@ -33,66 +32,49 @@ TRIALS = [f"base:0:{LIN}", f"base:1:{LIN}", f"min_snr:0:{LIN}+--loss_weight+min_
 def run_trial(args, trial):
     """Train (or resume) one trial, judge it, and write DIR/NAME-sSEED.json; skipped when that file exists."""
     name, seed, flags = trial.split(":", 2)
-    run = os.path.join(args.dir, f"{name}-s{seed}")
-    if os.path.exists(run + ".json"):
-        print(f"{name}-s{seed}: done before, skipped")
-        return
-    resume = ["--resume"] if os.path.exists(run + ".pt") else []
-    os.makedirs(run, exist_ok=True)
-    start, log = time.time(), run + ".log"
-    sampler = args.sampler_flags.split()
-    if common.run_script("run.py", "--preset", "cpu", "--seed", seed, *flags.replace("+", " ").split(),
-                         "--eval_every", 937, "--checkpoint", run + ".pt", "--out_dir", run, "--n_samples", 10,
-                         *sampler, "--no_progress", "--data_dir", args.data_dir, *resume, log=log, check=False):
-        print("".join(open(log).readlines()[-3:]), end="")
-        raise UserError(f"trial {trial}: run.py failed (the end of {log} is above)")
-    text = open(log).read()
-    print("".join(re.findall(r"^(?:eval at|average speed|evaluations|trained to).*\n", text, re.M)), end="")
-    train_s = int(time.time() - start)
-    common.evaluate("--checkpoint", run + ".pt", "--metrics", "--n_samples", args.n, "--batch_size", 250,
-                    "--bpd_images", 0, "--data_dir", args.data_dir, "--no_progress", "--out",
-                    os.path.join(run, "samples.png"), "--nrow", 25, "--metrics_out", run + ".json.tmp", *sampler)
-    speed = re.findall(r"average speed: ([0-9.]+) steps/s", text)
-    r = dict(common.read_json(run + ".json.tmp"), trial=trial, train_wall_seconds=train_s,
-             steps_per_second=float(speed[-1]) if speed else None)
-    common.write_json(run + ".json", common.stamp(r))
-    os.remove(run + ".json.tmp")
+    run, sampler = os.path.join(args.dir, f"{name}-s{seed}"), args.sampler_flags.split()
+
+    def measure(tmp):
+        resume = ["--resume"] if os.path.exists(run + ".pt") else []
+        os.makedirs(run, exist_ok=True)
+        start, log = time.time(), run + ".log"
+        if common.run_script("run.py", "--preset", "cpu", "--seed", seed, *flags.replace("+", " ").split(),
+                             "--eval_every", 937, "--checkpoint", run + ".pt", "--out_dir", run, "--n_samples", 10,
+                             *sampler, "--no_progress", "--data_dir", args.data_dir, *resume, log=log, check=False):
+            print("".join(open(log).readlines()[-3:]), end="")
+            raise UserError(f"trial {trial}: run.py failed (the end of {log} is above)")
+        text = open(log).read()
+        print("".join(re.findall(r"^(?:eval at|average speed|evaluations|trained to).*\n", text, re.M)), end="")
+        train_s = int(time.time() - start)
+        common.evaluate("--checkpoint", run + ".pt", "--metrics", "--n_samples", args.n, "--batch_size", 250,
+                        "--bpd_images", 0, "--data_dir", args.data_dir, "--no_progress", "--out",
+                        os.path.join(run, "samples.png"), "--nrow", 25, "--metrics_out", tmp, *sampler)
+        speed = re.findall(r"average speed: ([0-9.]+) steps/s", text)
+        return dict(trial=trial, train_wall_seconds=train_s, steps_per_second=float(speed[-1]) if speed else None)
+    common.make_row(run + ".json", measure)
 
 
 def table(out):
     """Print every trial in `out` with its --eval_every curve (from its checkpoint); plot the curves."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = [common.read_json(f) for f in sorted(glob.glob(os.path.join(out, "*.json")))]
-    if not rows:
-        raise UserError(f"no trials in {out}")
+    rows = common.read_rows(out, "trials")
     print(f"n = {rows[0]['n_samples']}, sampler {rows[0]['sampler']}, feature-FID floor {rows[0]['fid_floor']:.2f}")
-    print(f"{'trial':<34}{'FID':>8}{'prec':>7}{'recall':>8}{'conf':>7}{'train s':>9}  CPU")
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for r in rows:
-        print(f"{r['trial']:<34}{r['fid']:>8.2f}{r['precision']:>7.3f}{r['recall']:>8.3f}{r['confidence']:>7.3f}"
-              f"{r['train_wall_seconds']:>9}  {r['cpu']}")
-        name, seed = r["trial"].split(":")[:2]
-        ckpt = checkpoint.load(os.path.join(out, f"{name}-s{seed}.pt"))
-        curve = {e["step"]: e["fid"] for e in ckpt.get("eval_history", [])}  # a step evaluated twice: the last
-        steps = sorted(curve)
-        print(f"{'':<4}--eval_every curve (feature-FID, n = {ckpt['train_config'].get('eval_samples', '?')}): "
-              + ", ".join(f"{curve[s]:.2f} at {s}" for s in steps))
-        ax.plot(steps, [curve[s] for s in steps], "o-" if seed == "0" else "s--", label=f"{name} seed {seed}")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("feature-FID of --eval_every's digits")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    ax.set_title("recipe trials: quality while training")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, "recipe_curves.png"), dpi=120)
-    print(f"wrote {os.path.join(out, 'recipe_curves.png')}")
+    print(f"{'trial':<34}{'FID':>8}{common.QUALITY}{'train s':>9}  CPU")
+    with common.figure(os.path.join(out, "recipe_curves.png"), (7, 4), dpi=120, xlabel="optimizer step",
+                       ylabel="feature-FID of --eval_every's digits", yscale="log",
+                       title="recipe trials: quality while training") as ax:
+        for r in rows:
+            print(f"{r['trial']:<34}{common.quality(r)}{r['train_wall_seconds']:>9}  {r['cpu']}")
+            name, seed = r["trial"].split(":")[:2]
+            ckpt = checkpoint.load(os.path.join(out, f"{name}-s{seed}.pt"))
+            curve = {e["step"]: e["fid"] for e in ckpt.get("eval_history", [])}  # a step evaluated twice: the last
+            steps = sorted(curve)
+            print(f"{'':<4}--eval_every curve (feature-FID, n = {ckpt['train_config'].get('eval_samples', '?')}): "
+                  + ", ".join(f"{curve[s]:.2f} at {s}" for s in steps))
+            ax.plot(steps, [curve[s] for s in steps], "o-" if seed == "0" else "s--", label=f"{name} seed {seed}")
 
 
 def main(argv=None):
-    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("n", nargs="?", type=int, default=1000, help="samples to judge each trial with (default 1000)")
     p.add_argument("--trials", nargs="+", default=TRIALS, metavar="NAME:SEED:FLAGS",
                    help="FLAGS with + for spaces (default: " + " ".join(TRIALS) + ")")

@@ -16,14 +16,13 @@ rows (the NFE-100 rows alone take about 30 minutes on 2 cores of an AMD EPYC; wi
 N = 1000 the rows' sampling times there add up to about 75 minutes, docs/sampling.md).
 Then the table of every row in DIR, and DIR/fid_vs_nfe.png.
 """
-import glob
 import os
 
 import common  # first: the repo's modules onto sys.path
 
 # isort: split
 import samplers
-from utils import OneLineArgumentParser, UserError, run_main
+from utils import run_main
 
 
 def rows(nfe, ddpm):
@@ -37,18 +36,13 @@ def rows(nfe, ddpm):
 
 def run_row(args, extra, name, flags):
     """One row into DIR/name.json (skipped when that file exists), stamped with what it was measured with."""
-    path = os.path.join(args.dir, f"{name}.json")
-    if os.path.exists(path):
-        print(f"{name}: done before, skipped")
-        return
     if name == "ddpm-1000" and args.ddpm_npz:
-        common.evaluate("--metrics", "--from_samples", args.ddpm_npz, "--no_progress", "--metrics_out", path + ".tmp")
+        flags = ["--from_samples", args.ddpm_npz]
     else:
-        common.evaluate("--checkpoint", args.checkpoint, "--metrics", "--n_samples", args.n, "--bpd_images", 0,
-                        "--no_progress", "--out", os.path.join(args.dir, f"{name}.png"), "--nrow", 25,
-                        "--metrics_out", path + ".tmp", *flags, *extra)
-    common.write_json(path, common.stamp(common.read_json(path + ".tmp"), args.checkpoint))
-    os.remove(path + ".tmp")
+        flags = ["--checkpoint", args.checkpoint, "--n_samples", args.n, "--bpd_images", 0,
+                 "--out", os.path.join(args.dir, f"{name}.png"), "--nrow", 25, *flags, *extra]
+    common.make_row(os.path.join(args.dir, f"{name}.json"), lambda tmp: common.evaluate(
+        "--metrics", "--no_progress", "--metrics_out", tmp, *flags), args.checkpoint)
 
 
 def table(rows):
@@ -58,12 +52,12 @@ def table(rows):
                              r["sampler"].get("spacing", "")))
     ref = next((r for r in rows if r["sampler"]["sampler"] == "ddpm"), None)
     print(f"n = {rows[0]['n_samples']}, feature-FID floor {rows[0]['fid_floor']:.2f}")
-    print(f"{'sampler':<13}{'spacing':<10}{'NFE':>5}{'FID':>8}{'prec':>7}{'recall':>8}{'conf':>7}{'s/100':>7}  device")
+    print(f"{'sampler':<13}{'spacing':<10}{'NFE':>5}{'FID':>8}{common.QUALITY}{'s/100':>7}  device")
     for r in rows:
         s, sec = r["sampler"], r.get("sampling_seconds")
         per100 = f"{100 * sec / r['n_samples']:.1f}" if sec is not None else "-"
-        print(f"{s['sampler']:<13}{s.get('spacing', '-'):<10}{r.get('nfe', 1000):>5}{r['fid']:>8.2f}"
-              f"{r['precision']:>7.3f}{r['recall']:>8.3f}{r['confidence']:>7.3f}{per100:>7}  {r.get('device', '?')}")
+        print(f"{s['sampler']:<13}{s.get('spacing', '-'):<10}{r.get('nfe', 1000):>5}{common.quality(r)}{per100:>7}"
+              f"  {r.get('device', '?')}")
     if ref:
         ok = [r for r in rows if r is not ref and r["fid"] <= 1.1 * ref["fid"]]
         best = min(ok, key=lambda r: r.get("nfe", 1000)) if ok else None
@@ -74,31 +68,22 @@ def table(rows):
 
 def plot(rows, ref, path):
     """FID against NFE, one line per sampler at its own spacing; the 1000-step sampler and the floor as marks."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for s in samplers.SAMPLERS.values():
-        pts = sorted((r["nfe"], r["fid"]) for r in rows if r["sampler"]["sampler"] == s.name
-                     and s.spacing is not None and r["sampler"].get("spacing") == s.spacing)
-        if pts:
-            ax.plot(*zip(*pts), "o-", label=f"{s.name} ({s.spacing})")
-    if ref:
-        ax.plot([1000], [ref["fid"]], "k*", markersize=10, label="ddpm, Algorithm 2 (1000 steps)")
-        ax.axhline(1.1 * ref["fid"], color="k", lw=0.8, ls=":", label="10% above the 1000-step sampler")
-    ax.axhline(rows[0]["fid_floor"], color="gray", lw=0.8, ls="--",
-               label=f"real-data floor (n = {rows[0]['n_samples']})")
-    ax.set(xscale="log", xlabel="network evaluations per sample (NFE)", ylabel="feature-FID (lower is better)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, which="both")
-    fig.tight_layout()
-    fig.savefig(path)
-    print(f"wrote {path}")
+    with common.figure(path, (6, 4), legend=7, xscale="log", xlabel="network evaluations per sample (NFE)",
+                       ylabel="feature-FID (lower is better)") as ax:
+        for s in samplers.SAMPLERS.values():
+            pts = sorted((r["nfe"], r["fid"]) for r in rows if r["sampler"]["sampler"] == s.name
+                         and s.spacing is not None and r["sampler"].get("spacing") == s.spacing)
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=f"{s.name} ({s.spacing})")
+        if ref:
+            ax.plot([1000], [ref["fid"]], "k*", markersize=10, label="ddpm, Algorithm 2 (1000 steps)")
+            ax.axhline(1.1 * ref["fid"], color="k", lw=0.8, ls=":", label="10% above the 1000-step sampler")
+        ax.axhline(rows[0]["fid_floor"], color="gray", lw=0.8, ls="--",
+                   label=f"real-data floor (n = {rows[0]['n_samples']})")
 
 
 def main(argv=None):
-    p = OneLineArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
-                              epilog="other flags go to evaluate.py")
+    p = common.parser(__doc__, passes_on=True)
     p.add_argument("checkpoint", nargs="?", default="checkpoints/ddpm_trained.pt")
     p.add_argument("n", nargs="?", type=int, default=1000, help="samples per row (default 1000)")
     p.add_argument("--nfe", default="10,20,50,100", help="solver steps of the rows at each sampler's own spacing")
@@ -106,16 +91,11 @@ def main(argv=None):
     p.add_argument("--ddpm_npz", metavar="FILE.npz", help="score the 1000-step row from samples drawn elsewhere")
     p.add_argument("--dir", default="sweep", help="where the rows go (default sweep)")
     args, extra = p.parse_known_args(argv)
-    try:
-        nfe = [int(v) for v in args.nfe.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"--nfe must be comma-separated integers, got {args.nfe!r}") from None
+    nfe = common.split_list(args.nfe, "--nfe")
     os.makedirs(args.dir, exist_ok=True)
     for name, flags in rows(nfe, ddpm=bool(args.ddpm_npz) or not args.no_ddpm):
         run_row(args, extra, name, flags)
-    done = [common.read_json(f) for f in sorted(glob.glob(os.path.join(args.dir, "*.json")))]
-    if not done:
-        raise UserError(f"no rows in {args.dir}")
+    done = common.read_rows(args.dir)
     plot(done, table(done), os.path.join(args.dir, "fid_vs_nfe.png"))
 
 
