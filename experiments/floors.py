@@ -15,18 +15,9 @@ import common  # first: the repo's modules onto sys.path
 # isort: split
 import torch
 
+import metrics
 from dataloader import mnist_tensors
-from metrics import (
-    Judge,
-    feature_stats,
-    features,
-    fid_from_stats,
-    held_out_images,
-    precision_recall,
-    real_subsets,
-    scores_from_logits,
-)
-from utils import OneLineArgumentParser, UserError, cpu_model, run_main
+from utils import UserError, cpu_model, run_main
 
 METRICS = ("fid", "precision", "recall", "confidence")
 
@@ -35,9 +26,9 @@ class RealFeatures:
     """The judge's features (and logits) of the held-out and the test images, computed once for every n."""
 
     def __init__(self, judge, data_dir):
-        held_out, _ = held_out_images(data_dir)
+        held_out, _ = metrics.held_out_images(data_dir)
         x_test, _ = mnist_tensors(data_dir, train=False, verbose=False)
-        self.held, self.test = features(judge.model, held_out), features(judge.model, x_test)
+        self.held, self.test = metrics.features(judge.model, held_out), metrics.features(judge.model, x_test)
         with torch.no_grad():
             self.held_logits = judge.model.head(self.held)  # = predict(): eval-mode dropout is the identity
         self.ref = judge.reference
@@ -47,40 +38,32 @@ def floors(real, n, subsets):
     """{metric: [value per subset]} for n real held-out images, subsets seeded 0..subsets-1."""
     out = {k: [] for k in METRICS}
     for seed in range(subsets):
-        i_real, i_test = real_subsets(n, seed, len(real.held), len(real.test))
-        p, r = precision_recall(real.test[i_test], real.held[i_real])
-        out["fid"].append(fid_from_stats(feature_stats(real.held[i_real]), real.ref))
+        i_real, i_test = metrics.real_subsets(n, seed, len(real.held), len(real.test))
+        p, r = metrics.precision_recall(real.test[i_test], real.held[i_real])
+        out["fid"].append(metrics.fid_from_stats(metrics.feature_stats(real.held[i_real]), real.ref))
         out["precision"].append(p)
         out["recall"].append(r)
-        out["confidence"].append(scores_from_logits(real.held_logits[i_real])["confidence"])
+        out["confidence"].append(metrics.scores_from_logits(real.held_logits[i_real])["confidence"])
     return out
 
 
-def mean_std(values):
-    v = torch.tensor(values, dtype=torch.float64)
-    return v.mean().item(), (v.std().item() if len(v) > 1 else float("nan"))
-
-
 def main(argv=None):
-    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--n", default="200,500,1000,5000", help="comma-separated set sizes (10 to 10000)")
     p.add_argument("--subsets", type=int, default=10, help="real subsets per n (seeds 0..subsets-1)")
     p.add_argument("--data_dir", default="./data")
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args(argv)
-    try:
-        sizes = [int(v) for v in args.n.split(",")]
-    except ValueError:
-        raise UserError(f"--n must be comma-separated integers, got {args.n!r}") from None
+    sizes = common.split_list(args.n, "--n")
     if not all(10 <= n <= 10000 for n in sizes) or args.subsets < 2:
         raise UserError("--n values must be in 10..10000 and --subsets >= 2")
-    judge, t0 = Judge(), time.time()
+    judge, t0 = metrics.Judge(), time.time()
     real = RealFeatures(judge, args.data_dir)
     table = {n: floors(real, n, args.subsets) for n in sizes}
     print(f"floors of the {judge.label}, {args.subsets} subsets of held-out images per n (mean +- std):")
     print("| n | " + " | ".join(METRICS) + " |\n| --- |" + " --- |" * len(METRICS))
     for n, vals in table.items():
-        print(f"| {n} | " + " | ".join("{:.3f} +- {:.3f}".format(*mean_std(vals[k])) for k in METRICS) + " |")
+        print(f"| {n} | " + " | ".join("{:.3f} +- {:.3f}".format(*common.mean_std(vals[k])) for k in METRICS) + " |")
     print(f"{time.time() - t0:.0f} s on {cpu_model()}, torch {torch.__version__}")
     if args.json:
         common.write_json(args.json, common.stamp({"judge_sha256": judge.sha256, "subsets": args.subsets,
