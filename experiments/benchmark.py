@@ -15,6 +15,7 @@ run, the time to sample 10 digits with the 1000-step sampler and 100 with 50 DDI
 the first. The loss is moved to the host every 25 steps, as in training (--no_flush: never). Random
 images stand in for MNIST (the speed does not depend on them); no checkpoint is written.
 """
+import contextlib
 import os
 import resource
 import tempfile
@@ -31,14 +32,41 @@ from diffusion import GaussianDiffusion
 from model import UNet, count_parameters
 from sample import sample_func
 from train import Trainer, make_optimizer_and_net, train_func
-from utils import OneLineArgumentParser, UserError, autocast, check_amp, resolve_device, run_main
+from utils import UserError, autocast, check_amp, resolve_device, run_main
 
+REPORT = (  # (label, the figure from the results) of the printed table
+    ("bare step (fwd+bwd+Adam)", lambda r: f"{r['bare_step_s'] * 1e3:.1f} ms"),
+    ("full train_func step", lambda r: f"{r['full_step_s'] * 1e3:.1f} ms"),
+    ("loop overhead (data, EMA, logging)", lambda r: f"{100 * r['overhead_fraction']:.1f} %"),
+    ("training images/s", lambda r: f"{r['train_img_per_s']:.0f}"),
+    ("training steps/s", lambda r: f"{1 / r['full_step_s']:.1f}"),
+    ("GFLOP per forward / per training image",
+     lambda r: f"{r['flops_per_forward'] / 1e9:.3f} / {r['flops_per_train_image'] / 1e9:.3f}"),
+    ("achieved GFLOP/s (training)", lambda r: f"{r['achieved_flops'] / 1e9:.1f}"),
+    ("peak matmul GFLOP/s (measured)", lambda r: f"{r['peak_matmul_flops'] / 1e9:.1f}"),
+    ("fraction of peak", lambda r: f"{100 * r['fraction_of_peak']:.0f} %"),
+    ("sample 10 digits, DDPM 1000 steps", lambda r: f"{r['sample_10_s']:.1f} s"),
+    ("sample 100 digits, DDIM 50 steps", lambda r: f"{r['sample_100_ddim50_s']:.1f} s"),
+    ("sampling images x NFE / s (batch 100)", lambda r: f"{r['sample_img_nfe_per_s']:.0f}"),
+    ("conv/matmul/attention share, eager fwd",
+     lambda r: "-" if r["dense_op_share_b100"] is None else f"{100 * r['dense_op_share_b100']:.0f} %"),
+    ("peak memory", lambda r: f"{r['peak_mem_mb']:.0f} MB"),
+)
 
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     elif device.type == "mps":
         torch.mps.synchronize()
+
+
+def timed(device, fn):
+    """Seconds that fn() takes, the device synchronised before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def count_flops(model, batch, device):
@@ -80,15 +108,7 @@ def peak_matmul_flops(device, dtype=torch.float32):
     n, reps = (8192, 10) if device.type == "cuda" else (3072, 2)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     a @ b
-    best = 0.0
-    for _ in range(3):
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        sync(device)
-        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
-    return best
+    return max(2 * n ** 3 * reps / timed(device, lambda: [a @ b for _ in range(reps)]) for _ in range(3))
 
 
 def bare_step_time(model, diffusion, batch, device, steps, amp="none", compile=False):
@@ -96,32 +116,26 @@ def bare_step_time(model, diffusion, batch, device, steps, amp="none", compile=F
     opt, net = make_optimizer_and_net(model, device, 1e-4, compile)  # as train_func sets them up
     x0 = torch.rand(batch, 1, 28, 28, device=device) * 2 - 1
     g = torch.Generator(device=device).manual_seed(0)
-    for i in range(steps + 3):
-        if i == 3:
-            sync(device)
-            t0 = time.perf_counter()
+
+    def step():
         with autocast(device, amp):
             loss = diffusion.training_losses(net, x0, g).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-    sync(device)
-    return (time.perf_counter() - t0) / steps
+    for _ in range(3):  # warm-up
+        step()
+    return timed(device, lambda: [step() for _ in range(steps)]) / steps
 
 
 def full_step_time(model, diffusion, batch, device, steps, tmp_ckpt, amp="none", compile=False):
     """train_func itself (data by index, EMA, schedule, logging), minus a short run's fixed cost."""
     images = torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8)
-    times = []
-    for n in ((3, 3, 3 + steps) if compile else (3, 3 + steps)):  # with compile, a first call warms its cache
-        cfg = TrainConfig(n_epochs=1, max_steps=n, batch_size=batch, save_every=10 ** 9, warmup=100,
-                          amp=amp, compile=compile)
-        sync(device)
-        t0 = time.perf_counter()
-        train_func(UNet(**model.model_args), diffusion, images, cfg, tmp_ckpt, device=device, progress=False)
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    cfg = dict(n_epochs=1, batch_size=batch, save_every=10 ** 9, warmup=100, amp=amp, compile=compile)
+    times = [timed(device, lambda n=n: train_func(UNet(**model.model_args), diffusion, images, TrainConfig(
+        max_steps=n, **cfg), tmp_ckpt, device=device, progress=False))
+        for n in ((3, 3, 3 + steps) if compile else (3, 3 + steps))]  # with compile, a first call warms its cache
     return (times[-1] - times[-2]) / steps
 
 
@@ -129,11 +143,8 @@ def sample_time(net, n, sampler, device, amp, compile):
     """Seconds to draw n samples (ddpm: 1000 steps; ddim: 50 steps), after a warm-up (and compile)."""
     kw = dict(seed=0, device=device, progress=False, amp=amp, batch_size=n, compile=compile)
     sample_func(net, n, GaussianDiffusion(), sampler="ddim", sampling_steps=2, **kw)  # warm-up
-    sync(device)
-    t0 = time.perf_counter()
-    sample_func(net, n, GaussianDiffusion(), sampler=sampler, sampling_steps=50 if sampler == "ddim" else None, **kw)
-    sync(device)
-    return time.perf_counter() - t0
+    return timed(device, lambda: sample_func(net, n, GaussianDiffusion(), sampler=sampler,
+                                             sampling_steps=50 if sampler == "ddim" else None, **kw))
 
 
 def probe(model_args, device, args):
@@ -160,8 +171,8 @@ def probe(model_args, device, args):
 
 def training_figures(model, diffusion, device, args, flops_per_train_image):
     """Peak matmul FLOP/s, bare and full training step times, and what follows from them."""
-    res = {"peak_matmul_flops": peak_matmul_flops(device, torch.bfloat16 if args.amp == "bf16" else
-                                                  torch.float16 if args.amp == "fp16" else torch.float32)}
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp, torch.float32)
+    res = {"peak_matmul_flops": peak_matmul_flops(device, dtype)}
     speed = dict(amp=args.amp, compile=args.compile)
     res["bare_step_s"] = bare_step_time(model, diffusion, args.batch_size, device, args.steps, **speed)
     res["full_step_s"] = full_step_time(model, diffusion, args.batch_size, device, args.steps,
@@ -174,7 +185,7 @@ def training_figures(model, diffusion, device, args, flops_per_train_image):
 
 
 def main(argv=None):
-    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--preset", default="cpu", choices=sorted(config.PRESETS))
     config.add_device_flag(p)
     p.add_argument("--batch_size", type=int, default=128)
@@ -194,13 +205,11 @@ def main(argv=None):
     if args.probe is not None:
         return probe(config.resolve(args.preset)[0], device, args)
     model = UNet(**config.resolve(args.preset)[0]).to(device)
-    diffusion = GaussianDiffusion()
     res = {"preset": args.preset, "device": str(device), "batch_size": args.batch_size, "amp": args.amp,
-           "compile": args.compile,
-           "threads": torch.get_num_threads(), "params": count_parameters(model)}
+           "compile": args.compile, "threads": torch.get_num_threads(), "params": count_parameters(model)}
     res["flops_per_forward"], res["flops_per_train_image"] = count_flops(model, 8, device)
     if not args.sample_only:
-        res.update(training_figures(model, diffusion, device, args, res["flops_per_train_image"]))
+        res.update(training_figures(model, GaussianDiffusion(), device, args, res["flops_per_train_image"]))
     res["dense_op_share_b100"] = dense_op_share(model, 100, device)
     res["sample_10_s"] = sample_time(model, 10, "ddpm", device, args.amp, args.compile)
     res["sample_100_ddim50_s"] = sample_time(model, 100, "ddim", device, args.amp, args.compile)
@@ -210,27 +219,9 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{res['threads']} threads"
     print(f"{args.preset} preset, {res['params'] / 1e6:.2f}M params, batch {args.batch_size}, {device} ({name}), "
           f"amp {args.amp}, compile {args.compile}")
-    rows = []
-    if not args.sample_only:
-        rows += [("bare step (fwd+bwd+Adam)", f"{res['bare_step_s'] * 1e3:.1f} ms"),
-                 ("full train_func step", f"{res['full_step_s'] * 1e3:.1f} ms"),
-                 ("loop overhead (data, EMA, logging)", f"{100 * res['overhead_fraction']:.1f} %"),
-                 ("training images/s", f"{res['train_img_per_s']:.0f}"),
-                 ("training steps/s", f"{1 / res['full_step_s']:.1f}")]
-    rows.append(("GFLOP per forward / per training image", f"{res['flops_per_forward'] / 1e9:.3f} / "
-                                                           f"{res['flops_per_train_image'] / 1e9:.3f}"))
-    if not args.sample_only:
-        rows += [("achieved GFLOP/s (training)", f"{res['achieved_flops'] / 1e9:.1f}"),
-                 ("peak matmul GFLOP/s (measured)", f"{res['peak_matmul_flops'] / 1e9:.1f}"),
-                 ("fraction of peak", f"{100 * res['fraction_of_peak']:.0f} %")]
-    rows += [("sample 10 digits, DDPM 1000 steps", f"{res['sample_10_s']:.1f} s"),
-             ("sample 100 digits, DDIM 50 steps", f"{res['sample_100_ddim50_s']:.1f} s"),
-             ("sampling images x NFE / s (batch 100)", f"{res['sample_img_nfe_per_s']:.0f}"),
-             ("conv/matmul/attention share, eager fwd", "-" if res["dense_op_share_b100"] is None
-                                                        else f"{100 * res['dense_op_share_b100']:.0f} %"),
-             ("peak memory", f"{res['peak_mem_mb']:.0f} MB")]
-    for name, val in rows:
-        print(f"  {name:<38} {val:>12}")
+    for label, cell in REPORT:
+        with contextlib.suppress(KeyError):  # a figure this run did not measure (--sample_only: training)
+            print(f"  {label:<38} {cell(res):>12}")
     if args.json:
         common.write_json(args.json, res)
 
