@@ -8,15 +8,8 @@ OUT/pytest.log (its last 15 lines are printed). Each step has a time limit, afte
 --dry_run prints the steps instead of running them.
 """
 import os
-import subprocess
 
 import common  # first: the repo's modules onto sys.path
-
-# isort: split
-import torch
-import torchvision
-
-from utils import OneLineArgumentParser, run_main
 
 
 def steps(out):
@@ -36,7 +29,7 @@ def steps(out):
 
 
 def main(argv=None):
-    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--out", default="./gpu_results", help="results folder")
     p.add_argument("--dry_run", action="store_true", help="print the steps, run nothing")
     args = p.parse_args(argv)
@@ -44,8 +37,7 @@ def main(argv=None):
     if args.dry_run:
         return print("\n".join(" ".join(map(str, step[2:])) for step in todo))
     os.makedirs(args.out, exist_ok=True)
-    subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"])
-    print("torch", torch.__version__, "torchvision", torchvision.__version__, torch.cuda.get_device_name())
+    common.machine()
     for title, limit, script, *flags in todo:
         if title:
             print(title, flush=True)
@@ -60,4 +52,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    common.run_main(main)

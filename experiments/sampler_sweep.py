@@ -22,7 +22,6 @@ import common  # first: the repo's modules onto sys.path
 
 # isort: split
 import samplers
-from utils import run_main
 
 
 def rows(nfe, ddpm):
@@ -100,4 +99,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    common.run_main(main)
