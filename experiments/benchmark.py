@@ -27,7 +27,6 @@ import common  # first: the repo's modules onto sys.path
 import torch
 
 import config
-from config import TrainConfig
 from diffusion import GaussianDiffusion
 from model import UNet, count_parameters
 from sample import sample_func
@@ -52,6 +51,7 @@ REPORT = (  # (label, the figure from the results) of the printed table
      lambda r: "-" if r["dense_op_share_b100"] is None else f"{100 * r['dense_op_share_b100']:.0f} %"),
     ("peak memory", lambda r: f"{r['peak_mem_mb']:.0f} MB"),
 )
+
 
 def sync(device):
     if device.type == "cuda":
@@ -133,7 +133,7 @@ def full_step_time(model, diffusion, batch, device, steps, tmp_ckpt, amp="none",
     """train_func itself (data by index, EMA, schedule, logging), minus a short run's fixed cost."""
     images = torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8)
     cfg = dict(n_epochs=1, batch_size=batch, save_every=10 ** 9, warmup=100, amp=amp, compile=compile)
-    times = [timed(device, lambda n=n: train_func(UNet(**model.model_args), diffusion, images, TrainConfig(
+    times = [timed(device, lambda n=n: train_func(UNet(**model.model_args), diffusion, images, config.TrainConfig(
         max_steps=n, **cfg), tmp_ckpt, device=device, progress=False))
         for n in ((3, 3, 3 + steps) if compile else (3, 3 + steps))]  # with compile, a first call warms its cache
     return (times[-1] - times[-2]) / steps

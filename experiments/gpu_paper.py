@@ -47,14 +47,14 @@ def train(args, run_flags):
     """Steps 1-2: the fp32 reference losses, then the timed bf16 window; their losses to OUT/losses.npz."""
     log(f"1. paper preset, fp32 eager, {args.loss_steps} steps")
     common.run_script("run.py", *run_flags, "--max_steps", args.loss_steps, "--save_every", 100000, "--checkpoint",
-                      f"{args.work}/fp32.pt", "--out_dir", args.work, show=common.without_config, check=False)
+                      f"{args.work}/fp32.pt", show=common.without_config, check=False)
     log(f"2. paper preset, {args.speed}, the 100-epoch run's 46,800 steps, stopped after {args.train_seconds} s")
     start = time.time()
     for i, speed in enumerate((args.speed, "--amp bf16")):
         if i:
             log("the compiled run saved nothing; bf16 eager for the time left")
         rc = common.run_script("run.py", *run_flags, "--save_every", 5000, "--checkpoint", f"{args.work}/paper.pt",
-                               "--out_dir", args.work, *speed.split(), show=common.without_config, check=False,
+                               *speed.split(), show=common.without_config, check=False,
                                stop_after=max(0, args.train_seconds - (time.time() - start)))
         print(f"run.py exited {rc}")
         if os.path.exists(f"{args.work}/paper.pt"):
@@ -103,7 +103,7 @@ def main(argv=None):
     os.makedirs(args.work, exist_ok=True)
     machine(args)
     train(args, ["--device", args.device, "--no_progress", "--n_samples", 1, "--sampler", "ddim",
-                 "--sampling_steps", 2, *args.extra.split()])
+                 "--sampling_steps", 2, *args.extra.split(), "--out_dir", args.work])
     samples(args)
     log("done")
 
