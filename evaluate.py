@@ -46,9 +46,8 @@ def get_parser():
                    "--train_judge' (default: the published checkpoints/mnist_judge.pt); its numbers are labelled local")
     p.add_argument("--data_dir", help="with --metrics: where MNIST is (or is put), as in run.py (default ./data)")
     p.add_argument("--bpd_images", type=int, help="with --metrics: test images for bits/dim (default 128; 0 = skip)")
-    p.add_argument("--bpd_timesteps", type=int,
-                   help="with --metrics: timesteps per image for bits/dim (default 100; T-1 = the exact sum, "
-                        "fewer = a stratified estimate)")
+    p.add_argument("--bpd_timesteps", type=int, help="with --metrics: timesteps per image for bits/dim (default 100; "
+                   "T-1 = the exact sum, fewer = a stratified estimate)")
     p.add_argument("--from_samples", metavar="FILE.npz",
                    help="with --metrics: score the samples in FILE.npz (from --save_samples, here or on another "
                         "machine) instead of sampling; bits/dim only if --bpd_images is given (from --checkpoint)")

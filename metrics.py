@@ -394,11 +394,10 @@ def main(argv=None):
     p.add_argument("--data_dir", help="with --train_judge: where MNIST is (or is put; default ./data)")
     p.add_argument("--no_progress", action="store_true", help="with --train_judge: no progress bar")
     args = p.parse_args(argv)
-    train_flags = [f for f in ("out", "overwrite", "seed", "data_dir", "no_progress")
-                   if getattr(args, f) is not None and getattr(args, f) is not False]
     if not args.train_judge:
-        if train_flags:
-            raise UserError(f"--{train_flags[0]} is for --train_judge")
+        for f in ("out", "overwrite", "seed", "data_dir", "no_progress"):
+            if getattr(args, f) is not None and getattr(args, f) is not False:
+                raise UserError(f"--{f} is for --train_judge")
         judge = Judge(args.judge)
         print(f"{judge.path}: {judge.label}")
         for k, v in judge.record.items():
