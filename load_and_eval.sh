@@ -39,7 +39,8 @@ if [ $# -gt 0 ] && [ "$1" != "--" ]; then
     URL=${1:-$URL}  # an empty argument leaves DDPM_CHECKPOINT_URL in force
     shift
 fi
-[ $# -eq 0 ] || [ "$1" = "--" ] || die "unexpected argument '$1'; usage: sh load_and_eval.sh [URL] [-- evaluate.py arguments]"
+[ $# -eq 0 ] || [ "$1" = "--" ] \
+    || die "unexpected argument '$1'; usage: sh load_and_eval.sh [URL] [-- evaluate.py arguments]"
 [ $# -eq 0 ] || shift
 
 PY=${PYTHON:-$(command -v python || command -v python3 || true)}
