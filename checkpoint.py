@@ -185,10 +185,9 @@ def export(ckpt, dtype="float32"):
     loading casts back to the model's fp32), the arguments that rebuild the model and the diffusion,
     the training settings and the loss history; no raw weights, optimizer or random-number state
     (it cannot be resumed)."""
-    cast = EXPORT_DTYPES[dtype]
-    weights = ema_weights(ckpt)
     out = {"format": ckpt.get("format", FORMAT), "weights": "ema",
-           "model": {k: v.to(cast).contiguous() if v.is_floating_point() else v for k, v in weights.items()}}
+           "model": {k: v.to(EXPORT_DTYPES[dtype]).contiguous() if v.is_floating_point() else v
+                     for k, v in ema_weights(ckpt).items()}}
     out.update({k: ckpt[k] for k in EXPORTED_KEYS if k in ckpt})
     if dtype != "float32":
         out["meta"] = dict(out.get("meta") or {}, weights_dtype=dtype)

@@ -12,6 +12,7 @@ Training draws batches by index from one uint8 tensor (`mnist_tensors`, `epoch_p
 no per-item PIL work in the hot loop, and the data order is a pure function of (seed, epoch),
 which makes resuming exact.
 """
+import codecs
 import gzip
 import os
 import pickle
@@ -45,14 +46,12 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     """Admits only what a pickled numpy array needs; any other global (os.system, ...) is refused
     before it is looked up, so a malicious pickle cannot run code."""
 
+    # _codecs.encode: how protocol 2 stores bytes; a pure data transform
+    ALLOWED = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype, ("_codecs", "encode"): codecs.encode}
+
     def find_class(self, module, name):
-        if (module, name) == ("numpy", "ndarray"):
-            return np.ndarray
-        if (module, name) == ("numpy", "dtype"):
-            return np.dtype
-        if (module, name) == ("_codecs", "encode"):  # how protocol 2 stores bytes; a pure data transform
-            import codecs
-            return codecs.encode
+        if (module, name) in self.ALLOWED:
+            return self.ALLOWED[module, name]
         if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
             return np.ndarray.__reduce__(np.zeros(0))[0]  # numpy's own _reconstruct, either version
         raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")

@@ -7,7 +7,6 @@
 The checkpoint is self-describing (model and diffusion arguments inside); a bare UNet state
 dict is also accepted and built with the default arguments. Sampling uses the EMA weights.
 """
-import io
 import json
 import time
 
@@ -17,7 +16,9 @@ import torch
 import checkpoint
 import config
 import utils
+from dataloader import ensure_mnist, mnist_tensors
 from diffusion import from_model_range, to_uint8
+from metrics import Judge, nll_bpd, sample_metrics
 from sample import check_n_samples, label_kwargs, network_evaluations, sample_func, sampler_kwargs
 from utils import UserError
 
@@ -45,19 +46,12 @@ def get_parser():
                    "--train_judge' (default: the published checkpoints/mnist_judge.pt); its numbers are labelled local")
     p.add_argument("--data_dir", help="with --metrics: where MNIST is (or is put), as in run.py (default ./data)")
     p.add_argument("--bpd_images", type=int, help="with --metrics: test images for bits/dim (default 128; 0 = skip)")
-    p.add_argument("--bpd_timesteps", type=int,
-                   help="with --metrics: timesteps per image for bits/dim (default 100; T-1 = the exact sum, "
-                        "fewer = a stratified estimate)")
+    p.add_argument("--bpd_timesteps", type=int, help="with --metrics: timesteps per image for bits/dim (default 100; "
+                   "T-1 = the exact sum, fewer = a stratified estimate)")
     p.add_argument("--from_samples", metavar="FILE.npz",
                    help="with --metrics: score the samples in FILE.npz (from --save_samples, here or on another "
                         "machine) instead of sampling; bits/dim only if --bpd_images is given (from --checkpoint)")
     return p
-
-
-def save_npz(path, **arrays):
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    utils.atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
 METRICS_DEFAULTS = dict(metrics_out="metrics.json", data_dir="./data", bpd_images=128, bpd_timesteps=100)
@@ -104,7 +98,6 @@ def load(args, device):
                                               source=args.checkpoint)
     skw = sampler_kwargs(args, diffusion.T)
     if args.metrics:  # fail before minutes of sampling, not after
-        from dataloader import ensure_mnist
         ensure_mnist(args.data_dir)
         args.judge = load_judge(args.judge)
     print(f"loaded {args.checkpoint} (step {ckpt.get('step', '?')}, {checkpoint.weights_kind(ckpt, not args.no_ema)} "
@@ -137,10 +130,9 @@ def score_samples_file(args):
     """--metrics --from_samples: the metrics of samples drawn earlier, without sampling again."""
     samples, digits, meta = read_samples(args.from_samples)
     args.judge = load_judge(args.judge)
-    model = diffusion = None
-    if args.bpd_images > 0:
-        model, diffusion = checkpoint.build_model(checkpoint.load(args.checkpoint), use_ema=not args.no_ema,
-                                                  device=utils.resolve_device(args.device), source=args.checkpoint)
+    model, diffusion = (checkpoint.build_model(checkpoint.load(args.checkpoint), use_ema=not args.no_ema,
+                                               device=utils.resolve_device(args.device), source=args.checkpoint)
+                        if args.bpd_images > 0 else (None, None))
     print(f"scoring {len(samples)} samples from {args.from_samples}" +
           (f" ({', '.join(f'{k} {v}' for k, v in meta.items())})" if meta else ""))
     results = compute_metrics(model, diffusion, samples, args, digits)
@@ -169,16 +161,14 @@ def main(argv=None):
     sampling_seconds, nfe = time.time() - t0, network_evaluations(skw, diffusion.T, lkw["guidance_scale"])
     digits = requested_digits(lkw["labels"], model, args.n_samples)
     utils.save_image_grid(from_model_range(samples), args.out, nrow=args.nrow)
-    msg = f"wrote {args.out}"
     if args.save_samples:
         # labels: the requested digit per sample, -1 where none was (unconditional model or sampling)
         meta = dict(checkpoint=args.checkpoint, sampler=skw, guidance_scale=lkw["guidance_scale"], seed=args.seed,
                     nfe=nfe, device=str(device), torch=torch.__version__, cpu=utils.cpu_model(),
                     threads=torch.get_num_threads(), sampling_seconds=round(sampling_seconds, 1))
-        save_npz(args.save_samples, samples=to_uint8(samples).numpy(), labels=digits.numpy(),
-                 meta=np.array(json.dumps(meta)))
-        msg += f" and {args.save_samples}"
-    print(f"{msg} in {time.time() - t0:.1f} s")
+        utils.atomic_write(args.save_samples, lambda f: np.savez_compressed(
+            f, samples=to_uint8(samples).numpy(), labels=digits.numpy(), meta=np.array(json.dumps(meta))))
+    print(f"wrote {args.out}{f' and {args.save_samples}' if args.save_samples else ''} in {time.time() - t0:.1f} s")
     if args.metrics:
         results = compute_metrics(model, diffusion, to_uint8(samples), args, digits)
         write_metrics(args.metrics_out, {**results, "sampler": skw, "guidance_scale": lkw["guidance_scale"],
@@ -187,8 +177,6 @@ def main(argv=None):
 
 def load_judge(path):
     """The metrics' judge (metrics.Judge), checked before any sampling; a local one is announced."""
-    from metrics import Judge
-
     judge = Judge(path)
     if not judge.published:
         print(f"note: scoring with a {judge.label}, not the published judge: these numbers are not comparable "
@@ -204,9 +192,6 @@ def requested_digits(labels, model, n):
 
 
 def compute_metrics(model, diffusion, samples_u8, args, digits):
-    from dataloader import mnist_tensors
-    from metrics import nll_bpd, sample_metrics
-
     t0 = time.time()
     res = sample_metrics(samples_u8, args.data_dir, seed=args.seed, labels=digits if (digits >= 0).any() else None,
                          judge=args.judge)
@@ -219,17 +204,19 @@ def compute_metrics(model, diffusion, samples_u8, args, digits):
     return res
 
 
+# (row name, key in the results: the samples' value, key + "_floor" the real images', format)
+TABLE_ROWS = (("feature-FID (vs MNIST test)", "fid", ".2f"), ("precision (k=3)", "precision", ".3f"),
+              ("recall (k=3)", "recall", ".3f"), ("confident (max softmax >= 0.9)", "confidence", ".3f"),
+              ("KL(predicted classes || uniform)", "kl_to_uniform", ".4f"))
+
+
 def print_table(r):
+    """The metrics as a table: each number beside its real-data floor, then the bits/dim bound."""
     n = r["n_samples"]
-    rows = [("feature-FID (vs MNIST test)", f"{r['fid']:.2f}", f"{r['fid_floor']:.2f}"),
-            ("precision (k=3)", f"{r['precision']:.3f}", f"{r['precision_floor']:.3f}"),
-            ("recall (k=3)", f"{r['recall']:.3f}", f"{r['recall_floor']:.3f}"),
-            ("confident (max softmax >= 0.9)", f"{r['confidence']:.3f}", f"{r['confidence_floor']:.3f}"),
-            ("KL(predicted classes || uniform)", f"{r['kl_to_uniform']:.4f}", f"{r['kl_to_uniform_floor']:.4f}")]
     print(f"\n{'metric':<34} {'samples':>10} {'real (floor)':>13}   [n = {n}; floor = {n} real images the judge "
           f"never saw: {r['floor_images']}]")
-    for name, val, floor in rows:
-        print(f"{name:<34} {val:>10} {floor:>13}")
+    for name, key, fmt in TABLE_ROWS:
+        print(f"{name:<34} {r[key]:>10{fmt}} {r[key + '_floor']:>13{fmt}}")
     print(f"{'predicted-class histogram':<34} {r['class_histogram']}")
     if "conditional_accuracy" in r:
         print(f"{'conditional accuracy':<34} {r['conditional_accuracy']:>10.3f} {r['classifier_test_accuracy']:>13.3f}"

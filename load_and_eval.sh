@@ -34,34 +34,25 @@ SUM_FILE=$REPO/checkpoints/$NAME.sha256
 PUBLISHED=$REPO/checkpoints/$NAME
 DEST=${DDPM_CHECKPOINT_DEST:-${NAME%.pt}_published.pt}
 
-URL=""
+URL=${DDPM_CHECKPOINT_URL:-}
 if [ $# -gt 0 ] && [ "$1" != "--" ]; then
-    URL=$1
+    URL=${1:-$URL}  # an empty argument leaves DDPM_CHECKPOINT_URL in force
     shift
 fi
-if [ $# -gt 0 ]; then
-    [ "$1" = "--" ] || die "unexpected argument '$1'; usage: sh load_and_eval.sh [URL] [-- evaluate.py arguments]"
-    shift
-fi
-[ -n "$URL" ] || URL=${DDPM_CHECKPOINT_URL:-}
+[ $# -eq 0 ] || [ "$1" = "--" ] \
+    || die "unexpected argument '$1'; usage: sh load_and_eval.sh [URL] [-- evaluate.py arguments]"
+[ $# -eq 0 ] || shift
 
-PY=${PYTHON:-}
-if [ -z "$PY" ]; then
-    if command -v python >/dev/null 2>&1; then PY=python
-    elif command -v python3 >/dev/null 2>&1; then PY=python3
-    else die "no python or python3 on PATH; install Python 3 and 'pip install -r requirements.txt'"
-    fi
-fi
+PY=${PYTHON:-$(command -v python || command -v python3 || true)}
+[ -n "$PY" ] || die "no python or python3 on PATH; install Python 3 and 'pip install -r requirements.txt'"
 
 if [ ! -f "$SUM_FILE" ]; then
     [ -n "${DDPM_CHECKPOINT:-}" ] && die "no published checkpoint '$NAME': $SUM_FILE is missing; choose one of: $(cd "$REPO/checkpoints" && ls ddpm_*.sha256 2>/dev/null | sed 's/\.sha256$//' | tr '\n' ' ')"
     die "$SUM_FILE is missing; it holds the published checksum (is this a complete clone?)"
 fi
-EXPECTED=$(awk 'NR == 1 { print $1 }' "$SUM_FILE")
-case "$EXPECTED" in
-    *[!0-9a-f]*|"") die "$SUM_FILE does not start with a SHA-256 hex digest" ;;
-esac
-[ ${#EXPECTED} -eq 64 ] || die "$SUM_FILE does not start with a SHA-256 hex digest"
+# the first word of the first line, if it is 64 hex digits (else empty)
+EXPECTED=$(awk 'NR == 1 && length($1) == 64 && $1 !~ /[^0-9a-f]/ { print $1 }' "$SUM_FILE")
+[ -n "$EXPECTED" ] || die "$SUM_FILE does not start with a SHA-256 hex digest"
 
 sha256_of() {
     if command -v sha256sum >/dev/null 2>&1; then sha256sum "$1" | awk '{ print $1 }'

@@ -46,8 +46,7 @@ def _figure(n_rows, n_cols, figsize):
 def _show(ax, img, title=None, fontsize=9):
     """img: (H, W) in [0, 1], drawn without ticks."""
     ax.imshow(img.numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(xticks=[], yticks=[])
     if title is not None:
         ax.set_title(title, fontsize=fontsize)
 
@@ -79,7 +78,7 @@ def plot_guidance_panel(panels, path, per_digit):
     _save_figure(fig, "classifier-free guidance: digits 0-9 (rows), same noise in every panel", path)
 
 
-def guidance_panel(args, ckpt, device):
+def guidance_panel(args, device):
     try:
         scales = [float(v) for v in args.guidance_panel.split(",") if v.strip()]
     except ValueError:
@@ -90,17 +89,15 @@ def guidance_panel(args, ckpt, device):
         raise UserError("--per_digit must be >= 1")
     path = os.path.join(args.out_dir, "guidance.png")
     utils.check_writable(path)
-    model, diffusion = checkpoint.build_model(ckpt, device=device, source=args.checkpoint)
+    model, diffusion = checkpoint.build_model(checkpoint.load(args.checkpoint), device=device, source=args.checkpoint)
     if model.num_classes is None:
         raise UserError(f"{args.checkpoint} is unconditional; --guidance_panel needs a checkpoint trained with "
                         f"--class_cond")
     skw = sampler_kwargs(args, diffusion.T)
     labels = torch.arange(model.num_classes).repeat_interleave(args.per_digit)
-    panels, t0 = {}, time.time()
-    for w in scales:
-        panels[w], _ = sample_func(model, len(labels), diffusion, seed=args.seed, device=device,
-                                   batch_size=args.batch_size, progress=not args.no_progress,
-                                   labels=labels, guidance_scale=w, **skw)
+    t0 = time.time()
+    panels = {w: sample_func(model, len(labels), diffusion, seed=args.seed, device=device, batch_size=args.batch_size,
+                             progress=not args.no_progress, labels=labels, guidance_scale=w, **skw)[0] for w in scales}
     print(f"sampled {len(scales)} x {len(labels)} digits ({skw['sampler']}) in {time.time() - t0:.0f} s on {device}")
     plot_guidance_panel(panels, path, args.per_digit)
     print(f"wrote '{path}'")
@@ -126,21 +123,20 @@ def main(argv=None):
         raise UserError("need --n_samples >= 10, 1 <= --n_reverse <= --n_samples and --batch_size >= 1")
     if not os.path.isdir(args.out_dir):
         raise UserError(f"--out_dir {args.out_dir} does not exist; create it first")
+    device = utils.resolve_device(args.device)
     if args.guidance_panel is not None:
-        return guidance_panel(args, checkpoint.load(args.checkpoint), utils.resolve_device(args.device))
-    names = ["train loss.png", "generated samples.png", "reverse process.png", "generated_samples.jpg"]
-    paths = {n: os.path.join(args.out_dir, n) for n in names}
+        return guidance_panel(args, device)
+    paths = {n: os.path.join(args.out_dir, n)
+             for n in ("train loss.png", "generated samples.png", "reverse process.png", "generated_samples.jpg")}
     for path in paths.values():
         utils.check_writable(path)
     ckpt = checkpoint.load(args.checkpoint)
-    losses = ckpt.get("loss_history")
-    if losses is None or len(losses) == 0:
+    if ckpt.get("loss_history") is None or len(ckpt["loss_history"]) == 0:
         raise UserError(f"{args.checkpoint} has no loss history; use a checkpoint written by run.py or export.py")
-    device = utils.resolve_device(args.device)
     model, diffusion = checkpoint.build_model(ckpt, device=device, source=args.checkpoint)
     lkw, skw = label_kwargs(args, model.num_classes, args.n_samples), sampler_kwargs(args, diffusion.T)
 
-    utils.plot_loss(losses, paths["train loss.png"], evals=ckpt.get("eval_history"))
+    utils.plot_loss(ckpt["loss_history"], paths["train loss.png"], evals=ckpt.get("eval_history"))
     t0 = time.time()
     samples, steps = sample_func(model, args.n_samples, diffusion, seed=args.seed, device=device,
                                  batch_size=args.batch_size, return_steps=reverse_timesteps(diffusion.T),

@@ -147,18 +147,11 @@ class Judge:
         checkpoint.load_weights(self.model, ckpt["model"], f"the judge {path}")
         self.model.double().eval()
         self.record = {k: v for k, v in ckpt.items() if k != "model"}
+        # the judge's accuracy on the MNIST test images, and their features' (mean, covariance): the FID reference
+        self.test_accuracy, self.reference = ckpt["test_accuracy"], (ckpt["ref_mean"], ckpt["ref_cov"])
         self.sha256, self.published, self.path = digest, digest == JUDGE_SHA256, path
         self.label = ("published judge" if self.published else f"LOCAL judge {os.path.basename(path)}") + \
             f" (sha256 {digest[:12]})"
-
-    @property
-    def test_accuracy(self):
-        return self.record["test_accuracy"]
-
-    @property
-    def reference(self):
-        """(mean, covariance) of the MNIST test images' features: the FID reference."""
-        return self.record["ref_mean"], self.record["ref_cov"]
 
 
 def _sha256_beside(path, fix):
@@ -287,36 +280,30 @@ def nll_bpd(model, diffusion, images, n_timesteps=None, batch_size=128, seed=0, 
 
     T = diffusion.T
     k = T - 1 if not n_timesteps or n_timesteps >= T - 1 else n_timesteps
-    edges = torch.linspace(1, T, k + 1).round().long()  # strata [edges[j], edges[j+1])
-    sizes = (edges[1:] - edges[:-1]).double()
+    edges = torch.linspace(1, T, k + 1).round().long().tolist()  # strata [edges[j], edges[j+1])
     device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
-    gcpu = torch.Generator().manual_seed(seed)
+    g, gcpu = torch.Generator(device=device).manual_seed(seed), torch.Generator().manual_seed(seed)
     model.eval()
-    prior, decoder, terms, ranges = [], [], [], []
-    n_batches = (len(images) + batch_size - 1) // batch_size
-    bar = tqdm(total=n_batches * (k + 1), desc="bits/dim", disable=not progress)
+    batches = []  # per batch of B images: prior (B,), decoder (B,), the KL sum (B,), the KL sum by range of t (B, 10)
+    bar = tqdm(total=-(-len(images) // batch_size) * (k + 1), desc="bits/dim", disable=not progress)
     for i in range(0, len(images), batch_size):
         x0 = to_model_range(images[i:i + batch_size].to(device).float() / 255.0).unsqueeze(1)
         B = x0.shape[0]
-        prior.append(diffusion.prior_bpd(x0).double().cpu())
+        prior = diffusion.prior_bpd(x0).double().cpu()
         t0 = torch.zeros(B, dtype=torch.long, device=device)
-        noise = torch.randn(x0.shape, generator=g, device=device)
-        decoder.append(diffusion.vb_term_bpd(model, x0, t0, noise).double().cpu())
+        decoder = diffusion.vb_term_bpd(model, x0, t0, torch.randn(x0.shape, generator=g, device=device))
         total, by_range = torch.zeros(B, dtype=torch.float64), torch.zeros(B, 10, dtype=torch.float64)
         bar.update(1)
-        for j in range(k):
-            lo, hi = edges[j].item(), edges[j + 1].item()
+        for lo, hi in zip(edges[:-1], edges[1:]):
             t = torch.randint(lo, hi, (B,), generator=gcpu)
             term = diffusion.vb_term_bpd(model, x0, t.to(device), torch.randn(x0.shape, generator=g, device=device))
-            w = term.double().cpu() * sizes[j]
+            w = term.double().cpu() * (hi - lo)  # weighted by the stratum's size
             total += w
-            by_range.index_add_(1, torch.tensor([min(9, (lo * 10) // T)]), w[:, None])
+            by_range[:, min(9, (lo * 10) // T)] += w
             bar.update(1)
-        terms.append(total)
-        ranges.append(by_range)
+        batches.append((prior, decoder.double().cpu(), total, by_range))
     bar.close()
-    prior, decoder, terms, ranges = map(torch.cat, (prior, decoder, terms, ranges))
+    prior, decoder, terms, ranges = (torch.cat(parts) for parts in zip(*batches))
     per_image = prior + decoder + terms
     n = len(per_image)
     return {"bpd": per_image.mean().item(),
@@ -407,11 +394,10 @@ def main(argv=None):
     p.add_argument("--data_dir", help="with --train_judge: where MNIST is (or is put; default ./data)")
     p.add_argument("--no_progress", action="store_true", help="with --train_judge: no progress bar")
     args = p.parse_args(argv)
-    train_flags = [f for f in ("out", "overwrite", "seed", "data_dir", "no_progress")
-                   if getattr(args, f) is not None and getattr(args, f) is not False]
     if not args.train_judge:
-        if train_flags:
-            raise UserError(f"--{train_flags[0]} is for --train_judge")
+        for f in ("out", "overwrite", "seed", "data_dir", "no_progress"):
+            if getattr(args, f) is not None and getattr(args, f) is not False:
+                raise UserError(f"--{f} is for --train_judge")
         judge = Judge(args.judge)
         print(f"{judge.path}: {judge.label}")
         for k, v in judge.record.items():
@@ -419,13 +405,10 @@ def main(argv=None):
         return
     if args.judge is not None:
         raise UserError("--judge checks an existing judge; drop it with --train_judge (the new one goes to --out)")
-    args.seed = 0 if args.seed is None else args.seed
-    args.data_dir = args.data_dir or "./data"
     if not args.out:
         raise UserError(f"--train_judge needs --out FILE (the published judge is {os.path.relpath(JUDGE_FILE)})")
     checkpoint.check_publish_target(args.out, args.overwrite)
-    command = f"{TRAIN_COMMAND.replace('FILE', args.out)} --seed {args.seed}"
-    record = write_judge(args.out, args.data_dir, seed=args.seed, progress=not args.no_progress, command=command)
+    record = write_judge(args.out, args.data_dir or "./data", seed=args.seed or 0, progress=not args.no_progress)
     print(f"wrote {args.out} and {args.out}.sha256: test accuracy {record['test_accuracy']:.4f}, "
           f"trained in {record['train_seconds']:.0f} s; score with it by --judge {args.out}")
 

@@ -52,29 +52,24 @@ def cpu_model():
 
 def resolve_device(name):
     """'auto' -> cuda, then mps, then cpu. Explicit names are checked, not silently replaced."""
+    has_mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return _setup(torch.device("cuda"))
-        if _has_mps():
-            return torch.device("mps")
-        return torch.device("cpu")
+        name = "cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name} asked for, but CUDA is not available here; use --device cpu or auto")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    if device.type == "mps" and not _has_mps():
-        raise UserError(f"--device {name} asked for, but MPS is not available here; use --device cpu or auto")
     if device.type not in ("cpu", "cuda", "mps"):
         raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    return _setup(device)
-
-
-def _has_mps():
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": has_mps}[device.type]:
+        raise UserError(f"--device {name} asked for, but {device.type.upper()} is not available here; "
+                        f"use --device cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "cuda":  # TF32 matmuls and convolutions for fp32 work on Ampere and newer
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return device
 
 
 def setup_distributed(device_name):
@@ -90,26 +85,16 @@ def setup_distributed(device_name):
         raise UserError(f"under torchrun use --device auto, cuda or cpu (each process takes cuda:LOCAL_RANK), "
                         f"not {device_name!r}")
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
+    device = resolve_device("cuda" if use_cuda else "cpu")
     if use_cuda:
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda asked for, but CUDA is not available here; use --device cpu or auto")
         if local_rank >= torch.cuda.device_count():
             raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA device(s) on this "
                             f"node; lower --nproc_per_node")
-        torch.cuda.set_device(local_rank)
-        device = _setup(torch.device("cuda", local_rank))
-    else:
-        device = torch.device("cpu")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     return device, rank, world
-
-
-def _setup(device):
-    if device.type == "cuda":  # TF32 matmuls and convolutions for fp32 work on Ampere and newer
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    return device
 
 
 def check_amp(device, amp):
@@ -214,10 +199,8 @@ def plot_loss(loss_history, path, smooth=100, evals=None):
         kernel = torch.ones(smooth, dtype=torch.float64) / smooth
         ma = torch.nn.functional.conv1d(losses[None, None], kernel[None, None])[0, 0]
         ax.plot(steps[smooth - 1:], ma, color="tab:blue", label=f"mean of {smooth} steps")
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (MSE on eps, weighted if --loss_weight)")
-    ax.set_title("DDPM training loss")
+    ax.set(yscale="log", xlabel="optimizer step", ylabel="training loss (MSE on eps, weighted if --loss_weight)",
+           title="DDPM training loss")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     if evals:
@@ -231,12 +214,10 @@ def plot_loss(loss_history, path, smooth=100, evals=None):
 def _plot_evals(ax, evals):
     steps = [e["step"] for e in evals]
     ax.plot(steps, [e["fid"] for e in evals], "o-", color="tab:red", label="feature-FID")
-    ax.set_yscale("log")
-    ax.set_xlabel("optimizer step")
+    ax.set(yscale="log", xlabel="optimizer step", title="quality while training (--eval_every)")
     ax.set_ylabel("feature-FID (EMA weights)", color="tab:red")
     ax.grid(True, which="both", alpha=0.3)
     twin = ax.twinx()
     twin.plot(steps, [e["confidence"] for e in evals], "s--", color="tab:green", label="confident")
     twin.set_ylabel("confident share", color="tab:green")
     twin.set_ylim(0, 1)
-    ax.set_title("quality while training (--eval_every)")
