@@ -278,7 +278,7 @@ class Sampler:
         every timestep for a sampler without a spacing (ddpm)."""
         if self.spacing is None:
             return timesteps(diffusion, diffusion.T)
-        return self.grid(diffusion, steps or DEFAULT_STEPS, spacing or self.spacing)
+        return self.grid(diffusion, DEFAULT_STEPS if steps is None else steps, spacing or self.spacing)
 
 
 # Each few-step sampler's own spacing: DDIM's paper and code space evenly in t; DPM-Solver++ (Lu et al.
