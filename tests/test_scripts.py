@@ -1,5 +1,8 @@
 """run.py and evaluate.py end to end on tiny data, determinism, and bad input."""
+import contextlib
+import io
 import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -14,13 +17,20 @@ from conftest import ROOT, TINY_FLAGS, expect_user_error, sh
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One tiny run.py training (a few steps) shared by the tests below."""
+    """One tiny run.py training (a few steps) shared by the tests below, in this process (run.main, as
+    `python run.py` runs it; the real processes are tested below), sampling with 2 DDIM steps."""
     from conftest import write_tiny_mnist
     work = tmp_path_factory.mktemp("run")
     data = write_tiny_mnist(str(work / "data"))
-    p = sh([os.path.join(ROOT, "run.py"), "--data_dir", data, *TINY_FLAGS, "--batch_size", "16",
-            "--max_steps", "6", "--save_every", "4", "--n_samples", "3", "--no_progress", "--seed", "1"], cwd=work)
-    return work, p
+    cwd, out = os.getcwd(), io.StringIO()
+    try:
+        os.chdir(work)
+        with contextlib.redirect_stdout(out):
+            run.main(["--data_dir", data, *TINY_FLAGS, "--batch_size", "16", "--max_steps", "6", "--save_every", "4",
+                      "--n_samples", "3", "--no_progress", "--seed", "1", "--sampler", "ddim", "--sampling_steps", "2"])
+    finally:
+        os.chdir(cwd)
+    return work, subprocess.CompletedProcess([], 0, out.getvalue(), "")
 
 
 def test_run_writes_checkpoint_samples_and_plot(trained):
@@ -36,11 +46,12 @@ def test_run_writes_checkpoint_samples_and_plot(trained):
     assert not [f for f in os.listdir(work) if f.endswith(".tmp")]  # atomic writes leave nothing behind
 
 
-def test_evaluate_writes_jpg_and_npz(trained):
+def test_evaluate_writes_jpg_and_npz(trained, capsys, monkeypatch):
     work, _ = trained
-    p = sh([os.path.join(ROOT, "evaluate.py"), "--n_samples", "4", "--save_samples", "s.npz",
-            "--out", "e.jpg", "--no_progress", "--seed", "3", "--sampler", "ddim", "--sampling_steps", "5"], cwd=work)
-    assert "EMA" in p.stdout
+    monkeypatch.chdir(work)
+    evaluate.main(["--n_samples", "4", "--save_samples", "s.npz", "--out", "e.jpg", "--no_progress", "--seed", "3",
+                   "--sampler", "ddim", "--sampling_steps", "5"])
+    assert "EMA" in capsys.readouterr().out
     s = np.load(work / "s.npz")["samples"]
     assert s.shape == (4, 28, 28) and s.dtype == np.uint8
     from PIL import Image
