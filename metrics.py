@@ -208,14 +208,10 @@ def conditional_accuracy(predicted, requested, num_classes=10):
     return {"conditional_accuracy": hit.mean().item(), "conditional_accuracy_per_digit": per_digit}
 
 
-def classifier_scores(model, images, threshold=0.9):
-    """Share of confident samples (max softmax >= threshold), the predicted-class histogram and
-    its KL divergence to uniform (nats; 0 = every digit equally often, log 10 = one digit only)."""
-    return scores_from_logits(predict(model, images), threshold)
-
-
 def scores_from_logits(logits, threshold=0.9):
-    """classifier_scores of images whose logits (N, 10) are already computed."""
+    """From the judge's logits (N, 10) (its `head` of the features: in eval mode dropout is the identity):
+    the share of confident samples (max softmax >= threshold), the predicted-class histogram and its
+    KL divergence to uniform (nats; 0 = every digit equally often, log 10 = one digit only)."""
     probs = logits.softmax(1)
     conf = (probs.max(1).values >= threshold).float().mean().item()
     hist = torch.bincount(probs.argmax(1), minlength=10).double()
@@ -337,9 +333,9 @@ class TrainingJudge:
     @torch.no_grad()
     def __call__(self, samples):
         """uint8 samples (N, 28, 28) -> {"fid", "confidence"}."""
-        clf = self.judge.model
-        return {"fid": fid_from_stats(feature_stats(features(clf, samples)), self.judge.reference),
-                "confidence": classifier_scores(clf, samples)["confidence"]}
+        f = features(self.judge.model, samples)
+        return {"fid": fid_from_stats(feature_stats(f), self.judge.reference),
+                "confidence": scores_from_logits(self.judge.model.head(f))["confidence"]}
 
 
 def real_subsets(n, seed, n_held_out, n_test):
@@ -374,10 +370,12 @@ def sample_metrics(samples, data_dir="./data", seed=0, labels=None, judge=None):
            "fid_floor": fid_from_stats(feature_stats(f_real), ref),
            "precision": precision, "recall": recall,
            "precision_floor": floor_p, "recall_floor": floor_r}
-    out.update(classifier_scores(clf, samples))
+    with torch.no_grad():  # the logits from the features: one pass of the network per set
+        logits, real_logits = clf.head(f_fake), clf.head(f_real)
+    out.update(scores_from_logits(logits))
     if labels is not None:
-        out.update(conditional_accuracy(predict(clf, samples).argmax(1), torch.as_tensor(labels)))
-    real_scores = classifier_scores(clf, real)
+        out.update(conditional_accuracy(logits.argmax(1), torch.as_tensor(labels)))
+    real_scores = scores_from_logits(real_logits)
     out["confidence_floor"], out["kl_to_uniform_floor"] = real_scores["confidence"], real_scores["kl_to_uniform"]
     return out
 

@@ -21,7 +21,7 @@ from train import TrainingDiverged, train_func
 from utils import UserError
 
 TRAIN = [os.path.join(ROOT, "run.py"), "--device", "cpu", *TINY_FLAGS, "--dropout", "0.1", "--batch_size", "16",
-         "--max_steps", "60", "--save_every", "10", "--n_samples", "1", "--sampler", "ddim", "--sampling_steps", "2",
+         "--max_steps", "30", "--save_every", "10", "--n_samples", "1", "--sampler", "ddim", "--sampling_steps", "2",
          "--no_progress"]
 
 
@@ -64,7 +64,7 @@ run.main({argv!r})
 """
 
 
-@pytest.mark.parametrize("kill_at", [37, 50])  # inside a save interval, and just before a save
+@pytest.mark.parametrize("kill_at", [17, 20])  # inside a save interval, and just before a save
 def test_sigkill_then_resume_is_bitwise_identical(work, reference, kill_at, monkeypatch):
     print(f"SIGKILL after optimizer step {kill_at}")
     argv = TRAIN[1:] + ["--data_dir", "data", "--checkpoint", f"k{kill_at}.pt"]
@@ -77,15 +77,15 @@ def test_sigkill_then_resume_is_bitwise_identical(work, reference, kill_at, monk
     run.main(["--resume", "--checkpoint", f"k{kill_at}.pt", "--data_dir", "data", "--device", "cpu", "--n_samples",
               "1", "--sampler", "ddim", "--sampling_steps", "2", "--no_progress"])
     resumed = checkpoint.load(work / f"k{kill_at}.pt")
-    assert resumed["step"] == 60 and torch.equal(resumed["loss_history"], reference["loss_history"])
+    assert resumed["step"] == 30 and torch.equal(resumed["loss_history"], reference["loss_history"])
     same_weights(resumed, reference)
 
 
 def test_sigint_saves_and_exits_cleanly(work):
     for sig, code in ((signal.SIGINT, 130), (signal.SIGTERM, 143)):
         proc = subprocess.Popen([sys.executable, *TRAIN, "--data_dir", "data", "--checkpoint", "int.pt",
-                                 "--max_steps", "100000"], cwd=work, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                 "--max_steps", "100000", "--save_every", "2"], cwd=work, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         wait_for(work / "int.pt", proc)
         proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
@@ -105,7 +105,7 @@ def test_kill_during_save_keeps_previous_checkpoint(work, reference):
     p = subprocess.run([sys.executable, "-c", script], cwd=work)
     assert p.returncode == -signal.SIGKILL
     assert (work / "ref.pt").read_bytes() == before
-    assert load_checkpoint(str(work / "ref.pt"))["step"] == 60
+    assert load_checkpoint(str(work / "ref.pt"))["step"] == 30
 
 
 @pytest.mark.parametrize("flags, match", [
@@ -122,16 +122,16 @@ def test_resume_with_other_model_or_data_order_is_refused(work, reference, capsy
 def test_resume_honours_explicit_default_values(work, reference):
     args = run.get_parser().parse_args(["--resume", "--max_steps", "0", "--save_every", "1000"])
     cfg = run.train_config_for_resume(args, reference)
-    assert cfg.max_steps == 0 and cfg.save_every == 1000 and cfg.batch_size == 16  # not the saved 60 / 10
+    assert cfg.max_steps == 0 and cfg.save_every == 1000 and cfg.batch_size == 16  # not the saved 30 / 10
 
 
 def test_new_run_over_an_unfinished_one_is_refused(work, reference, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    ckpt = dict(reference, step=50)  # an interrupted run: 50 of 60 steps
+    ckpt = dict(reference, step=20)  # an interrupted run: 20 of 30 steps
     checkpoint.save(str(tmp_path / "ddpm_trained.pt"), ckpt)
     expect_user_error(capsys, run.main, ["--data_dir", str(work / "data"), "--device", "cpu"],
-                      "holds an unfinished run (step 50 of 60)")
-    assert checkpoint.load(tmp_path / "ddpm_trained.pt")["step"] == 50
+                      "holds an unfinished run (step 20 of 30)")
+    assert checkpoint.load(tmp_path / "ddpm_trained.pt")["step"] == 20
 
 
 def test_checkpoint_with_pickled_code_is_refused_and_not_run(tmp_path, capsys):

@@ -37,10 +37,10 @@ def test_timestep_spacings():
 def test_sample_func_shapes_steps_and_seed(kw):
     torch.manual_seed(0)
     model = undo_zero_init(UNet(**TINY))  # non-zero output so the samples depend on the network
-    d = GaussianDiffusion(T=100)  # a short chain keeps the test fast; the loop is the same for any T
-    s, steps = sample_func(model, 5, d, seed=1, batch_size=2, return_steps=(100, 50, 0), progress=False, **kw)
+    d = GaussianDiffusion(T=40)  # a short chain keeps the test fast; the loop is the same for any T
+    s, steps = sample_func(model, 5, d, seed=1, batch_size=2, return_steps=(40, 20, 0), progress=False, **kw)
     assert s.shape == (5, 1, 28, 28) and s.min() >= -1 - 1e-6 and s.max() <= 1 + 1e-6
-    assert set(steps) == {100, 50, 0} and steps[50].shape == (5, 1, 28, 28)
+    assert set(steps) == {40, 20, 0} and steps[20].shape == (5, 1, 28, 28)
     assert torch.equal(steps[0], s)
     s2, _ = sample_func(model, 3, d, seed=1, batch_size=2, progress=False, **kw)
     assert torch.equal(s[:2], s2[:2])  # sample i depends on (seed, i), whatever n_samples is
@@ -55,7 +55,7 @@ def test_samples_do_not_depend_on_the_batch_size(sampler):
     (measured: at most 1.1e-6 on this CPU), far below one pixel level (2/255 = 8e-3)."""
     torch.manual_seed(0)
     model = undo_zero_init(UNet(**TINY))
-    d = GaussianDiffusion(T=50)  # a short chain: the same loop, faster
+    d = GaussianDiffusion(T=20)  # a short chain: the same loop, faster
     kw = dict(sampler=sampler, progress=False, sampling_steps=None if sampler == "ddpm" else 10)
     if sampler == "ddim":
         kw["eta"] = 1.0  # noise at every step, as the stochastic samplers
