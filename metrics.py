@@ -14,7 +14,6 @@ vector width move no metric beyond 1e-4.
 """
 import math
 import os
-import subprocess
 import time
 import warnings
 
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 
 import checkpoint
 from dataloader import epoch_permutation, mnist_tensors
-from utils import OneLineArgumentParser, UserError, cpu_model, run_main
+from utils import OneLineArgumentParser, UserError, cpu_model, git_commit, run_main
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 JUDGE_FILE = os.path.join(REPO, "checkpoints", "mnist_judge.pt")
@@ -162,14 +161,6 @@ def _sha256_beside(path, fix):
         raise UserError(f"the judge {path} has no readable {path}.sha256 beside it; {fix}") from None
 
 
-def _git_commit():
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        return out.stdout.strip() or None
-    except OSError:
-        return None
-
-
 def record_test_set(model, data_dir):
     """What the judge records of the 10,000 MNIST test images, scored in the model's dtype (float64 when
     written, as the metrics score): its accuracy and the feature mean and covariance (the FID reference)."""
@@ -188,7 +179,7 @@ def write_judge(out, data_dir="./data", seed=0, progress=True, command=None):
     model, n_images = train_classifier(data_dir, seed=seed, progress=progress)
     seconds = time.time() - t0
     record = {"command": command or f"{TRAIN_COMMAND.replace('FILE', out)} --seed {seed}", "seed": seed,
-              "commit": _git_commit(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
+              "commit": git_commit(), "cpu": cpu_model(), "threads": torch.get_num_threads(),
               "torch": str(torch.__version__), "train_images": f"MNIST training images [0, {n_images})",
               "train_seconds": round(seconds, 1), **record_test_set(model.double(), data_dir)}
     model.float()

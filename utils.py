@@ -2,6 +2,7 @@
 import argparse
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 
@@ -48,6 +49,16 @@ def cpu_model():
     except OSError:
         pass
     return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def git_commit():
+    """The repo's short commit hash (what a result was made by), or None outside a git checkout."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                             capture_output=True, text=True)
+        return out.stdout.strip() or None
+    except OSError:
+        return None
 
 
 def resolve_device(name):

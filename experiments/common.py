@@ -15,16 +15,15 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from checkpoint import sha256_file  # noqa: E402
-from utils import OneLineArgumentParser, UserError, atomic_write, cpu_model, run_main  # noqa: E402, F401
+from utils import OneLineArgumentParser, UserError, atomic_write, cpu_model, git_commit, run_main  # noqa: E402, F401
 
 
 def stamp(record, checkpoint_path=None):
     """Add to the dict `record` what it was measured with: the checkpoint's SHA-256 (if a path is given),
     the commit, the CPU and the torch version. Returns it."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     if checkpoint_path is not None:
         record["checkpoint_sha256"] = sha256_file(checkpoint_path)
-    record.update(commit=commit.stdout.strip() or None, cpu=cpu_model(), torch=torch.__version__)
+    record.update(commit=git_commit(), cpu=cpu_model(), torch=torch.__version__)
     return record
 
 
