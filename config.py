@@ -205,7 +205,7 @@ def add_speed_flags(p):
 
 def add_sampler_flags(p):
     """--sampler and its settings, from the registry (samplers.SAMPLERS): a sampler's options are flags."""
-    from samplers import DEFAULT_STEPS, SAMPLERS, SPACINGS
+    from samplers import DEFAULT_STEPS, SAMPLERS, SPACINGS, options
 
     p.add_argument("--sampler", default="ddpm", choices=list(SAMPLERS),
                    help="; ".join(f"{s.name}: {s.help}" for s in SAMPLERS.values()))
@@ -215,11 +215,7 @@ def add_sampler_flags(p):
     p.add_argument("--spacing", choices=SPACINGS,
                    help="few-step samplers: where the steps go in t (default: the sampler's own, "
                         + ", ".join(f"{s.name} {s.spacing}" for s in SAMPLERS.values() if s.spacing) + ")")
-    options = {}  # option -> (the samplers that take it, (default, help))
-    for s in SAMPLERS.values():
-        for option, spec in s.options.items():
-            options.setdefault(option, ([], spec))[0].append(s.name)
-    for option, (names, (default, help)) in options.items():
+    for option, (names, (default, help)) in options().items():
         p.add_argument(f"--{option}", type=type(default), help=f"{' or '.join(names)} only: {help}")
 
 

@@ -8,26 +8,24 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion import GaussianDiffusion
-from samplers import DEFAULT_STEPS, SAMPLERS, Denoiser, SampleNoise, noise_source
+from samplers import DEFAULT_STEPS, SAMPLERS, Denoiser, SampleNoise, noise_source, options
 from utils import UserError, autocast
 
 
 def sampler_kwargs(args, T):
     """Checked sampler settings {sampler, sampling_steps, spacing, options...} from parsed flags
     (config.add_sampler_flags) for a diffusion of T steps; none is accepted and silently ignored."""
-    s = SAMPLERS[args.sampler]
-    given = [o for o in _all_options() if getattr(args, o, None) is not None and o not in s.options]
+    s, all_options = SAMPLERS[args.sampler], options()
+    given = [o for o in all_options if getattr(args, o, None) is not None and o not in s.options]
     if s.spacing is None:  # every timestep: the paper's sampler
         if args.sampling_steps not in (None, T) or args.spacing is not None or given:
             few = [n for n, o in SAMPLERS.items() if o.spacing]
-            raise UserError(f"--sampling_steps, --spacing and --{', --'.join(_all_options())} are for the few-step "
+            raise UserError(f"--sampling_steps, --spacing and --{', --'.join(all_options)} are for the few-step "
                             f"samplers (--sampler {', '.join(few[:-1])} or {few[-1]}); "
                             f"the {s.name} sampler always takes all T={T} steps")
         return {"sampler": s.name}
     if given:
-        raise UserError(f"--{given[0]} is for --sampler " + " or ".join(n for n, o in SAMPLERS.items()
-                                                                      if given[0] in o.options)
-                        + f"; {s.name} has none")
+        raise UserError(f"--{given[0]} is for --sampler {' or '.join(all_options[given[0]][0])}; {s.name} has none")
     kw = {"sampler": s.name, "sampling_steps": DEFAULT_STEPS if args.sampling_steps is None else args.sampling_steps,
           "spacing": args.spacing or s.spacing}
     try:
@@ -39,10 +37,6 @@ def sampler_kwargs(args, T):
         if kw[o] < 0:
             raise UserError(f"--{o} must be >= 0, got {kw[o]}")
     return kw
-
-
-def _all_options():
-    return {o: spec for s in SAMPLERS.values() for o, spec in s.options.items()}
 
 
 def network_evaluations(skw, T, guidance_scale=0.0):

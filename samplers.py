@@ -294,3 +294,12 @@ SAMPLERS = {s.name: s for s in [
     Sampler("restart", sample_restart, "logsnr", "Restart sampling, Xu et al. 2023, with DPM-Solver++(2M) steps",
             grid=restart_timesteps),
 ]}
+
+
+def options():
+    """Every sampler option of the registry: {option: (the samplers that take it, (default, help))}."""
+    out = {}
+    for s in SAMPLERS.values():
+        for option, spec in s.options.items():
+            out.setdefault(option, ([], spec))[0].append(s.name)
+    return out
