@@ -2,7 +2,8 @@
 
 Notation follows the paper: beta_t, alpha_t = 1 - beta_t, alphabar_t = prod_{s<=t} alpha_s.
 Timesteps are 0-indexed here: t in {0, ..., T-1} is the paper's t+1 in {1, ..., T}.
-The schedule is computed in float64 and cast to float32 only when it meets a batch (`bcast`).
+The schedule is computed in float64 on the CPU and cast to float32 only when it meets a batch (`bcast`).
+Each device gets its copy once (`GaussianDiffusion.on`), so a step never copies it host-to-device.
 Data live in [-1, 1] (paper section 3.3): `to_model_range` / `from_model_range` are the only
 place where pixels are scaled.
 
@@ -20,6 +21,7 @@ Where to find the paper here (equation numbers are the DDPM paper's unless anoth
 The faster samplers of later papers (DDIM, DPM-Solver++, Restart) are in samplers.py.
 """
 import math
+from types import SimpleNamespace
 
 import torch
 
@@ -40,15 +42,23 @@ def to_uint8(x):
 
 
 def bcast(c, x):
-    """Per-example coefficients (B,) or one for all () (float64 schedule values, or a mask) -> float32
-    (B or 1, 1, ..., 1) on x's device, broadcasting over the batch x. The one place where broadcasting
+    """Per-example coefficients (B,) or one for all () (float64 schedule values, or a mask) on x's device
+    -> float32 (B or 1, 1, ..., 1), broadcasting over the batch x. The one place where broadcasting
     happens: every formula computes its coefficients in float64 and casts them here."""
-    return c.float().reshape(-1, *([1] * (x.dim() - 1))).to(x.device)
+    return c.float().reshape(-1, *([1] * (x.dim() - 1)))
 
 
 def extract(arr, t, x):
-    """arr[t] of a float64 schedule for a batch of timesteps t (B,), as float32 (B, 1, 1, 1) for x."""
-    return bcast(arr.to(t.device)[t], x)
+    """arr[t] of a schedule array on t's device (GaussianDiffusion.on) for a batch of timesteps t (B,),
+    as float32 (B, 1, 1, 1) for x."""
+    return bcast(arr[t], x)
+
+
+def schedule_dtype(device):
+    """The dtype of the schedule's copy on `device`: float64, except on Apple's MPS, which has no float64:
+    there the float64 values are cast to float32 on the CPU first. Either way a coefficient reaches the
+    batch as float64 rounded once to float32, so the CPU, CUDA and MPS use the same numbers."""
+    return torch.float32 if torch.device(device).type == "mps" else torch.float64
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2):
@@ -119,6 +129,11 @@ class GaussianDiffusion:
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
         self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()
         self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)  # SNR_t = ab_t / (1 - ab_t)
+        # eq. 11's coefficients: 1 / sqrt(alpha_t) and beta_t / sqrt(1 - alphabar_t)
+        self.recip_sqrt_alphas = 1.0 / self.alphas.sqrt()
+        self.eps_coef_eq11 = b / (1.0 - self.alphas_cumprod).sqrt()
         # Posterior q(x_{t-1} | x_t, x_0) = N(mean, beta-tilde_t I), eqs. 6-7.
         self.posterior_variance = b * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
         # beta-tilde_0 = 0; clip the log as the authors' code does, so fixed_small stays finite.
@@ -133,33 +148,43 @@ class GaussianDiffusion:
             self.model_variance = torch.cat([self.posterior_variance[1:2], b[1:]])
         else:
             self.model_variance = torch.exp(self.posterior_log_variance_clipped)
+        self._on = {torch.device("cpu"): self}
+
+    def on(self, device):
+        """The schedule's arrays (every tensor attribute) on `device`, copied there once and cached, in
+        schedule_dtype(device); on the CPU the float64 arrays themselves. Formulas read their
+        coefficients from here, so a training or sampling step never waits for a host-to-device copy."""
+        device = torch.device(device)
+        if device not in self._on:
+            dtype = schedule_dtype(device)
+            self._on[device] = SimpleNamespace(**{k: v.to(dtype).to(device) for k, v in vars(self).items()
+                                                  if isinstance(v, torch.Tensor)})
+        return self._on[device]
 
     # ---- forward process --------------------------------------------------------------
     def q_mean_variance(self, x0, t):
         """q(x_t | x_0) = N(sqrt(alphabar_t) x_0, (1 - alphabar_t) I), eq. 4."""
-        mean = extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        var = extract(1.0 - self.alphas_cumprod, t, x0)
-        return mean, var
+        s = self.on(t.device)
+        return extract(s.sqrt_alphas_cumprod, t, x0) * x0, extract(s.one_minus_alphas_cumprod, t, x0)
 
     def q_sample(self, x0, t, noise):
         """Draw x_t ~ q(x_t | x_0) by reparameterisation (eq. 4)."""
-        return (extract(self.sqrt_alphas_cumprod, t, x0) * x0
-                + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+        s = self.on(t.device)
+        return extract(s.sqrt_alphas_cumprod, t, x0) * x0 + extract(s.sqrt_one_minus_alphas_cumprod, t, x0) * noise
 
     def q_posterior_mean_variance(self, x0, xt, t):
         """Mean and variance of q(x_{t-1} | x_t, x_0), eqs. 6-7."""
-        mean = (extract(self.posterior_mean_coef1, t, xt) * x0
-                + extract(self.posterior_mean_coef2, t, xt) * xt)
-        return mean, extract(self.posterior_variance, t, xt)
+        s = self.on(t.device)
+        mean = extract(s.posterior_mean_coef1, t, xt) * x0 + extract(s.posterior_mean_coef2, t, xt) * xt
+        return mean, extract(s.posterior_variance, t, xt)
 
     # ---- reverse process: Algorithm 2 -------------------------------------------------------
     def predict_x0(self, model, xt, t, clip=True):
         """The x_0 that eps_theta(x_t, t) implies, inverting eq. 4: x_0 = (x_t - sqrt(1 - alphabar_t) eps)
         / sqrt(alphabar_t); with `clip` clipped to the data range [-1, 1] (authors' code, default on),
         which keeps rare samples from blowing up to saturated squares."""
-        eps = model(xt, t).float()
-        x0 = (extract(self.sqrt_recip_alphas_cumprod, t, xt) * xt
-              - extract(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps)
+        eps, s = model(xt, t).float(), self.on(t.device)
+        x0 = extract(s.sqrt_recip_alphas_cumprod, t, xt) * xt - extract(s.sqrt_recipm1_alphas_cumprod, t, xt) * eps
         return x0.clamp(-1.0, 1.0) if clip else x0
 
     def p_mean_eq11(self, eps, xt, t):
@@ -167,8 +192,8 @@ class GaussianDiffusion:
         paper writes it. p_sample computes the same mean as the posterior mean (eq. 7) at the predicted
         x_0, as the authors' code does, which lets x_0 be clipped; without clipping the two are
         identical (tests/test_diffusion.py)."""
-        coef = self.betas / (1.0 - self.alphas_cumprod).sqrt()
-        return extract(1.0 / self.alphas.sqrt(), t, xt) * (xt - extract(coef, t, xt) * eps)
+        s = self.on(t.device)
+        return extract(s.recip_sqrt_alphas, t, xt) * (xt - extract(s.eps_coef_eq11, t, xt) * eps)
 
     def p_sample(self, model, xt, t, z, clip=True):
         """Algorithm 2, lines 3-4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at the last step (the
@@ -177,7 +202,7 @@ class GaussianDiffusion:
         t: (B,) timesteps; z: N(0, I) noise like x_t. samplers.sample_ddpm runs the loop (lines 1-2, 5-6)."""
         x0 = self.predict_x0(model, xt, t, clip)
         mean, _ = self.q_posterior_mean_variance(x0, xt, t)
-        return mean + bcast(t != 0, xt) * extract(self.model_variance, t, xt).sqrt() * z
+        return mean + bcast(t != 0, xt) * extract(self.on(t.device).model_variance, t, xt).sqrt() * z
 
     # ---- training -----------------------------------------------------------------------
     def draw_t_and_noise(self, shape, device, dtype=torch.float32, generator=None):
@@ -194,7 +219,7 @@ class GaussianDiffusion:
             return None
         if kind != "min_snr":
             raise ValueError(f"loss weight must be one of {', '.join(LOSS_WEIGHTS)}, got {kind!r}")
-        snr = self.alphas_cumprod.to(t.device)[t] / (1 - self.alphas_cumprod.to(t.device)[t])
+        snr = self.on(t.device).snr[t]
         return (snr.clamp(max=gamma) / snr).float()
 
     def training_losses(self, model, x0, generator=None, y=None, t=None, noise=None, weight="none", gamma=5.0):
@@ -228,9 +253,10 @@ class GaussianDiffusion:
         """
         xt = self.q_sample(x0, t, noise)
         true_mean, _ = self.q_posterior_mean_variance(x0, xt, t)
-        true_logvar = extract(self.posterior_log_variance_clipped, t, xt)
+        s = self.on(t.device)
+        true_logvar = extract(s.posterior_log_variance_clipped, t, xt)
         mean, _ = self.q_posterior_mean_variance(self.predict_x0(model, xt, t, clip_denoised), xt, t)
-        var = extract(self.model_variance, t, xt)  # p_theta(x_{t-1} | x_t) = N(mean, sigma_t^2), as p_sample
+        var = extract(s.model_variance, t, xt)  # p_theta(x_{t-1} | x_t) = N(mean, sigma_t^2), as p_sample
         kl = normal_kl(true_mean, true_logvar, mean, torch.log(var)).flatten(1).mean(1)
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * torch.log(var)).flatten(1).mean(1)
         return torch.where(t == 0, nll, kl) / math.log(2.0)

@@ -24,8 +24,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from diffusion import bcast
-
 SPACINGS = ("uniform", "quadratic", "logsnr", "karras")
 DEFAULT_STEPS = 50  # the few-step samplers' steps when --sampling_steps is not given
 # The log-SNR below which the logsnr and karras spacings place no step but the first: alpha_t = 0.005,
@@ -46,8 +44,11 @@ class Denoiser:
         return self.diffusion.predict_x0(self.net, x, batch_t(x, t), self.clip)
 
     def alphabar(self, t):
-        """alphabar_t as a float64 scalar tensor; 1 at t = -1 (x_0)."""
-        return self.diffusion.alphas_cumprod[t] if t >= 0 else torch.ones((), dtype=torch.float64)
+        """alphabar_t as a Python float (float64); 1 at t = -1 (x_0). The samplers compute their step
+        coefficients from these on the host and pass them to the device as kernel arguments: no copy."""
+        if not hasattr(self, "_alphabar"):
+            self._alphabar = self.diffusion.alphas_cumprod.tolist()
+        return self._alphabar[t] if t >= 0 else 1.0
 
 
 def batch_t(x, t):
@@ -65,7 +66,7 @@ class SampleNoise:
     """Per-sample random streams, as EDM's generate.py draws them (Karras et al. 2022): row i of every
     draw comes from its own CPU generator seeded with sample_seed(seed, indices[i]), so a sample depends
     only on (seed, its index), not on the batch it is drawn in nor on the device. Drawn on the CPU and
-    moved to `device`."""
+    copied to `device` (on CUDA asynchronously, from pinned memory: the one copy in a sampling step)."""
 
     def __init__(self, seed, indices, device="cpu"):
         self.device = torch.device(device)
@@ -74,7 +75,10 @@ class SampleNoise:
     def __call__(self, shape):
         if shape[0] != len(self.gens):
             raise ValueError(f"{len(self.gens)} sample streams for a batch of {shape[0]}")
-        return torch.stack([torch.randn(shape[1:], generator=g) for g in self.gens]).to(self.device)
+        z = torch.stack([torch.randn(shape[1:], generator=g) for g in self.gens])
+        if self.device.type == "cuda":  # from pinned memory, the copy does not wait for the GPU's queue
+            return z.pin_memory().to(self.device, non_blocking=True)
+        return z.to(self.device)
 
 
 def noise_source(generator, device="cpu"):
@@ -181,15 +185,16 @@ def sample_ddim(model, x, ts, noise, callback=None, eta=0.0):
     + sigma z, with sigma^2 = eta^2 (1 - ab_next) / (1 - ab_t) (1 - ab_t / ab_next) (their eq. 16). eta = 0
     is deterministic given x_T (no noise drawn); eta = 1 on consecutive steps is Algorithm 2 with
     sigma_t^2 = beta-tilde_t. With eps re-derived from the (clipped) x0_hat, the step is a combination of
-    x0_hat and x_t whose coefficients are computed in float64 (1 - ab_t / ab_next cancels)."""
+    x0_hat and x_t whose coefficients are computed in float64 (1 - ab_t / ab_next cancels); sigma is
+    float32's square root of sigma^2."""
     for t, t_next in zip(ts[:-1], ts[1:]):
         x0 = model(x, t)
         ab, ab_next = model.alphabar(t), model.alphabar(t_next)
         var = eta ** 2 * (1 - ab_next) / (1 - ab) * (1 - ab / ab_next)
-        c_eps = (1 - ab_next - var).clamp(min=0).sqrt() / (1 - ab).sqrt()
-        x = bcast(ab_next.sqrt() - c_eps * ab.sqrt(), x) * x0 + bcast(c_eps, x) * x
+        c_eps = math.sqrt(max(1 - ab_next - var, 0.0)) / math.sqrt(1 - ab)
+        x = (math.sqrt(ab_next) - c_eps * math.sqrt(ab)) * x0 + c_eps * x
         if eta != 0:
-            x = x + bcast(var, x).sqrt() * noise(x.shape)
+            x = x + float(torch.tensor(var, dtype=torch.float32).sqrt()) * noise(x.shape)
         if callback:
             callback(t, t_next, x)
     return x
