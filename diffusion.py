@@ -148,11 +148,11 @@ class GaussianDiffusion:
             self.model_variance = torch.cat([self.posterior_variance[1:2], b[1:]])
         else:
             self.model_variance = torch.exp(self.posterior_log_variance_clipped)
-        self._on = {torch.device("cpu"): self}
+        self._on = {}
 
     def on(self, device):
         """The schedule's arrays (every tensor attribute) on `device`, copied there once and cached, in
-        schedule_dtype(device); on the CPU the float64 arrays themselves. Formulas read their
+        schedule_dtype(device) (on the CPU: the float64 arrays themselves, not copies). Formulas read their
         coefficients from here, so a training or sampling step never waits for a host-to-device copy."""
         device = torch.device(device)
         if device not in self._on:

@@ -276,7 +276,7 @@ def nll_bpd(model, diffusion, images, n_timesteps=None, batch_size=128, seed=0, 
     for i in range(0, len(images), batch_size):
         x0 = to_model_range(images[i:i + batch_size].to(device).float() / 255.0).unsqueeze(1)
         B = x0.shape[0]
-        prior = diffusion.prior_bpd(x0).double().cpu()
+        prior = diffusion.prior_bpd(x0).cpu().double()
         t0 = torch.zeros(B, dtype=torch.long, device=device)
         decoder = diffusion.vb_term_bpd(model, x0, t0, torch.randn(x0.shape, generator=g, device=device))
         total, by_range = torch.zeros(B, dtype=torch.float64), torch.zeros(B, 10, dtype=torch.float64)
@@ -284,11 +284,11 @@ def nll_bpd(model, diffusion, images, n_timesteps=None, batch_size=128, seed=0, 
         for lo, hi in zip(edges[:-1], edges[1:]):
             t = torch.randint(lo, hi, (B,), generator=gcpu)
             term = diffusion.vb_term_bpd(model, x0, t.to(device), torch.randn(x0.shape, generator=g, device=device))
-            w = term.double().cpu() * (hi - lo)  # weighted by the stratum's size
+            w = term.cpu().double() * (hi - lo)  # weighted by the stratum's size
             total += w
             by_range[:, min(9, (lo * 10) // T)] += w
             bar.update(1)
-        batches.append((prior, decoder.double().cpu(), total, by_range))
+        batches.append((prior, decoder.cpu().double(), total, by_range))
     bar.close()
     prior, decoder, terms, ranges = (torch.cat(parts) for parts in zip(*batches))
     per_image = prior + decoder + terms

@@ -59,13 +59,21 @@ def lr_at(step, cfg, total_steps):
     return lr
 
 
-@torch.no_grad()
-def ema_update(ema, model, decay, step):
-    """ema <- d * ema + (1 - d) * model, with d = min(decay, (1 + step) / (10 + step)) so that the
+def ema_weight(decay, step):
+    """1 - d: the EMA's step toward the model, with d = min(decay, (1 + step) / (10 + step)) so that the
     average forgets its random initialisation quickly in short runs."""
-    d = min(decay, (1.0 + step) / (10.0 + step))
+    return 1.0 - min(decay, (1.0 + step) / (10.0 + step))
+
+
+@torch.no_grad()
+def ema_update(ema, model, weight):
+    """ema <- ema + weight * (model - ema), one foreach kernel over the parameters (the two copies share a
+    memory format). weight: a float, or a device scalar that the whole-step CUDA graph reads at replay."""
     ema_p, model_p = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(ema_p, model_p, 1.0 - d)
+    if isinstance(weight, torch.Tensor):  # lerp's weight is a host scalar; the same update from device ops
+        torch._foreach_add_(ema_p, torch._foreach_mul(torch._foreach_sub(model_p, ema_p), weight))
+    else:
+        torch._foreach_lerp_(ema_p, model_p, weight)
 
 
 class _StopFlag:
@@ -88,24 +96,114 @@ class _StopFlag:
             signal.signal(s, h)
 
 
-def make_optimizer_and_net(model, device, lr, compile, ddp=False):
+def make_optimizer_and_net(model, device, lr, compile, ddp=False, graphed=False):
     """Adam, and the callable the training step runs (the model itself, or its compiled form).
 
-    With compile on CUDA: channels_last weights, a fused Adam and CUDA graphs
-    (mode="reduce-overhead"): the paper model at batch 128 is launch-bound on a big GPU. A scratch
-    timing of the bare step on one H200 gave 79 steps/s for this combination against 31 for a
-    plain compile; experiments/bench_gpu.py has yet to confirm it for the full loop.
+    With compile on CUDA: channels_last weights and a fused Adam; the paper model at batch 128 is
+    launch-bound on a big GPU. graphed (the whole step one CUDA graph, WholeStepGraph): the network
+    compiled without CUDA graphs of its own, Adam capturable with its learning rate a device tensor
+    (set between replays). Otherwise, on CUDA, the network's own CUDA graphs (mode="reduce-overhead").
+    graphed on a CPU (tests): the same tensor learning rate, no capture.
     """
     cuda_compile = compile and device.type == "cuda"
     if cuda_compile:
         model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True if cuda_compile else None)
+    if graphed:
+        lr = torch.tensor(lr, dtype=torch.float32, device=device)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, fused=True if cuda_compile else None,
+                           capturable=graphed and device.type == "cuda")
     net = model
     if ddp:  # gradients are averaged over the processes in backward (PyTorch's DistributedDataParallel)
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     if not compile:
         return opt, net
-    return opt, torch.compile(net, mode="reduce-overhead" if cuda_compile else None)  # shares the parameters
+    mode = "reduce-overhead" if cuda_compile and not graphed else None
+    return opt, torch.compile(net, mode=mode)  # shares the parameters
+
+
+def whole_step_graph(cfg, device, world):
+    """Whether the training step runs as one captured CUDA graph: on CUDA with --compile, one process, and
+    no fp16 GradScaler (its skipped steps need the host). Elsewhere the step runs eagerly."""
+    return device.type == "cuda" and cfg.compile and world == 1 and cfg.amp != "fp16"
+
+
+class WholeStepGraph:
+    """The training step (Trainer.step_fn: draws, forward, backward, clipping, Adam, EMA) as one CUDA graph,
+    captured on the first step and replayed for every step after it: one launch per step instead of
+    hundreds, and no host synchronisation. The step's inputs live in fixed device tensors (the batch's
+    indices, the learning rate Adam reads, the EMA weight) that each call refills with kernels.
+
+    torch.compile cannot do this itself: it breaks its graph at draws from a torch.Generator. Here the
+    noise generator is registered with the graph, so each replay draws what the eager step would have
+    drawn next and advances the generator as it would (a checkpoint's generator state resumes the run).
+    The warm-up steps that capture needs (compilation, Adam's state) are undone before capturing: the
+    weights, the EMA, Adam's state and the random states are restored, so capturing changes nothing.
+    On a CPU (tests) nothing is captured: the same step runs eagerly on the same device tensors; so it does on
+    CUDA, after one warning line, if the capture fails (`error` says why)."""
+
+    def __init__(self, trainer, idx):
+        self.tr, dev = trainer, trainer.device
+        self.idx, self.w = idx.clone(), torch.zeros((), device=dev)
+        self.lr = torch.zeros((), device=dev)
+        for group in trainer.opt.param_groups:  # after a resume, load_state_dict replaced the tensor
+            group["lr"] = self.lr
+        self.graph = self.out = self.error = None
+        if dev.type == "cuda":
+            saved = self.snapshot()
+            try:
+                self.capture(saved)
+            except Exception as e:  # noqa: BLE001 - whatever torch refuses to capture, the eager step still trains
+                self.graph, self.error = None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                self.restore(saved)
+                tqdm.write(f"the training step could not be captured as one CUDA graph ({self.error}); "
+                           f"it runs eagerly instead")
+
+    def __call__(self, idx, lr, ema_w):
+        self.idx.copy_(idx)
+        self.lr.fill_(lr)
+        self.w.fill_(ema_w)
+        if self.graph is None:
+            return self.tr.step_fn(self.idx, self.w)
+        self.graph.replay()
+        return self.out.clone()
+
+    def capture(self, saved):
+        tr = self.tr
+        side = torch.cuda.Stream(tr.device)
+        side.wait_stream(torch.cuda.current_stream(tr.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):  # compiles the network and creates Adam's state; undone below
+                tr.step_fn(self.idx, self.w)
+        torch.cuda.current_stream(tr.device).wait_stream(side)
+        self.restore(saved)
+        graph = torch.cuda.CUDAGraph()
+        graph.register_generator_state(tr.noise_gen)  # torch's default generator (dropout) is registered anyway
+        tr.opt.zero_grad(set_to_none=True)  # the gradients are allocated in the graph's memory
+        with torch.cuda.graph(graph):
+            self.out = tr.step_fn(self.idx, self.w)
+        self.graph = graph
+
+    def snapshot(self):
+        tr = self.tr
+        state = [*tr.model.state_dict().values(), *tr.ema.state_dict().values()]
+        opt = [v for s in tr.opt.state.values() for v in s.values() if torch.is_tensor(v)]
+        return ([t.clone() for t in state], [v.clone() for v in opt] if opt else None,
+                tr.noise_gen.get_state(), torch.cuda.get_rng_state(tr.device))
+
+    @torch.no_grad()
+    def restore(self, saved):
+        tr = self.tr
+        state, opt, noise, default = saved
+        for live, old in zip([*tr.model.state_dict().values(), *tr.ema.state_dict().values()], state):
+            live.copy_(old)
+        live_opt = [v for s in tr.opt.state.values() for v in s.values() if torch.is_tensor(v)]
+        for i, v in enumerate(live_opt):  # a new run had no state: Adam's first state is all zeros
+            if opt is None:
+                v.zero_()
+            else:
+                v.copy_(opt[i])
+        tr.noise_gen.set_state(noise)
+        torch.cuda.set_rng_state(default, tr.device)
 
 
 class Trainer:
@@ -113,17 +211,21 @@ class Trainer:
     methods that advance them. Every method reads and writes only these attributes."""
 
     def __init__(self, model, diffusion, images, labels, cfg, checkpoint_path, device, meta=None, speed_hint=None,
-                 judge=None):
+                 judge=None, graphed=None):
         self.rank, self.world = rank_world()
         self.model, self.diffusion, self.cfg, self.path, self.device = model, diffusion, cfg, checkpoint_path, device
         self.meta, self.speed_hint = meta or {}, speed_hint
+        self.graphed = whole_step_graph(cfg, device, self.world) if graphed is None else graphed
         model.to(device).train()
-        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
-        self.opt, self.net = make_optimizer_and_net(model, device, cfg.lr, cfg.compile, ddp=self.world > 1)
+        self.opt, self.net = make_optimizer_and_net(model, device, cfg.lr, cfg.compile, self.world > 1, self.graphed)
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False)  # after channels_last: the same memory format
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.check_grads = not self.scaler.is_enabled()  # fp16's GradScaler skips steps with inf gradients by design
         self.noise_gen = torch.Generator(device=device)  # t, noise and label dropout
-        self.images, self.labels = images.to(device), self._labels(labels, len(images))
+        # the images in [-1, 1] on the device, converted once: a batch is a gather
+        self.images = to_model_range(images.to(device).float() / 255.0).unsqueeze(1)
+        self.labels = self._labels(labels, len(images))
+        self.graph = None  # the captured step (WholeStepGraph), made on the first step
         B = cfg.batch_size
         self.steps_per_epoch = len(images) // B  # the last partial batch of each epoch is dropped
         if self.steps_per_epoch < 1:
@@ -165,7 +267,14 @@ class Trainer:
                             f"{ckpt['device_type']}) so that its random streams can be restored")
         checkpoint.load_weights(self.model, ckpt["model"], "checkpoint")
         checkpoint.load_weights(self.ema, ckpt["ema"], "checkpoint EMA")
+        own = [{k: g[k] for k in ("lr", "fused", "capturable")} for g in self.opt.param_groups]
         self.opt.load_state_dict(ckpt["optimizer"])
+        for group, mine in zip(self.opt.param_groups, own):  # this run's way of stepping, whatever saved it
+            group.update(mine)
+            on_device = mine["fused"] or mine["capturable"]  # where Adam keeps its step counts
+            for p in group["params"]:
+                if "step" in self.opt.state.get(p, {}):
+                    self.opt.state[p]["step"] = self.opt.state[p]["step"].to(self.device if on_device else "cpu")
         if ckpt.get("scaler"):
             self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.losses, self.saved = ckpt["step"], ckpt["loss_history"].tolist(), True
@@ -185,28 +294,29 @@ class Trainer:
                 "rng": {**checkpoint.rng_state(), "noise": self.noise_gen.get_state()}}
 
     def batch(self):
-        """This process's share of the global batch at self.step: (x0 (B/world, 1, 28, 28) in [-1, 1], indices)."""
+        """This process's share of the global batch at self.step: its indices into the images, on the device."""
         epoch, pos = divmod(self.step, self.steps_per_epoch)
         if epoch != self.perm_epoch:
-            self.perm = epoch_permutation(self.cfg.seed, epoch, len(self.images)).to(self.device)
+            perm = epoch_permutation(self.cfg.seed, epoch, len(self.images))
+            cuda = self.device.type == "cuda"  # from pinned memory, the copy does not wait for the GPU's queue
+            self.perm = (perm.pin_memory() if cuda else perm).to(self.device, non_blocking=cuda)
             self.perm_epoch = epoch
         B = self.cfg.batch_size
-        idx = self.perm[pos * B:(pos + 1) * B][self.mine]
-        return to_model_range(self.images[idx].float() / 255.0).unsqueeze(1), idx
+        return self.perm[pos * B:(pos + 1) * B][self.mine]
 
-    def train_step(self, x0, idx):
-        """One optimizer step on L_simple (Algorithm 1; or its Min-SNR weighting), then the EMA update."""
+    def step_fn(self, idx, ema_w):
+        """The device work of one training step: the batch, the draws, L_simple (Algorithm 1; or its Min-SNR
+        weighting), backward, clipping, Adam, the EMA update. Returns (loss, gradient norm) on the device.
+        Nothing in it waits for the host, so on CUDA it is captured as one graph (WholeStepGraph)."""
         cfg, B = self.cfg, self.cfg.batch_size
-        for group in self.opt.param_groups:
-            group["lr"] = lr_at(self.step, cfg, self.total)
-        y = None
+        x0, y = self.images[idx], None
         if self.labels is not None:  # Ho & Salimans 2022, Algorithm 1: drop the label with probability p_uncond
             drop = (torch.rand(B, device=self.device, generator=self.noise_gen) < cfg.p_uncond)[self.mine]
             y = torch.where(drop, self.model.num_classes, self.labels[idx])
         # Every process draws the whole global batch's t and noise and keeps its share, so the run
         # does not depend on the number of processes.
         t, noise = self.diffusion.draw_t_and_noise((B, *x0.shape[1:]), self.device, x0.dtype, self.noise_gen)
-        with autocast(self.device, cfg.amp):
+        with autocast(self.device, cfg.amp, cache=not self.graphed):  # no autocast cache in a captured graph
             loss = self.diffusion.training_losses(self.net, x0, y=y, t=t[self.mine], noise=noise[self.mine],
                                                   weight=cfg.loss_weight, gamma=cfg.snr_gamma).mean()
         self.opt.zero_grad(set_to_none=True)
@@ -217,8 +327,22 @@ class Trainer:
         gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.scaler.step(self.opt)
         self.scaler.update()
-        ema_update(self.ema, self.model, cfg.ema_decay, self.step)
-        self.pending.append(torch.stack([loss.detach().float(), gnorm.detach().float()]))
+        ema_update(self.ema, self.model, ema_w)
+        return torch.stack([loss.detach().float(), gnorm.detach().float()])
+
+    def train_step(self, idx):
+        """One optimizer step at the learning rate of self.step, then the EMA update; the loss and gradient
+        norm stay on the device until the next flush."""
+        lr, w = lr_at(self.step, self.cfg, self.total), ema_weight(self.cfg.ema_decay, self.step)
+        if not self.graphed:
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            out = self.step_fn(idx, w)
+        else:  # device scalars, set by kernels: no host synchronisation
+            if self.graph is None:
+                self.graph = WholeStepGraph(self, idx)
+            out = self.graph(idx, lr, w)
+        self.pending.append(out)
         self.step += 1
 
     def flush(self):
@@ -313,7 +437,7 @@ class Trainer:
                    disable=not progress or self.rank != 0)
         with _StopFlag() as stop:
             while self.step < self.total:
-                self.train_step(*self.batch())
+                self.train_step(self.batch())
                 signum = agreed_signal(stop.signum, self.world, self.step, self.cfg.log_every, self.device)
                 if self.step % self.cfg.log_every == 0 or self.step == self.total or signum:
                     self.flush()
@@ -336,7 +460,7 @@ class Trainer:
 
 
 def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", resume=None,
-               model_meta=None, progress=True, labels=None, speed_hint=None, judge=None):
+               model_meta=None, progress=True, labels=None, speed_hint=None, judge=None, graphed=None):
     """Train `model` (eps-prediction) with L_simple on uint8 images (N, 28, 28).
 
     labels: (N,) digit labels, needed by a class-conditional model (model.num_classes set): each
@@ -345,6 +469,7 @@ def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", res
     model_meta: extra entries stored in every checkpoint (e.g. the preset name).
     speed_hint: a sentence printed after the estimated time of the run (e.g. a faster preset).
     judge: a metrics.TrainingJudge, needed with cfg.eval_every > 0.
+    graphed: run the step as one CUDA graph (None: where whole_step_graph says; False: the eager step).
     Returns the final checkpoint dict. Raises TrainingInterrupted or TrainingDiverged.
     """
     device = torch.device(device)
@@ -353,7 +478,7 @@ def train_func(model, diffusion, images, cfg, checkpoint_path, device="cpu", res
         torch.use_deterministic_algorithms(True)
     try:
         trainer = Trainer(model, diffusion, images, labels, cfg, checkpoint_path, device, model_meta, speed_hint,
-                          judge)
+                          judge, graphed)
         trainer.start(resume)
         return trainer.run(progress)
     finally:

@@ -120,11 +120,11 @@ def check_amp(device, amp):
         raise UserError(f"--amp bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; use --amp fp16")
 
 
-def autocast(device, amp):
-    """The autocast context for `amp` (a no-op for "none")."""
+def autocast(device, amp, cache=True):
+    """The autocast context for `amp` (a no-op for "none"); cache=False inside a captured CUDA graph."""
     if amp == "none":
         return torch.autocast(device.type, enabled=False)
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16, cache_enabled=cache)
 
 
 def check_writable(path):

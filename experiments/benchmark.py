@@ -157,7 +157,7 @@ def probe(model_args, device, args):
     tr.start()
     t_prev, s_prev = None, 0
     while tr.step < args.probe:
-        tr.train_step(*tr.batch())
+        tr.train_step(tr.batch())
         if not args.no_flush and tr.step % 25 == 0:
             tr.flush()
         if tr.step % args.window == 0:
