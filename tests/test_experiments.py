@@ -188,6 +188,19 @@ def test_bench_gpu_dry_run_in_a_real_process_from_another_folder(tmp_path):
     assert all(os.path.exists(os.path.join(ROOT, line.split()[0])) for line in lines)
 
 
+def test_gpu_check_dry_run_on_the_cpu(tmp_path, capsys):
+    """The device check end to end on a CPU with a tiny model: both paths' speeds, the CUDA-only row skipped
+    with its reason, the resume row (bitwise on a CPU: difference 0), the projections, the JSON."""
+    import gpu_check
+    gpu_check.main(["--device", "cpu", "--tiny", "--steps", "3", "--warmup", "1", "--log_every", "2",
+                    "--resume_steps", "2", "--batch_size", "8", "--json", str(tmp_path / "g.json"),
+                    "--data_dir", write_tiny_mnist(str(tmp_path / "data"))])
+    r, out = common.read_json(tmp_path / "g.json"), capsys.readouterr().out
+    assert r["data"] == "MNIST" and r["today_steps_per_s"] > 0 and r["new_steps_per_s"] > 0
+    assert r["gpu_step_ms"] is None and "skipped  no CUDA" in out
+    assert r["resume_rel_diff"] == 0 and r["resume_steps"] == 2 and "paper's 46,800 steps, new path" in out
+
+
 @slow  # 11-14 s on a shared 2-core machine: the sampling figures (1000-step sampler, 100 digits with DDIM-50)
 def test_benchmark_sample_only(tmp_path, capsys, monkeypatch):
     import benchmark
