@@ -210,13 +210,15 @@ def add_sampler_flags(p):
     p.add_argument("--sampler", default="ddpm", choices=list(SAMPLERS),
                    help="; ".join(f"{s.name}: {s.help}" for s in SAMPLERS.values()))
     p.add_argument("--sampling_steps", type=int,
-                   help=f"few-step samplers: solver steps, one network evaluation each (default {DEFAULT_STEPS}); "
-                        "ddpm always takes T")
+                   help=f"few-step samplers: solver steps (default {DEFAULT_STEPS}), one network evaluation each "
+                        "(edm: two, one on the last); ddpm always takes T")
     p.add_argument("--spacing", choices=SPACINGS,
                    help="few-step samplers: where the steps go in t (default: the sampler's own, "
                         + ", ".join(f"{s.name} {s.spacing}" for s in SAMPLERS.values() if s.spacing) + ")")
-    for option, (names, (default, help)) in options().items():
-        p.add_argument(f"--{option}", type=type(default), help=f"{' or '.join(names)} only: {help}")
+    for option, (names, (default, help, *choices)) in options().items():
+        only = "every sampler" if len(names) == len(SAMPLERS) else f"{' or '.join(names)} only"
+        p.add_argument(f"--{option}", type=type(default), choices=choices[0] if choices else None,
+                       help=f"{only}: {help}")
 
 
 def add_label_flags(p):

@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion import GaussianDiffusion
-from samplers import DEFAULT_STEPS, SAMPLERS, Denoiser, SampleNoise, noise_source, options
+from samplers import DEFAULT_STEPS, SAMPLERS, SHARED_OPTIONS, Denoiser, SampleNoise, noise_source, options, scaled_eps
 from utils import UserError, autocast
 
 
@@ -16,14 +16,15 @@ def sampler_kwargs(args, T):
     """Checked sampler settings {sampler, sampling_steps, spacing, options...} from parsed flags
     (config.add_sampler_flags) for a diffusion of T steps; none is accepted and silently ignored."""
     s, all_options = SAMPLERS[args.sampler], options()
-    given = [o for o in all_options if getattr(args, o, None) is not None and o not in s.options]
+    own = [o for o in all_options if o not in SHARED_OPTIONS]
+    given = [o for o in own if getattr(args, o, None) is not None and o not in s.options]
     if s.spacing is None:  # every timestep: the paper's sampler
         if args.sampling_steps not in (None, T) or args.spacing is not None or given:
             few = [n for n, o in SAMPLERS.items() if o.spacing]
-            raise UserError(f"--sampling_steps, --spacing and --{', --'.join(all_options)} are for the few-step "
+            raise UserError(f"--sampling_steps, --spacing and --{', --'.join(own)} are for the few-step "
                             f"samplers (--sampler {', '.join(few[:-1])} or {few[-1]}); "
                             f"the {s.name} sampler always takes all T={T} steps")
-        return {"sampler": s.name}
+        return {"sampler": s.name, **shared_kwargs(args)}
     if given:
         raise UserError(f"--{given[0]} is for --sampler {' or '.join(all_options[given[0]][0])}; {s.name} has none")
     kw = {"sampler": s.name, "sampling_steps": DEFAULT_STEPS if args.sampling_steps is None else args.sampling_steps,
@@ -32,11 +33,22 @@ def sampler_kwargs(args, T):
         s.timesteps(GaussianDiffusion(T=T), kw["sampling_steps"], kw["spacing"])
     except ValueError as e:
         raise UserError(f"--sampling_steps {kw['sampling_steps']}: {e}") from None
-    for o, (default, _) in s.options.items():
+    for o, (default, _, *choices) in s.options.items():
         kw[o] = default if getattr(args, o) is None else getattr(args, o)
-        if kw[o] < 0:
+        if not choices and kw[o] < 0:  # a choice is checked by the flag itself
             raise UserError(f"--{o} must be >= 0, got {kw[o]}")
-    return kw
+    return {**kw, **shared_kwargs(args)}
+
+
+def shared_kwargs(args):
+    """The checked options every sampler takes (samplers.SHARED_OPTIONS), only where they differ from their
+    defaults: eps_scale 1 (off) is no setting, so a run without it records and samples as before."""
+    eps_scale = getattr(args, "eps_scale", None)
+    if eps_scale is None or eps_scale == 1:
+        return {}
+    if not (eps_scale > 0 and math.isfinite(eps_scale)):
+        raise UserError(f"--eps_scale must be > 0, got {eps_scale}")
+    return {"eps_scale": eps_scale}
 
 
 def network_evaluations(skw, T, guidance_scale=0.0):
@@ -108,7 +120,7 @@ def guided(net, y, w, null_label):
 def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, device=None,
                 batch_size=256, return_steps=(), clip_denoised=True, progress=True,
                 sampler="ddpm", sampling_steps=None, spacing=None, amp="none", compile=False,
-                labels=None, guidance_scale=0.0, **options):
+                labels=None, guidance_scale=0.0, eps_scale=1.0, **options):
     """Draw `n_samples` images with Algorithm 2 (T reverse steps from pure noise), or a few-step sampler.
 
     labels: (n_samples,) class labels for a class-conditional model (its null label = unconditional),
@@ -145,8 +157,8 @@ def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, dev
             y = None if labels is None else labels[start:start + b].to(device)
             with autocast(device, amp), _freezing(compile), _Keep(ts, return_steps, diffusion.T, progress) as keep:
                 x = keep.start(noise((b, m["in_channels"], m["resolution"], m["resolution"])))
-                x = s.fn(Denoiser(guided(net, y, guidance_scale, null_label), diffusion, clip_denoised), x, ts,
-                         noise, keep, **s.fixed, **options)
+                eps = scaled_eps(guided(net, y, guidance_scale, null_label), eps_scale)
+                x = s.fn(Denoiser(eps, diffusion, clip_denoised), x, ts, noise, keep, **s.fixed, **options)
             samples.append(x.cpu())
             for t, xt in keep.steps.items():
                 steps.setdefault(t, []).append(xt.cpu())

@@ -50,6 +50,23 @@ class Denoiser:
             self._alphabar = self.diffusion.alphas_cumprod.tolist()
         return self._alphabar[t] if t >= 0 else 1.0
 
+    def sigma(self, t):
+        """sigma_t = sqrt((1 - ab_t) / ab_t) as a Python float, 0 at t = -1: the noise level of x_t / sqrt(ab_t),
+        the VP model written as x_0 + sigma eps (Karras et al. 2022, eq. 1 with s(t) = sqrt(ab_t))."""
+        ab = self.alphabar(t)
+        return math.sqrt((1.0 - ab) / ab)
+
+
+def scaled_eps(net, eps_scale):
+    """Epsilon scaling (Ning et al. 2024, "Elucidating the exposure bias in diffusion models"): the network
+    eps(x, t) with its prediction divided by `eps_scale`, a constant slightly above 1, at every step of every
+    sampler; in float32 (a bf16 output divided by 1.005 would round the scaling away). The predicted noise
+    is too large on the samples' own x_t, which drift from the training x_t (exposure bias); shrinking it
+    corrects that without retraining. 1 returns `net` itself: the outputs are bitwise those without it."""
+    if eps_scale == 1:
+        return net
+    return lambda x, t: net(x, t).float() / eps_scale
+
 
 def batch_t(x, t):
     """The int timestep t as the (B,) tensor the network and diffusion.py take."""
@@ -180,6 +197,75 @@ def sample_ddpm(model, x, ts, noise, callback=None):
     return x
 
 
+def sample_ddpm_respaced(model, x, ts, noise, callback=None, variance="beta"):
+    """Algorithm 2 of Ho et al. 2020 on the chain restricted to the timesteps ts (improved-diffusion's
+    respacing, Nichol & Dhariwal 2021, section 4): from t to t_next the chain has its own
+    beta' = 1 - ab_t / ab_next and alpha' = 1 - beta', and the step is p_sample's with them: the posterior
+    mean (eq. 7) at the clipped x_0 prediction, plus sigma z with sigma^2 = beta' ("beta", default) or
+    beta-tilde' = beta' (1 - ab_next) / (1 - ab_t) ("beta_tilde"); no noise on the step to x_0. On every
+    timestep it is sample_ddpm with var_type fixed_large or fixed_small. Coefficients in float64 on the
+    host; sigma is float32's square root of sigma^2, as p_sample takes it."""
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        x0 = model(x, t)
+        ab, ab_next = model.alphabar(t), model.alphabar(t_next)
+        beta = 1.0 - ab / ab_next
+        c_x0, c_x = beta * math.sqrt(ab_next) / (1.0 - ab), (1.0 - ab_next) * math.sqrt(1.0 - beta) / (1.0 - ab)
+        x = c_x0 * x0 + c_x * x
+        if t_next >= 0:
+            var = beta if variance == "beta" else beta * (1.0 - ab_next) / (1.0 - ab)
+            x = x + float(torch.tensor(var, dtype=torch.float32).sqrt()) * noise(x.shape)
+        if callback:
+            callback(t, t_next, x)
+    return x
+
+
+def churned(model, t, gamma):
+    """The timestep EDM's churn raises t to (Karras et al. 2022, Algorithm 2, line 5): sigma_t (1 + gamma)
+    rounded to the nearest timestep in log sigma, at least t and at most T-1. The network knows only the
+    integer timesteps; the step then goes on from that timestep's own sigma."""
+    if gamma <= 0:
+        return t
+    if not hasattr(model, "_log_sigma"):
+        model._log_sigma = -log_snr(model.diffusion)  # log sigma_t = -lambda_t, increasing in t
+    target = math.log(model.sigma(t)) + math.log1p(gamma)
+    return max(t, int((model._log_sigma - target).abs().argmin()))
+
+
+def heun_step(model, x, t, t_next):
+    """x at sigma_t -> x at sigma_{t_next} by Heun's method (Karras et al. 2022, Algorithm 1, lines 4-8) on
+    the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma, x = x_t / sqrt(ab_t) and D the x_0
+    prediction of the network at x_t; its Euler step (DDIM's) is all of the step to sigma = 0 (x_0),
+    which returns D: one network evaluation there, two elsewhere."""
+    s, s_next = model.sigma(t), model.sigma(t_next)
+    x0 = model(math.sqrt(model.alphabar(t)) * x, t)
+    if t_next < 0:
+        return x0
+    x_euler = (s_next / s) * x + (1.0 - s_next / s) * x0
+    x0_next = model(math.sqrt(model.alphabar(t_next)) * x_euler, t_next)
+    h = s_next - s
+    return x + (0.5 * h / s) * (x - x0) + (0.5 * h / s_next) * (x_euler - x0_next)
+
+
+def sample_edm(model, x, ts, noise, callback=None, churn=30.0, s_tmin=0.01, s_tmax=1.0, s_noise=1.007):
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) on the timesteps ts, in the VP model's
+    sigma = sqrt((1 - ab) / ab) on x / sqrt(ab): at a step from t with s_tmin <= sigma_t <= s_tmax, the noise
+    level is first raised to sigma_t (1 + gamma), gamma = min(churn / S, sqrt(2) - 1) over S steps, by
+    adding noise of std s_noise sqrt(sigma_hat^2 - sigma_t^2); then Heun's step (heun_step) from there.
+    The raised level is rounded to a timestep (churned; a gamma too small to reach the next timestep adds
+    no noise). churn = 0 is their deterministic Heun sampler (Algorithm 1). Defaults: their Table 5's
+    settings for CIFAR-10 under the VP model (the same [-1, 1] pixels). NFE: 2 S - 1."""
+    gamma = min(churn / (len(ts) - 1), math.sqrt(2) - 1)
+    x = (1.0 / math.sqrt(model.alphabar(ts[0]))) * x
+    for t, t_next in zip(ts[:-1], ts[1:]):
+        t_hat = churned(model, t, gamma) if s_tmin <= model.sigma(t) <= s_tmax else t
+        if t_hat != t:
+            x = x + (s_noise * math.sqrt(model.sigma(t_hat) ** 2 - model.sigma(t) ** 2)) * noise(x.shape)
+        x = heun_step(model, x, t_hat, t_next)
+        if callback:
+            callback(t, t_next, math.sqrt(model.alphabar(t_next)) * x)
+    return x
+
+
 def sample_ddim(model, x, ts, noise, callback=None, eta=0.0):
     """DDIM (Song et al. 2021, eq. 12): x_next = sqrt(ab_next) x0_hat + sqrt(1 - ab_next - sigma^2) eps_hat
     + sigma z, with sigma^2 = eta^2 (1 - ab_next) / (1 - ab_t) (1 - ab_t / ab_next) (their eq. 16). eta = 0
@@ -286,8 +372,9 @@ class Sampler:
         return self.grid(diffusion, DEFAULT_STEPS if steps is None else steps, spacing or self.spacing)
 
 
-# Each few-step sampler's own spacing: DDIM's paper and code space evenly in t; DPM-Solver++ (Lu et al.
-# 2022) recommends log-SNR spacing for pixel-space models, and restart takes its ODE solver's. Measured on
+# Each few-step sampler's own spacing: DDIM's paper and code space evenly in t, as does improved-diffusion's
+# respacing (ddpm-respaced); DPM-Solver++ (Lu et al. 2022) recommends log-SNR spacing for pixel-space models,
+# restart takes its ODE solver's, and edm its paper's (eq. 5). Measured on
 # the linear-schedule checkpoint published at ab316d2, at 20 NFE (docs/sampling.md): each is the best or
 # within the noise of the best.
 SAMPLERS = {s.name: s for s in [
@@ -298,13 +385,32 @@ SAMPLERS = {s.name: s for s in [
     Sampler("dpm++2m-sde", sample_dpmpp_2m, "logsnr", "its stochastic form", fixed={"sde": True}),
     Sampler("restart", sample_restart, "logsnr", "Restart sampling, Xu et al. 2023, with DPM-Solver++(2M) steps",
             grid=restart_timesteps),
+    Sampler("ddpm-respaced", sample_ddpm_respaced, "uniform",
+            "Algorithm 2 on the steps' own betas, Nichol & Dhariwal 2021's respacing",
+            options={"variance": ("beta", "sigma^2 of each step: the respaced beta (default) or beta_tilde",
+                                  ("beta", "beta_tilde"))}),
+    Sampler("edm", sample_edm, "karras", "EDM's stochastic Heun sampler, Karras et al. 2022 (2 NFE a step, 1 on "
+            "the last)", options={
+                "churn": (30.0, "S_churn, the noise added over all steps: gamma = min(churn / steps, sqrt(2) - 1) "
+                                "a step (default 30; 0 = deterministic Heun)"),
+                "s_tmin": (0.01, "S_tmin: churn only where sigma = sqrt((1 - ab) / ab) >= s_tmin (default 0.01)"),
+                "s_tmax": (1.0, "S_tmax: churn only where sigma <= s_tmax (default 1)"),
+                "s_noise": (1.007, "S_noise: the churn noise's std factor (default 1.007)")},
+            nfe=lambda steps: 2 * steps - 1),
 ]}
 
 
+# The options every sampler takes, applied to the network by sample.sample_func (scaled_eps), not by the
+# sampler functions: {option: (default, help)}.
+SHARED_OPTIONS = {"eps_scale": (1.0, "epsilon scaling (Ning et al. 2024): eps_theta divided by this at every step, "
+                                     "slightly above 1 (e.g. 1.005) against exposure bias (default 1 = off)")}
+
+
 def options():
-    """Every sampler option of the registry: {option: (the samplers that take it, (default, help))}."""
+    """Every sampler option of the registry: {option: (the samplers that take it, (default, help[, choices]))};
+    the shared options (SHARED_OPTIONS) last, taken by every sampler."""
     out = {}
     for s in SAMPLERS.values():
         for option, spec in s.options.items():
             out.setdefault(option, ([], spec))[0].append(s.name)
-    return out
+    return {**out, **{option: (list(SAMPLERS), spec) for option, spec in SHARED_OPTIONS.items()}}

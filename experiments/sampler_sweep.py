@@ -1,61 +1,214 @@
-"""Feature-FID against network evaluations (NFE) for every sampler, from one checkpoint, N samples each
-(seed 0), written to docs/sampling.md's table (measured on the linear-schedule checkpoint published
-until 8179394: git show 8179394:checkpoints/ddpm_trained.pt > ddpm_linear.pt):
+"""Feature-FID against network evaluations (NFE) for every sampler, from one checkpoint, N samples a row:
 
     python experiments/sampler_sweep.py [CHECKPOINT] [N] [sweep flags] [extra evaluate.py flags, e.g. --device cuda]
 
-Rows, from the samplers registry (samplers.SAMPLERS: a new sampler joins with no edit here): each few-step
-sampler at its own spacing at --nfe's solver steps (default 10, 20, 50, 100); the other spacings at 20;
-and the paper's 1000-step sampler, which takes 31-72 minutes for N = 1000 on 2 cores of an AMD EPYC
-(estimates on two such machines, docs/guidance.md and docs/sampling.md): --no_ddpm skips it,
---ddpm_npz FILE.npz scores 1000-step samples drawn elsewhere (say, on a GPU by experiments/gpu_paper.py)
-instead. Each row goes to DIR/<row>.json as soon as it is done, with the checkpoint's SHA-256, the
-commit, the torch version and the CPU; a row whose file exists is skipped, so an interrupted sweep
-resumes where it stopped. Speeds compare only rows timed on one machine. --nfe 10,20,50 limits the NFE
-rows (the NFE-100 rows alone take about 30 minutes on 2 cores of an AMD EPYC; with --no_ddpm and
-N = 1000 the rows' sampling times there add up to about 75 minutes, docs/sampling.md).
-Then the table of every row in DIR, and DIR/fid_vs_nfe.png.
+Rows are labelled by a target NFE: each sampler takes the solver steps whose NFE (samplers.SAMPLERS' `nfe`)
+is nearest to it, fewer on a tie (edm: two a step and one on the last, so 19 for a target of 20; the
+others one a step); each row records the NFE it took. Two sweeps, both from the registry:
+
+The NFE grid (default; docs/sampling.md's table, measured on the linear-schedule checkpoint published
+until 8179394: git show 8179394:checkpoints/ddpm_trained.pt > ddpm_linear.pt): each few-step sampler at
+its own spacing at --nfe's targets (default 10, 20, 50, 100), the other spacings at 20, seed 0, and the
+paper's 1000-step sampler (31-72 minutes for N = 1000 on 2 cores of an AMD EPYC): --no_ddpm skips it,
+--ddpm_npz FILE.npz scores 1000-step samples drawn elsewhere (say, by experiments/gpu_paper.py) instead.
+
+The protocol of issue 25 (--protocol select, then --protocol report), for the stochastic samplers
+(--samplers, default ddpm-respaced, ddim with eta 1, dpm++2m-sde, restart and edm):
+  select  every setting of the grid at --select_nfe (default 50) on sampling seeds 10, 11, 12
+          (--select_seeds): each --eps_scales value (default 1, 1.003, 1.006) times, for edm, each
+          --churns value (default 2, 5, 30: gamma = churn / 25 steps = 0.08, 0.2 and the cap sqrt(2) - 1
+          at 50 NFE), for ddpm-respaced each of the uniform and logsnr spacings; the other samplers at
+          their own spacing. Rows in DIR/select/.
+  report  the rule, fixed before this run: each sampler's setting with the lowest mean FID over the
+          selection seeds (all of them done); at --nfe's targets (default 20, 50, 100) on seeds 0, 1, 2
+          (--report_seeds), each row's mean and spread over the seeds; the 1000-step sampler from
+          --ddpm_npz (drawn elsewhere at seed 0, scored with evaluate.py --from_samples); and with
+          --cond CKPT the winner (the lowest mean FID of the whole selection) on that class-conditional
+          checkpoint at its --select_nfe steps and --guidance_scale (--digits as evaluate.py takes
+          them; NFE doubles under guidance), on the report seeds. Rows in DIR/report/.
+Rows are judged by evaluate.py --metrics, whose judge is the published checkpoints/mnist_judge.pt unless
+an extra --judge says otherwise (the table marks such rows).
+
+Before sampling, each sweep prints its rows (done or to do), their NFE per sample and the NFE left
+(at about 4.5 s per NFE per 1000 digits on 2 cores of an AMD EPYC); --plan prints only that. Each row
+goes to DIR/<row>.json as soon as it is done, with the checkpoint's SHA-256, the commit, the torch
+version and the CPU; a row whose file exists is skipped, so an interrupted sweep resumes where it
+stopped. Speeds compare only rows timed on one machine. Then the table of the rows in DIR (the NFE grid
+also DIR/fid_vs_nfe.png).
 """
 import os
+from collections import namedtuple
 
 import common  # first: the repo's modules onto sys.path
 
 # isort: split
 import samplers
+from utils import UserError
+
+SECONDS_PER_NFE = 4.5  # per 1000 digits: the cosine checkpoint on 2 cores of an AMD EPYC (issue 25's estimate)
+STOCHASTIC = "ddpm-respaced,ddim,dpm++2m-sde,restart,edm"
+# A row: its file DIR/<name>.json; the evaluate.py flags (--from_samples: scored, not drawn); its NFE per
+# sample; the checkpoint it samples (None: the sweep's); the fields it adds to evaluate.py's metrics.
+Row = namedtuple("Row", "name flags nfe checkpoint record", defaults=(None, None))
+
+
+def steps_for_nfe(name, nfe):
+    """The solver steps of sampler `name` whose NFE is nearest to `nfe` (on a tie, fewer)."""
+    s = samplers.SAMPLERS[name]
+    return min(range(1, max(nfe, 1) + 1), key=lambda steps: (abs(s.nfe(steps) - nfe), steps))
 
 
 def rows(nfe, ddpm):
-    """[(row name, evaluate.py sampler flags)] in the sweep's order, from the registry."""
+    """[(row name, evaluate.py sampler flags)] of the NFE grid in its order, from the registry."""
     few = [s for s in samplers.SAMPLERS.values() if s.spacing is not None]
-    out = [(f"{s.name}-{n}", ["--sampler", s.name, "--sampling_steps", str(n)]) for n in nfe for s in few]
-    out += [(f"{s.name}-20-{sp}", ["--sampler", s.name, "--sampling_steps", "20", "--spacing", sp])
+
+    def flags(s, n):
+        return ["--sampler", s.name, "--sampling_steps", str(steps_for_nfe(s.name, n))]
+    out = [(f"{s.name}-{n}", flags(s, n)) for n in nfe for s in few]
+    out += [(f"{s.name}-20-{sp}", [*flags(s, 20), "--spacing", sp])
             for sp in samplers.SPACINGS for s in few if not (sp == s.spacing and 20 in nfe)]
     return out + ([("ddpm-1000", ["--sampler", "ddpm"])] if ddpm else [])
 
 
-def run_row(args, extra, name, flags):
-    """One row into DIR/name.json (skipped when that file exists), stamped with what it was measured with."""
-    if name == "ddpm-1000" and args.ddpm_npz:
-        flags = ["--from_samples", args.ddpm_npz]
-    else:
-        flags = ["--checkpoint", args.checkpoint, "--n_samples", args.n, "--bpd_images", 0,
-                 "--out", os.path.join(args.dir, f"{name}.png"), "--nrow", 25, *flags, *extra]
-    common.make_row(os.path.join(args.dir, f"{name}.json"), lambda tmp: common.evaluate(
-        "--metrics", "--no_progress", "--metrics_out", tmp, *flags), args.checkpoint)
+def grid_rows(args, nfe):
+    """The NFE grid's Rows."""
+    out = []
+    for name, flags in rows(nfe, ddpm=bool(args.ddpm_npz) or not args.no_ddpm):
+        s = samplers.SAMPLERS[flags[1]]
+        n = s.nfe(int(flags[3])) if s.spacing else 1000
+        out.append(Row(name, ["--from_samples", args.ddpm_npz] if name == "ddpm-1000" and args.ddpm_npz else flags,
+                       0 if name == "ddpm-1000" and args.ddpm_npz else n))
+    return out
+
+
+# ---- the protocol of issue 25 ------------------------------------------------------------------------------
+def settings(args):
+    """The selection grid: {sampler: [setting]}, a setting being the evaluate.py sampler flags but the steps,
+    as a dict {flag: value} (eps_scale last)."""
+    out = {}
+    for name in args.samplers:
+        base = {"ddim": [{"eta": 1.0}], "edm": [{"churn": c} for c in args.churns],
+                "ddpm-respaced": [{"spacing": "uniform"}, {"spacing": "logsnr"}]}.get(name, [{}])
+        out[name] = [{"sampler": name, **b, "eps_scale": e} for b in base for e in args.eps_scales]
+    return out
+
+
+def label(setting):
+    """A setting's name: edm_churn5_eps1.003."""
+    return "_".join([setting["sampler"]] + [f"{k.replace('_scale', '')}{v:g}" if isinstance(v, float) else f"{v}"
+                                            for k, v in setting.items() if k != "sampler"])
+
+
+def setting_flags(setting, nfe):
+    """evaluate.py's flags for a setting at the steps nearest to `nfe` NFE."""
+    flags = ["--sampling_steps", str(steps_for_nfe(setting["sampler"], nfe))]
+    return flags + [x for k, v in setting.items() for x in (f"--{k}", str(v))]
+
+
+def select_rows(args):
+    return [Row(f"select/{label(st)}-s{seed}", [*setting_flags(st, args.select_nfe), "--seed", str(seed)],
+                samplers.SAMPLERS[st["sampler"]].nfe(steps_for_nfe(st["sampler"], args.select_nfe)), None,
+                {"setting": label(st), "seed": seed, "target_nfe": args.select_nfe})
+            for sts in settings(args).values() for st in sts for seed in args.select_seeds]
+
+
+def by_setting(rows):
+    """{setting label: [rows]} of the rows that carry a setting."""
+    out = {}
+    for r in rows:
+        if "setting" in r:
+            out.setdefault(r["setting"], []).append(r)
+    return out
+
+
+def chosen(args, done):
+    """{sampler: (setting, mean FID)}: each sampler's setting with the lowest mean FID over the selection
+    seeds; a setting counts once all its seeds are done. None for a sampler with no complete setting."""
+    groups = by_setting(done)
+    out = {}
+    for name, sts in settings(args).items():
+        full = [(st, common.mean_std([r["fid"] for r in groups[label(st)]])[0]) for st in sts
+                if set(args.select_seeds) <= {r["seed"] for r in groups.get(label(st), [])}]
+        out[name] = min(full, key=lambda x: x[1]) if full else None
+    return out
+
+
+def report_rows(args, picks):
+    """The reporting Rows: each sampler's chosen setting at every target NFE and report seed; the 1000-step
+    reference from --ddpm_npz; the winner on --cond. A sampler not yet chosen is planned by its NFE alone."""
+    out = []
+    for name, pick in picks.items():
+        st = pick[0] if pick else {"sampler": name}
+        for n in args.nfe:
+            nfe = samplers.SAMPLERS[name].nfe(steps_for_nfe(name, n))
+            out += [Row(f"report/{name}-nfe{n}-s{seed}", [*setting_flags(st, n), "--seed", str(seed)], nfe, None,
+                        {"setting": label(st), "seed": seed, "target_nfe": n}) for seed in args.report_seeds]
+    if args.ddpm_npz:
+        out.append(Row("report/ddpm-1000", ["--from_samples", args.ddpm_npz], 0, None, {"setting": "ddpm-1000"}))
+    if args.cond:
+        done = [p for p in picks.values() if p]
+        st = min(done, key=lambda p: p[1])[0] if len(done) == len(picks) else {"sampler": args.samplers[0]}
+        w = args.guidance_scale or 0.0
+        label_flags = ["--guidance_scale", str(w)] + (["--digits", args.digits] if args.digits else [])
+        nfe = samplers.SAMPLERS[st["sampler"]].nfe(steps_for_nfe(st["sampler"], args.select_nfe)) * (2 if w else 1)
+        out += [Row(f"report/cond-{label(st)}-w{w:g}-s{seed}", [*setting_flags(st, args.select_nfe), *label_flags,
+                                                               "--seed", str(seed)], nfe, args.cond,
+                    {"setting": f"cond {label(st)} w {w:g}", "seed": seed, "target_nfe": args.select_nfe})
+                for seed in args.report_seeds]
+    return out
+
+
+def protocol_rows(args):
+    """The Rows of --protocol select or report; report refuses to run before the selection is complete."""
+    if args.protocol == "select":
+        return select_rows(args)
+    picks = chosen(args, rows_in(os.path.join(args.dir, "select")))
+    if not args.plan and not all(picks.values()):
+        raise UserError(f"the selection in {args.dir}/select is not complete for "
+                        f"{', '.join(n for n, p in picks.items() if not p)}: run --protocol select first")
+    return report_rows(args, picks)
+
+
+# ---- running and printing ----------------------------------------------------------------------------------
+def rows_in(folder):
+    return common.read_rows(folder) if os.path.isdir(folder) and os.listdir(folder) else []
+
+
+def print_plan(args, plan):
+    """Each row (done or to do) with its NFE per sample, and the NFE left and its time at SECONDS_PER_NFE."""
+    left = [r for r in plan if not os.path.exists(os.path.join(args.dir, r.name + ".json"))]
+    for r in plan:
+        print(f"  {'to do' if r in left else 'done '}  {r.name:<48} NFE {r.nfe:>4}  {' '.join(r.flags)}")
+    nfe = sum(r.nfe for r in left)
+    hours = nfe * args.n / 1000 * SECONDS_PER_NFE / 3600
+    print(f"{len(plan)} rows, {len(left)} to do: {sum(r.nfe for r in plan)} NFE per sample in all, {nfe} left = "
+          f"{nfe * args.n} network evaluations for N = {args.n}, about {hours:.1f} h at {SECONDS_PER_NFE} s per NFE "
+          "per 1000 digits (2 cores of an AMD EPYC)", flush=True)
+
+
+def run_row(args, extra, row):
+    """One row into DIR/<name>.json (skipped when that file exists), stamped with what it was measured with."""
+    path = os.path.join(args.dir, row.name + ".json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    flags = [*row.flags, *extra] if row.flags[0] == "--from_samples" else [
+        "--checkpoint", row.checkpoint or args.checkpoint, "--n_samples", args.n, "--bpd_images", 0,
+        "--out", path[:-5] + ".png", "--nrow", 25, *row.flags, *extra]
+    common.make_row(path, lambda tmp: common.evaluate("--metrics", "--no_progress", "--metrics_out", tmp, *flags)
+                    or row.record, row.checkpoint or args.checkpoint)
 
 
 def table(rows):
-    """Print the rows (sorted by sampler, NFE, spacing; the 1000-step sampler last) and which is the cheapest
-    within 10% of the 1000-step sampler's FID. Returns the 1000-step row or None."""
+    """Print the NFE grid's rows (sorted by sampler, NFE, spacing; the 1000-step sampler last) and which is the
+    cheapest within 10% of the 1000-step sampler's FID. Returns the 1000-step row or None."""
     rows.sort(key=lambda r: (r["sampler"]["sampler"] == "ddpm", r["sampler"]["sampler"], r.get("nfe", 1000),
                              r["sampler"].get("spacing", "")))
     ref = next((r for r in rows if r["sampler"]["sampler"] == "ddpm"), None)
-    print(f"n = {rows[0]['n_samples']}, feature-FID floor {rows[0]['fid_floor']:.2f}")
-    print(f"{'sampler':<13}{'spacing':<10}{'NFE':>5}{'FID':>8}{common.QUALITY}{'s/100':>7}  device")
+    print(f"n = {rows[0]['n_samples']}, feature-FID floor {rows[0]['fid_floor']:.2f}; rows at the nearest NFE")
+    print(f"{'sampler':<15}{'spacing':<10}{'NFE':>5}{'FID':>8}{common.QUALITY}{'s/100':>7}  device")
     for r in rows:
         s, sec = r["sampler"], r.get("sampling_seconds")
         per100 = f"{100 * sec / r['n_samples']:.1f}" if sec is not None else "-"
-        print(f"{s['sampler']:<13}{s.get('spacing', '-'):<10}{r.get('nfe', 1000):>5}{common.quality(r)}{per100:>7}"
+        print(f"{s['sampler']:<15}{s.get('spacing', '-'):<10}{r.get('nfe', 1000):>5}{common.quality(r)}{per100:>7}"
               f"  {r.get('device', '?')}")
     if ref:
         ok = [r for r in rows if r is not ref and r["fid"] <= 1.1 * ref["fid"]]
@@ -63,6 +216,25 @@ def table(rows):
         print("fewest NFE within 10% of the 1000-step sampler's FID: " +
               (f"{best['sampler']['sampler']} ({best['sampler']['spacing']}), NFE {best['nfe']}" if best else "none"))
     return ref
+
+
+def protocol_table(rows, picked=()):
+    """Each setting's (at each target NFE) mean and spread over its seeds; the `picked` settings marked *."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["setting"], r.get("target_nfe", 1000)), []).append(r)
+    print(f"n = {rows[0]['n_samples']}, feature-FID floor {rows[0]['fid_floor']:.2f}; the mean over the seeds, "
+          f"their std and range; rows at the nearest NFE; * = chosen")
+    print(f"{'setting':<36}{'NFE':>5}{'seeds':>6}{'FID':>8}{'std':>7}{'min-max':>16}{common.QUALITY}")
+    for (name, _), rs in sorted(groups.items()):
+        mean = {k: common.mean_std([r[k] for r in rs])[0] for k in ("fid", "precision", "recall", "confidence")}
+        fids = [r["fid"] for r in rs]
+        print(f"{'*' if name in picked else ' '}{name:<35}{rs[0].get('nfe', 1000):>5}{len(rs):>6}{mean['fid']:>8.2f}"
+              f"{common.mean_std(fids)[1]:>7.2f}{f'{min(fids):.2f}-{max(fids):.2f}':>16}"
+              f"{mean['precision']:>7.3f}{mean['recall']:>8.3f}{mean['confidence']:>7.3f}")
+    local = sorted({r["setting"] for r in rows if not r.get("judge_published", True)})
+    if local:
+        print(f"not judged by the published judge: {', '.join(local)}")
 
 
 def plot(rows, ref, path):
@@ -81,21 +253,53 @@ def plot(rows, ref, path):
                    label=f"real-data floor (n = {rows[0]['n_samples']})")
 
 
-def main(argv=None):
+def get_args(argv):
     p = common.parser(__doc__, passes_on=True)
     p.add_argument("checkpoint", nargs="?", default="checkpoints/ddpm_trained.pt")
     p.add_argument("n", nargs="?", type=int, default=1000, help="samples per row (default 1000)")
-    p.add_argument("--nfe", default="10,20,50,100", help="solver steps of the rows at each sampler's own spacing")
-    p.add_argument("--no_ddpm", action="store_true", help="no 1000-step row")
+    p.add_argument("--protocol", choices=("select", "report"), help="issue 25's protocol (default: the NFE grid)")
+    p.add_argument("--nfe", help="target NFE of the rows (default 10,20,50,100; --protocol report 20,50,100)")
+    p.add_argument("--no_ddpm", action="store_true", help="the NFE grid without the 1000-step row")
     p.add_argument("--ddpm_npz", metavar="FILE.npz", help="score the 1000-step row from samples drawn elsewhere")
     p.add_argument("--dir", default="sweep", help="where the rows go (default sweep)")
+    p.add_argument("--plan", action="store_true", help="print the rows and their NFE, and stop")
+    p.add_argument("--samplers", default=STOCHASTIC, help=f"the protocol's samplers (default {STOCHASTIC})")
+    p.add_argument("--eps_scales", default="1.0,1.003,1.006", help="selection: --eps_scale values (default 1.0,"
+                   "1.003,1.006)")
+    p.add_argument("--churns", default="2,5,30", help="selection: edm's churn values (default 2,5,30)")
+    p.add_argument("--select_nfe", type=int, default=50, help="selection (and --cond): target NFE (default 50)")
+    p.add_argument("--select_seeds", default="10,11,12", help="selection: sampling seeds (default 10,11,12)")
+    p.add_argument("--report_seeds", default="0,1,2", help="report: sampling seeds (default 0,1,2)")
+    p.add_argument("--cond", metavar="CKPT", help="report: also the winner on this class-conditional checkpoint")
+    p.add_argument("--guidance_scale", type=float, help="with --cond: evaluate.py's --guidance_scale")
+    p.add_argument("--digits", help="with --cond: evaluate.py's --digits")
     args, extra = p.parse_known_args(argv)
-    nfe = common.split_list(args.nfe, "--nfe")
+    args.nfe = common.split_list(args.nfe or ("20,50,100" if args.protocol else "10,20,50,100"), "--nfe")
+    for k, kind in (("eps_scales", float), ("churns", float), ("select_seeds", int), ("report_seeds", int)):
+        setattr(args, k, common.split_list(getattr(args, k), f"--{k}", kind, "numbers"))
+    args.samplers = [n.strip() for n in args.samplers.split(",") if n.strip()]
+    bad = [n for n in args.samplers if n not in samplers.SAMPLERS or samplers.SAMPLERS[n].spacing is None]
+    if bad:
+        raise UserError(f"--samplers must name few-step samplers of {', '.join(samplers.SAMPLERS)}, got {bad[0]}")
+    if (args.guidance_scale is not None or args.digits) and not args.cond:
+        raise UserError("--guidance_scale and --digits are for --cond")
+    return args, extra
+
+
+def main(argv=None):
+    args, extra = get_args(argv)
+    plan = protocol_rows(args) if args.protocol else grid_rows(args, args.nfe)
+    print_plan(args, plan)
+    if args.plan:
+        return
     os.makedirs(args.dir, exist_ok=True)
-    for name, flags in rows(nfe, ddpm=bool(args.ddpm_npz) or not args.no_ddpm):
-        run_row(args, extra, name, flags)
-    done = common.read_rows(args.dir)
-    plot(done, table(done), os.path.join(args.dir, "fid_vs_nfe.png"))
+    for row in plan:
+        run_row(args, extra, row)
+    if not args.protocol:
+        done = common.read_rows(args.dir)
+        return plot(done, table(done), os.path.join(args.dir, "fid_vs_nfe.png"))
+    picks = chosen(args, rows_in(os.path.join(args.dir, "select")))
+    protocol_table(rows_in(os.path.join(args.dir, args.protocol)), {label(p[0]) for p in picks.values() if p})
 
 
 if __name__ == "__main__":

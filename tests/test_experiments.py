@@ -77,7 +77,10 @@ def test_sampler_sweep_rows_come_from_the_registry(monkeypatch):
     names = [name for name, _ in sampler_sweep.rows([10, 20], ddpm=True)]
     assert names[:len(few)] == [f"{s}-10" for s in few] and names[-1] == "ddpm-1000" and "ddpm-10" not in names
     assert len(names) == 2 * len(few) + len(few) * (len(samplers.SPACINGS) - 1) + 1
-    monkeypatch.setitem(samplers.SAMPLERS, "new", types.SimpleNamespace(name="new", spacing="karras", options={}))
+    assert dict(sampler_sweep.rows([20], ddpm=False))["edm-20"][-1] == "10"  # the nearest NFE: 19, two a step
+    assert [sampler_sweep.steps_for_nfe("edm", n) for n in (1, 2, 3, 50, 100)] == [1, 1, 2, 25, 50]
+    monkeypatch.setitem(samplers.SAMPLERS, "new", types.SimpleNamespace(name="new", spacing="karras", options={},
+                                                                         nfe=lambda steps: steps))
     rows = dict(sampler_sweep.rows([10], ddpm=False))
     assert rows["new-10"] == ["--sampler", "new", "--sampling_steps", "10"]
     assert rows["new-20-karras"][-2:] == ["--spacing", "karras"] and "ddpm-1000" not in rows
@@ -113,6 +116,49 @@ def test_sampler_sweep(tmp_path, in_process, capsys):
     assert (out / "fid_vs_nfe.png").stat().st_size > 0
     sampler_sweep.main(argv)
     assert len(in_process) == 1 and "ddim-2: done before, skipped" in capsys.readouterr().out
+
+
+def test_sampler_sweep_protocol(tmp_path, in_process, capsys):
+    """Issue 25's protocol end to end on a tiny checkpoint: the plan alone samples nothing; the selection's
+    rows, each with its setting and seed; the report refused before the selection and then run with each
+    sampler's setting of lowest mean FID, the 1000-step row from an npz and the winner on a conditional
+    checkpoint; a second run skips every row."""
+    import sampler_sweep
+    ckpt, cond = tiny_checkpoint(tmp_path / "c.pt"), tiny_checkpoint(tmp_path / "cond.pt", num_classes=10)
+    data, out, npz = write_tiny_mnist(str(tmp_path / "data")), tmp_path / "sw", tmp_path / "ddpm.npz"
+    np.savez(npz, samples=np.random.default_rng(0).integers(0, 256, (10, 28, 28), dtype=np.uint8))
+    common_flags = [ckpt, "10", "--dir", str(out), "--samplers", "ddim,edm", "--select_nfe", "3", "--select_seeds",
+                    "10,11", "--eps_scales", "1.0,1.01", "--churns", "5", "--data_dir", data, "--device", "cpu"]
+    select = [*common_flags, "--protocol", "select"]
+    sampler_sweep.main([*select, "--plan"])
+    assert not in_process and "8 rows, 8 to do: 24 NFE per sample in all" in capsys.readouterr().out  # 8 x 3
+    report = [*common_flags, "--protocol", "report", "--nfe", "2", "--report_seeds", "0", "--ddpm_npz", str(npz),
+              "--cond", cond, "--guidance_scale", "1", "--digits", "3"]
+    with pytest.raises(UserError, match="not complete for ddim, edm: run --protocol select first"):
+        sampler_sweep.main(report)
+    sampler_sweep.main(select)
+    rows = common.read_rows(out / "select")
+    assert len(rows) == 8 and {(r["setting"], r["seed"]) for r in rows} >= {("edm_churn5_eps1.01", 11)}
+    r = common.read_json(out / "select" / "edm_churn5_eps1.01-s11.json")
+    assert r["sampler"] == {"sampler": "edm", "sampling_steps": 2, "spacing": "karras", "churn": 5.0, "s_tmin": 0.01,
+                            "s_tmax": 1.0, "s_noise": 1.007, "eps_scale": 1.01} and r["nfe"] == 3
+    assert r["real_subsets_seed"] == 11 and r["checkpoint_sha256"] == sha256_file(ckpt)
+    fid = {}
+    for r in rows:
+        fid.setdefault(r["setting"], []).append(r["fid"])
+    best = {s: min((k for k in fid if k.startswith(s)), key=lambda k: sum(fid[k])) for s in ("ddim", "edm")}
+    sampler_sweep.main(report)
+    assert len(in_process) == 8 + 4
+    names = sorted(os.path.basename(p)[:-5] for p in map(str, (out / "report").glob("*.json")))
+    winner = min(best.values(), key=lambda k: sum(fid[k]))
+    assert names == sorted(["ddim-nfe2-s0", "edm-nfe2-s0", "ddpm-1000", f"cond-{winner}-w1-s0"])
+    assert common.read_json(out / "report" / "edm-nfe2-s0.json")["setting"] == best["edm"]
+    c = common.read_json(out / "report" / f"cond-{winner}-w1-s0.json")
+    assert c["guidance_scale"] == 1.0 and c["checkpoint_sha256"] == sha256_file(cond) and "conditional_accuracy" in c
+    text = capsys.readouterr().out
+    assert f"*{best['edm']}" in text and "ddpm-1000" in text and "rows at the nearest NFE" in text
+    sampler_sweep.main(report)
+    assert len(in_process) == 12 and "edm-nfe2-s0: done before, skipped" in capsys.readouterr().out
 
 
 def test_recipe_trials(tmp_path, in_process, capsys):
@@ -247,6 +293,8 @@ def test_floors(tmp_path, capsys):
 
 @pytest.mark.parametrize("script, argv, match", [
     ("sampler_sweep", ["--nfe", "1,x"], "--nfe must be comma-separated integers"),
+    ("sampler_sweep", ["--protocol", "report", "--dir", "none"], "run --protocol select first"),
+    ("sampler_sweep", ["--samplers", "ddpm"], "--samplers must name few-step samplers"),
     ("guidance_sweep", ["c.pt", "u.pt", "--scales", "1,x"], "--scales must be comma-separated numbers"),
     ("recipe_trials", ["--trials", "base"], "--trials are NAME:SEED:FLAGS"),
     ("floors", ["--n", "5"], "--n values must be in 10..10000"),

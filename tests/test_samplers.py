@@ -12,11 +12,16 @@ from diffusion import GaussianDiffusion
 from samplers import (
     SAMPLERS,
     Denoiser,
+    churned,
     dpmpp_2m_step,
+    log_snr,
     restart_timesteps,
     sample_ddim,
     sample_ddpm,
+    sample_ddpm_respaced,
+    sample_edm,
     sample_restart,
+    scaled_eps,
     timesteps,
 )
 
@@ -70,7 +75,9 @@ def test_ddim_eta0_uses_no_noise_after_x_T():
     ("dpm++2m-sde", 20, "logsnr", 0.015),  # its std runs 0.205-0.210 over seeds 0-3 at 20 steps
     ("dpm++2m-sde", 50, "logsnr", 0.01),
     ("restart", 10, "logsnr", 0.015),  # std 0.188: its restart is 2 steps over t = 88 -> 8
-    ("restart", 20, "logsnr", 0.01)])
+    ("restart", 20, "logsnr", 0.01),
+    ("ddpm-respaced", 100, "uniform", 0.015),  # std 0.212: sigma^2 = the respaced beta, wider than beta-tilde
+    ("edm", 50, "karras", 0.01)])
 def test_samples_of_gaussian_data_have_its_mean_and_variance(sampler, steps, spacing, tol):
     """16,000 numbers per case: the standard errors of mean and std are 0.0016 and 0.0011; the
     tolerance also bounds the sampler's own bias at that number of steps."""
@@ -110,8 +117,8 @@ def test_few_step_ddim_narrows_the_distribution():
     assert abs(gaussian_samples(d, "dpm++2m-sde", 20).std().item() - S) < 0.015
 
 
-@pytest.mark.parametrize("sampler, order", [("ddim", 1), ("dpm++2m", 2)])
-def test_deterministic_samplers_converge_at_their_order(sampler, order):
+@pytest.mark.parametrize("sampler, order, options", [("ddim", 1, {}), ("dpm++2m", 2, {}), ("edm", 2, {"churn": 0.0})])
+def test_deterministic_samplers_converge_at_their_order(sampler, order, options):
     """Against the exact probability-flow solution, which for Gaussian data keeps the standardised
     value (x_t - a_t MU) / sqrt(a_t^2 S^2 + sigma_t^2); every sampler ends with the x_0 prediction
     at t = 0, a fixed linear map, so it changes no order. Doubling the steps divides the error
@@ -122,7 +129,7 @@ def test_deterministic_samplers_converge_at_their_order(sampler, order):
     z = (x_T - math.sqrt(ab[-1]) * MU) / math.sqrt(ab[-1] * S ** 2 + 1 - ab[-1])
     a0, var0 = math.sqrt(ab[0]), ab[0] * S ** 2 + 1 - ab[0]
     exact = MU + a0 * S ** 2 / var0 * (math.sqrt(var0) * z)  # E[x_0 | x at t = 0], x on the exact path
-    errors = [(gaussian_samples(d, sampler, steps, n=2000, spacing="logsnr") - exact).abs().mean().item()
+    errors = [(gaussian_samples(d, sampler, steps, n=2000, spacing="logsnr", **options) - exact).abs().mean().item()
               for steps in (20, 40, 80)]
     ratios = [errors[0] / errors[1], errors[1] / errors[2]]
     assert all(r > 0.8 * 2 ** order for r in ratios), (errors, ratios)
@@ -168,3 +175,89 @@ def test_restart_jump_is_the_forward_process():
         y = sample_restart(model, x, [t, t_up], lambda shape: torch.randn(shape, generator=g))
         assert abs(y.mean().item() - math.sqrt(ab_up) * MU) < 0.01
         assert abs(y.std().item() - math.sqrt(ab_up * S ** 2 + 1 - ab_up)) < 0.01
+
+
+def noise_of(seed):
+    g = torch.Generator().manual_seed(seed)
+    return lambda shape: torch.randn(shape, generator=g)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("var_type, variance", [("fixed_large", "beta"), ("fixed_small", "beta_tilde")])
+def test_respaced_ancestral_sampler_on_every_timestep_is_ddpm(schedule, var_type, variance):
+    """On all T timesteps the respaced chain's betas are the diffusion's (1 - ab_t / ab_{t-1} = beta_t), and
+    the sampler is Algorithm 2 (sample_ddpm) with the same sigma^2: the same digits from the same noise, bitwise."""
+    d = GaussianDiffusion(var_type=var_type, schedule=schedule)
+    for clip in (False, True):
+        a, b = (fn(Denoiser(GaussianEps(d), d, clip), 1.2 * noise((200, 1, 2, 2)), timesteps(d, d.T), noise, **kw)
+                for fn, kw, noise in ((sample_ddpm, {}, noise_of(0)),
+                                      (sample_ddpm_respaced, {"variance": variance}, noise_of(0))))
+        assert torch.equal(a, b), (schedule, var_type, clip, (a - b).abs().max())
+
+
+def test_respaced_ancestral_sampler_with_beta_tilde_is_ddim_with_eta_1():
+    """On any subsequence, q(x_next | x_t, x_0) of the respaced chain is DDIM's step with eta = 1 (Song et
+    al. 2021, eq. 16): the two agree, noise draws included; sigma^2 = beta' adds more noise than beta-tilde'."""
+    d = GaussianDiffusion()
+    for steps, spacing in ((10, "uniform"), (20, "logsnr")):
+        ts = timesteps(d, steps, spacing)
+        model = Denoiser(GaussianEps(d), d, clip=False)
+        a = sample_ddpm_respaced(model, noise_of(0)((500, 1, 2, 2)), ts, noise_of(1), variance="beta_tilde")
+        torch.testing.assert_close(a, sample_ddim(model, noise_of(0)((500, 1, 2, 2)), ts, noise_of(1), eta=1.0),
+                                   rtol=1e-5, atol=1e-5)
+    wide, narrow = (gaussian_samples(d, "ddpm-respaced", 50, variance=v).std().item() for v in ("beta", "beta_tilde"))
+    assert narrow < S - 0.02 < S + 0.01 < wide < S + 0.04, (narrow, wide)  # 0.158, 0.225
+
+
+def test_edm_without_churn_draws_no_noise():
+    """churn = 0: Heun's deterministic sampler (Karras et al. 2022, Algorithm 1), no noise after x_T."""
+    d, drawn = GaussianDiffusion(), []
+    sample_edm(Denoiser(ConstEps(torch.tensor(0.3)), d), torch.randn(2, 1, 4, 4), timesteps(d, 20, "karras"),
+               drawn.append, churn=0.0)
+    assert drawn == []
+
+
+def test_edm_churn_draws_noise_and_keeps_gaussian_data_in_place():
+    """With churn in every step below the first (s_tmin 0, s_tmax inf) the noise added and the Heun steps
+    still give Gaussian data its mean and std; gamma = min(churn / S, sqrt(2) - 1) picks the churned
+    timestep, the nearest in log sigma to sigma_t (1 + gamma) (one noise draw per churned step)."""
+    d = GaussianDiffusion()
+    drawn = []
+
+    def noise(shape):
+        drawn.append(shape)
+        return torch.randn(shape, generator=g)
+    g = torch.Generator().manual_seed(0)
+    ts = timesteps(d, 50, "karras")  # at 25 steps the churn widens it to 0.219 (Heun alone: 0.209)
+    x = sample_edm(Denoiser(GaussianEps(d), d, clip=False), torch.randn(4000, 1, 2, 2, generator=g), ts, noise,
+                   churn=80.0, s_tmin=0.0, s_tmax=math.inf, s_noise=1.0)
+    assert abs(x.mean().item() - MU) < 0.01 and abs(x.std().item() - S) < 0.015, (x.mean(), x.std())
+    churned_steps = [t for t in ts[:-1] if churned(Denoiser(None, d), t, math.sqrt(2) - 1) != t]
+    assert len(drawn) == len(churned_steps) >= 40, len(churned_steps)
+    deterministic = sample_edm(Denoiser(GaussianEps(d), d, clip=False), torch.randn(4000, 1, 2, 2), ts,
+                               noise_of(0), churn=0.0)
+    assert abs(deterministic.std().item() - S) < 0.01
+
+
+def test_edm_churn_rounds_to_the_nearest_timestep_in_log_sigma():
+    d = GaussianDiffusion()
+    model, log_sigma = Denoiser(None, d), -log_snr(d)
+    for t, gamma in ((100, 0.2), (500, 0.05), (10, 0.4), (998, 0.4)):
+        t_hat = churned(model, t, gamma)
+        target = math.log(model.sigma(t) * (1 + gamma))
+        assert t <= t_hat <= d.T - 1 and (log_sigma - target).abs().argmin().item() in (t_hat, t_hat + 1), (t, t_hat)
+        assert abs(log_sigma[t_hat] - target) <= abs(log_sigma[t_hat - 1] - target) or t_hat == t
+    assert churned(model, 500, 1e-6) == 500 and churned(model, 500, 0.0) == 500  # too small to move: no churn
+    assert churned(model, d.T - 1, 0.4) == d.T - 1
+
+
+def test_eps_scale_divides_the_networks_prediction():
+    """Epsilon scaling (Ning et al. 2024): eps_theta / eps_scale; eps_scale 1 is the network itself."""
+    d = GaussianDiffusion()
+    net = GaussianEps(d)
+    assert scaled_eps(net, 1.0) is net
+    x, t = torch.randn(3, 1, 2, 2), torch.full((3,), 400)
+    torch.testing.assert_close(scaled_eps(net, 1.25)(x, t), net(x, t) / 1.25)
+    # on the exact predictor, a smaller eps removes less noise: the samples come out wider (0.2045 against 0.2005)
+    wide = gaussian_samples(d, "dpm++2m-sde", 50, net=scaled_eps(net, 1.02)).std().item()
+    assert wide > gaussian_samples(d, "dpm++2m-sde", 50).std().item() + 0.002

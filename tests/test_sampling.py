@@ -5,7 +5,7 @@ import torch
 from conftest import TINY, slow, undo_zero_init
 from diffusion import GaussianDiffusion
 from model import UNet
-from sample import sample_func
+from sample import sample_func, sampler_kwargs
 from samplers import SAMPLERS, SPACINGS, log_snr, sample_seed, timesteps
 
 
@@ -92,3 +92,34 @@ def test_amp_refusals():
         check_amp(cpu, "fp16")
     with pytest.raises(UserError, match="MPS"):
         check_amp(torch.device("mps"), "bf16")
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "edm"])
+def test_eps_scale_changes_the_digits_and_1_changes_nothing(sampler):
+    """Epsilon scaling applies to every sampler, ddpm's p_sample included (it wraps the network); eps_scale 1
+    is no wrap at all: bitwise the digits without it."""
+    torch.manual_seed(0)
+    model = undo_zero_init(UNet(**TINY))
+    d = GaussianDiffusion(T=20)
+    kw = dict(sampler=sampler, progress=False, sampling_steps=None if sampler == "ddpm" else 5, seed=1)
+    ref, _ = sample_func(model, 3, d, **kw)
+    assert torch.equal(sample_func(model, 3, d, eps_scale=1.0, **kw)[0], ref)
+    assert not torch.equal(sample_func(model, 3, d, eps_scale=1.05, **kw)[0], ref)
+
+
+def test_sampler_kwargs_take_eps_scale_for_every_sampler():
+    import evaluate
+    from utils import UserError
+
+    def skw(*argv):
+        return sampler_kwargs(evaluate.get_parser().parse_args(list(argv)), 1000)
+    assert skw("--eps_scale", "1.005") == {"sampler": "ddpm", "eps_scale": 1.005}
+    assert skw("--eps_scale", "1") == {"sampler": "ddpm"}  # off: recorded as before
+    assert skw("--sampler", "edm", "--eps_scale", "1.003", "--churn", "5") == {
+        "sampler": "edm", "sampling_steps": 50, "spacing": "karras", "churn": 5.0, "s_tmin": 0.01, "s_tmax": 1.0,
+        "s_noise": 1.007, "eps_scale": 1.003}
+    assert skw("--sampler", "ddpm-respaced", "--variance", "beta_tilde")["variance"] == "beta_tilde"
+    with pytest.raises(UserError, match="--eps_scale must be > 0"):
+        skw("--eps_scale", "0")
+    with pytest.raises(UserError, match="--churn is for --sampler edm; ddim has none"):
+        skw("--sampler", "ddim", "--churn", "1")

@@ -98,7 +98,7 @@ def test_bare_state_dict_loads_with_default_arguments(tmp_path):
     (["--sampler", "ddim", "--eta", "-1"], "--eta must be >= 0"),
     (["--sampler", "ddim", "--spacing", "quadratic", "--sampling_steps", "1001"], "must be in [1, 1000]"),
     (["--sampler", "dpm++2m", "--eta", "1"], "--eta is for --sampler ddim; dpm++2m has none"),
-    (["--spacing", "karras"], "dpm++2m-sde or restart)"),
+    (["--spacing", "karras"], "restart, ddpm-respaced or edm)"),
     (["--ch", "5"], "ch must be even and >= 4"),
 ])
 def test_run_bad_input(argv, match, capsys, tmp_path, monkeypatch):
