@@ -8,14 +8,19 @@ torch.load(weights_only=True) reads it and no pickled code can run):
     model_args      UNet(**model_args) rebuilds the network
     diffusion_args  GaussianDiffusion(**diffusion_args) rebuilds the schedule
     model           the raw weights (state dict); in an exported checkpoint the EMA weights
-    ema             the EMA weights (training checkpoints; sampling uses them by default)
+    ema             the EMA weights (training checkpoints; sampling uses them by default), of decay
+                    train_config["ema_decay"]
+    ema_extra       {"0.999": state dict, ...}: the EMAs of --ema_decays, one per decay, keyed by
+                    ema_key(decay) (training checkpoints; {} without --ema_decays, absent in older files)
     weights         "ema" in an exported checkpoint: `model` holds the EMA weights
+    ema_decay       in an exported checkpoint: the decay of the EMA in `model` (absent in older files:
+                    train_config["ema_decay"]'s)
     train_config    the TrainConfig of the run, as a dict; meta: e.g. {"preset": "cpu"}
     optimizer, scaler, rng, step, epoch, steps_per_epoch, total_steps, device_type, loss_history
                     what --resume needs (training checkpoints only)
 
 Kinds: a training checkpoint can be resumed (it has the optimizer and random-number state); an
-exported one (export.py) holds only the EMA weights, the arguments and the loss history. A bare
+exported one (export.py) holds only one EMA's weights, the arguments and the loss history. A bare
 UNet state dict is accepted too, with the paper's default arguments.
 """
 import hashlib
@@ -124,13 +129,41 @@ def weights_kind(ckpt, use_ema=True):
     return "EMA" if use_ema and ckpt.get("ema") is not None else "raw"
 
 
-def ema_weights(ckpt):
-    """The EMA state dict of a training or an exported checkpoint."""
+def ema_key(decay):
+    """The key of an --ema_decays average in a checkpoint's ema_extra: 0.999 -> "0.999"."""
+    return str(float(decay))
+
+
+def held_emas(ckpt):
+    """{decay: state dict} of every EMA a checkpoint holds, the main one first (its decay None if unknown)."""
+    main = (ckpt.get("train_config") or {}).get("ema_decay")
     if is_exported(ckpt):
-        return ckpt["model"]
-    if ckpt.get("ema") is None:
-        raise UserError("this checkpoint has no EMA weights")
-    return ckpt["ema"]
+        return {ckpt.get("ema_decay", main): ckpt["model"]}
+    held = {} if ckpt.get("ema") is None else {main: ckpt["ema"]}
+    return {**held, **{float(k): v for k, v in (ckpt.get("ema_extra") or {}).items()}}
+
+
+def ema_weights(ckpt, decay=None):
+    """The EMA state dict of a training or an exported checkpoint: the main one, or (decay) the stored
+    average of that decay (--ema), refused in one line that lists the ones it holds if there is none."""
+    if decay is None:
+        if is_exported(ckpt):
+            return ckpt["model"]
+        if ckpt.get("ema") is None:
+            raise UserError("this checkpoint has no EMA weights")
+        return ckpt["ema"]
+    held = held_emas(ckpt)
+    if float(decay) not in held:
+        names = ", ".join(f"{d if d is not None else 'unknown'}{' (the main one)' if i == 0 and len(held) > 1 else ''}"
+                          for i, d in enumerate(held))
+        if is_exported(ckpt):
+            has = f"this exported checkpoint holds only the EMA of decay {names}"
+        elif held:
+            has = f"this checkpoint holds the EMAs of decays {names} (train with --ema_decays to store more)"
+        else:
+            has = "this checkpoint holds no EMA weights"
+        raise UserError(f"--ema {decay}: no EMA of that decay here; {has}")
+    return held[float(decay)]
 
 
 # ---- building a model from a checkpoint ----------------------------------------------------------
@@ -157,16 +190,18 @@ def check_finite(state_dict, source):
                         f"{bad[0]}: the run diverged or the file is corrupt; use an earlier checkpoint or retrain")
 
 
-def build_model(ckpt, use_ema=True, device="cpu", source="the checkpoint"):
+def build_model(ckpt, use_ema=True, device="cpu", source="the checkpoint", ema=None):
     """(UNet in eval mode, GaussianDiffusion) rebuilt from a checkpoint, with its EMA weights
-    unless use_ema is False (then the raw weights; an exported checkpoint has only EMA).
+    unless use_ema is False (then the raw weights; an exported checkpoint has only EMA); ema: the
+    decay of the stored average to load (ema_weights), None for the main one.
     Weights that are not all finite are refused."""
     try:
         model = UNet(**ckpt["model_args"])
         diffusion = GaussianDiffusion(**ckpt["diffusion_args"])
     except (TypeError, ValueError) as e:
         raise UserError(f"checkpoint arguments are invalid: {e}") from None
-    weights = ema_weights(ckpt) if weights_kind(ckpt, use_ema) == "EMA" else ckpt["model"]
+    use = ema is not None or weights_kind(ckpt, use_ema) == "EMA"  # a decay asked for is there, or refused
+    weights = ema_weights(ckpt, ema) if use else ckpt["model"]
     load_weights(model, weights, source)
     check_finite(weights, source)
     return model.to(device).eval(), diffusion
@@ -179,16 +214,19 @@ EXPORTED_KEYS = ("model_args", "diffusion_args", "train_config", "meta", "step",
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def export(ckpt, dtype="float32"):
-    """The published form of a checkpoint: the EMA weights under "model" (weights="ema"), in fp32
-    unless `dtype` says otherwise (float16 halves the file; meta["weights_dtype"] records it, and
-    loading casts back to the model's fp32), the arguments that rebuild the model and the diffusion,
-    the training settings and the loss history; no raw weights, optimizer or random-number state
-    (it cannot be resumed)."""
+def export(ckpt, dtype="float32", ema=None):
+    """The published form of a checkpoint: the EMA weights under "model" (weights="ema"; ema: the decay
+    of a stored average, None for the main EMA; "ema_decay" records which), in fp32 unless `dtype` says
+    otherwise (float16 halves the file; meta["weights_dtype"] records it, and loading casts back to the
+    model's fp32), the arguments that rebuild the model and the diffusion, the training settings and the
+    loss history; no raw weights, optimizer or random-number state (it cannot be resumed)."""
     out = {"format": ckpt.get("format", FORMAT), "weights": "ema",
            "model": {k: v.to(EXPORT_DTYPES[dtype]).contiguous() if v.is_floating_point() else v
-                     for k, v in ema_weights(ckpt).items()}}
+                     for k, v in ema_weights(ckpt, ema).items()}}
     out.update({k: ckpt[k] for k in EXPORTED_KEYS if k in ckpt})
+    decay = next(iter(held_emas(ckpt))) if ema is None else float(ema)
+    if decay is not None:
+        out["ema_decay"] = decay
     if dtype != "float32":
         out["meta"] = dict(out.get("meta") or {}, weights_dtype=dtype)
     return out

@@ -21,22 +21,31 @@ from utils import AMP_MODES, UserError
 LR_DECAYS = ("none", "cosine")
 
 
-def meta(help, check=None, resume="may change", choices=None):
+def meta(help, check=None, resume="may change", choices=None, parse=None):
     """What a flag needs besides its default: its help text (None: no flag), its check, a pair
     (predicate, "must be ...") or the `choices`, and what --resume does with it: "keep" (the
     checkpoint's value; a flag that differs is refused), "may change" (a flag given overrides the
-    checkpoint's) or "from flags" (how to run, not what to train: always the flag's)."""
+    checkpoint's) or "from flags" (how to run, not what to train: always the flag's). parse: how the
+    flag's text becomes the value (default: the default's type; int_list for a tuple)."""
     check = (lambda v: v in choices, "must be " + ", ".join(choices[:-1]) + " or " + choices[-1]) if choices else check
-    return dict(help=help, check=check, resume=resume, choices=choices)
+    return dict(help=help, check=check, resume=resume, choices=choices, parse=parse)
 
 
-def hp(default, help, check=None, resume="may change", choices=None):
+def hp(default, help, check=None, resume="may change", choices=None, parse=None):
     """A TrainConfig field: its default and meta(...)."""
-    return field(default=default, metadata=meta(help, check, resume, choices))
+    return field(default=default, metadata=meta(help, check, resume, choices, parse))
 
 
 def at_least(lo):
     return (lambda v: v >= lo, f"must be >= {lo}")
+
+
+def float_list(s):
+    """'0.999,0.9999' -> (0.999, 0.9999); '' -> ()."""
+    try:
+        return tuple(float(v) for v in s.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
 
 
 @dataclass
@@ -53,6 +62,11 @@ class TrainConfig:
     grad_clip: float = hp(1.0, "gradient-norm clip (the authors' code's; 0 = off)", at_least(0))
     ema_decay: float = hp(0.9999, "EMA decay of the weights used for sampling (the paper's), warmed up as "
                           "min(decay, (1+n)/(10+n)) after n steps", (lambda v: 0 <= v < 1, "must be in [0, 1)"))
+    ema_decays: tuple = hp((), "more EMAs of the weights, e.g. 0.999,0.9999, tracked beside --ema_decay's with the "
+                           "same warm-up and stored in the checkpoint, to compare EMA lengths after one run "
+                           "(evaluate.py --ema D samples one; '' = none)",
+                           (lambda v: all(0 < d < 1 for d in v) and len(set(v)) == len(v),
+                            "must be decays in (0, 1), each once"), "keep", parse=float_list)
     save_every: int = hp(1000, "checkpoint every N steps (and at the end)", at_least(1))
     # no flag: move the loss to the host and check it is finite every N steps
     log_every: int = hp(25, None, at_least(1), "keep")
@@ -66,17 +80,21 @@ class TrainConfig:
                           "2023: each timestep's eps loss times min(SNR_t, gamma) / SNR_t)", choices=LOSS_WEIGHTS)
     snr_gamma: float = hp(5.0, "gamma of --loss_weight min_snr (their default); refused without it",
                           (lambda v: v > 0, "must be > 0"))
-    eval_every: int = hp(0, "every N steps and at the end, judge --eval_samples digits of the EMA (dpm++2m-sde, "
-                         "20 NFE, fixed noise) into the checkpoint's curve; trains bitwise as without (0 = never)",
+    eval_every: int = hp(0, "every N steps and at the end, judge --eval_samples digits of the EMA (--ema_decay's; "
+                         "dpm++2m-sde, 20 NFE, fixed noise) into the checkpoint's curve; trains bitwise as without "
+                         "(0 = never)",
                          at_least(0))
     eval_samples: int = hp(200, "digits per --eval_every evaluation (FID at 200 reads higher than at 1000)",
                            at_least(10))
 
     def __post_init__(self):  # every TrainConfig is checked once, where it is made
+        self.ema_decays = tuple(float(d) for d in self.ema_decays)  # a list, from a checkpoint's dict
         for f in fields(self):
             check, v = f.metadata["check"], getattr(self, f.name)
             if check and not check[0](v):
                 raise UserError(f"--{f.name} {check[1]}, got {v}")
+        if self.ema_decay in self.ema_decays:
+            raise UserError(f"--ema_decays repeats --ema_decay {self.ema_decay}: the main EMA already tracks it")
 
 
 def _signature_defaults(cls, names):
@@ -164,6 +182,13 @@ def int_list(s):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}") from None
 
 
+def add_ema_flag(p, what):
+    """--ema DECAY (evaluate.py, export.py): the stored EMA of that decay, one of the run's --ema_decays
+    (or its --ema_decay); default the main EMA. Not run.py's --ema_decay, the decay a run trains with."""
+    p.add_argument("--ema", type=float, metavar="DECAY", help=f"{what} the stored EMA of this decay: one of the "
+                   "run's --ema_decays, or its --ema_decay (default: the main EMA, --ema_decay's)")
+
+
 def add_device_flag(p):
     p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps")
 
@@ -187,7 +212,7 @@ def add_flag(p, name, default=None):
     m, d = FLAGS[name], DEFAULTS[name]
     if isinstance(d, bool):
         return p.add_argument(f"--{name}", action="store_true", help=m["help"])
-    p.add_argument(f"--{name}", default=default, type=int_list if isinstance(d, tuple) else type(d),
+    p.add_argument(f"--{name}", default=default, type=m["parse"] or (int_list if isinstance(d, tuple) else type(d)),
                    choices=m["choices"], help=f"{m['help']} (default {default_text(name)})")
 
 

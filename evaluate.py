@@ -5,7 +5,8 @@
     python evaluate.py --metrics --from_samples samples.npz   # score samples drawn earlier or elsewhere
 
 The checkpoint is self-describing (model and diffusion arguments inside); a bare UNet state
-dict is also accepted and built with the default arguments. Sampling uses the EMA weights.
+dict is also accepted and built with the default arguments. Sampling uses the EMA weights (`--ema D`:
+the stored average of decay D, from a run with --ema_decays).
 """
 import json
 import time
@@ -35,6 +36,7 @@ def get_parser():
     p.add_argument("--save_samples", metavar="PATH.npz",
                    help="also write the samples as uint8 (N, 28, 28), key 'samples'")
     p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
+    config.add_ema_flag(p, "sample")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     config.add_sampler_flags(p)
     config.add_label_flags(p)
@@ -83,6 +85,8 @@ def check_args(args):
     if args.batch_size < 1 or args.nrow < 1:
         raise UserError(f"--batch_size and --nrow must be >= 1, got {args.batch_size} and {args.nrow}")
     check_metrics_args(args)
+    if args.no_ema and args.ema is not None:
+        raise UserError("--no_ema samples the raw weights; drop --ema or --no_ema")
     utils.image_format(args.out)
     if args.save_samples and not args.save_samples.endswith(".npz"):
         raise UserError(f"--save_samples must name a .npz file, got {args.save_samples}")
@@ -95,15 +99,15 @@ def load(args, device):
     ckpt = checkpoint.load(args.checkpoint)
     lkw = label_kwargs(args, ckpt["model_args"].get("num_classes"), args.n_samples)
     model, diffusion = checkpoint.build_model(ckpt, use_ema=not args.no_ema, device=device,
-                                              source=args.checkpoint)
+                                              source=args.checkpoint, ema=args.ema)
     skw = sampler_kwargs(args, diffusion.T)
     if args.metrics:  # fail before minutes of sampling, not after
         ensure_mnist(args.data_dir)
         args.judge = load_judge(args.judge)
-    print(f"loaded {args.checkpoint} (step {ckpt.get('step', '?')}, {checkpoint.weights_kind(ckpt, not args.no_ema)} "
-          f"weights); sampling {args.n_samples} with {skw['sampler']} ({skw.get('sampling_steps', diffusion.T)} steps, "
-          f"NFE {network_evaluations(skw, diffusion.T, lkw['guidance_scale'])}) "
-          f"on {device}")
+    kind = checkpoint.weights_kind(ckpt, not args.no_ema) + ("" if args.ema is None else f" {args.ema}")
+    print(f"loaded {args.checkpoint} (step {ckpt.get('step', '?')}, {kind} weights); sampling {args.n_samples} "
+          f"with {skw['sampler']} ({skw.get('sampling_steps', diffusion.T)} steps, "
+          f"NFE {network_evaluations(skw, diffusion.T, lkw['guidance_scale'])}) on {device}")
     return model, diffusion, skw, lkw
 
 
@@ -131,7 +135,8 @@ def score_samples_file(args):
     samples, digits, meta = read_samples(args.from_samples)
     args.judge = load_judge(args.judge)
     model, diffusion = (checkpoint.build_model(checkpoint.load(args.checkpoint), use_ema=not args.no_ema,
-                                               device=utils.resolve_device(args.device), source=args.checkpoint)
+                                               device=utils.resolve_device(args.device), source=args.checkpoint,
+                                               ema=args.ema)
                         if args.bpd_images > 0 else (None, None))
     print(f"scoring {len(samples)} samples from {args.from_samples}" +
           (f" ({', '.join(f'{k} {v}' for k, v in meta.items())})" if meta else ""))
@@ -165,7 +170,8 @@ def main(argv=None):
         # labels: the requested digit per sample, -1 where none was (unconditional model or sampling)
         meta = dict(checkpoint=args.checkpoint, sampler=skw, guidance_scale=lkw["guidance_scale"], seed=args.seed,
                     nfe=nfe, device=str(device), torch=torch.__version__, cpu=utils.cpu_model(),
-                    threads=torch.get_num_threads(), sampling_seconds=round(sampling_seconds, 1))
+                    threads=torch.get_num_threads(), sampling_seconds=round(sampling_seconds, 1),
+                    **({} if args.ema is None else {"ema": args.ema}))
         utils.atomic_write(args.save_samples, lambda f: np.savez_compressed(
             f, samples=to_uint8(samples).numpy(), labels=digits.numpy(), meta=np.array(json.dumps(meta))))
     print(f"wrote {args.out}{f' and {args.save_samples}' if args.save_samples else ''} in {time.time() - t0:.1f} s")
@@ -196,6 +202,8 @@ def compute_metrics(model, diffusion, samples_u8, args, digits):
     res = sample_metrics(samples_u8, args.data_dir, seed=args.seed, labels=digits if (digits >= 0).any() else None,
                          judge=args.judge)
     res["checkpoint"] = args.checkpoint
+    if args.ema is not None:  # which stored EMA (--ema); absent: the main one
+        res["ema"] = args.ema
     if args.bpd_images > 0:
         x_test, _ = mnist_tensors(args.data_dir, train=False, verbose=False)
         res["bits_per_dim"] = nll_bpd(model, diffusion, x_test[:args.bpd_images], args.bpd_timesteps,

@@ -114,18 +114,18 @@ def resume_checkpoint(args):
 
 
 def check_resume_args(args, ckpt):
-    """--resume: the model, the diffusion and the data order (config.FLAGS with resume "keep") come
-    from the checkpoint; explicit flags that would change them are refused, naming the difference."""
+    """--resume: the model, the diffusion, the data order and the extra EMAs (config.FLAGS with resume "keep")
+    come from the checkpoint; explicit flags that would change them are refused, naming the difference."""
     saved = {**{flag: ckpt["model_args"][key] for flag, key in config.MODEL_FLAGS.items()},
              **{k: ckpt["diffusion_args"].get(k, config.DEFAULTS[k]) for k in ("var_type", "schedule")},  # old: linear
-             **ckpt["train_config"]}
+             **{f.name: f.default for f in fields(TrainConfig)}, **ckpt["train_config"]}  # older: the defaults
     diffs = [f"--{k} {_norm(getattr(args, k))} but the checkpoint has {_norm(saved[k])}"
              for k, m in config.FLAGS.items() if m["resume"] == "keep" and getattr(args, k, None) is not None
              and _norm(getattr(args, k)) != _norm(saved[k])]
     if ckpt["model_args"].get("num_classes") is None and (args.class_cond or args.p_uncond is not None):
         diffs.append(f"--{'class_cond' if args.class_cond else 'p_uncond'} but the checkpoint is unconditional")
     if diffs:
-        raise UserError("cannot resume with a different model or data order: " + "; ".join(diffs))
+        raise UserError("cannot resume with a different model, data order or set of EMAs: " + "; ".join(diffs))
 
 
 def _norm(v):

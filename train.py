@@ -1,10 +1,10 @@
 """Training: Algorithm 1 of Ho et al. 2020 with Adam, warm-up, gradient clipping and an EMA.
 
 `train_func` runs a `Trainer`, whose loop (`Trainer.run`) reads straight down: draw a batch by
-index, take one optimizer step on L_simple, update the EMA, and every `save_every` steps write a
-checkpoint (checkpoint.py) that holds everything resume needs (weights, EMA, optimizer, step,
-random-number states, loss history). The data order is a function of (seed, epoch), so a resumed
-run sees exactly the batches it would have seen.
+index, take one optimizer step on L_simple, update the EMA (and the extra ones of --ema_decays), and
+every `save_every` steps write a checkpoint (checkpoint.py) that holds everything resume needs
+(weights, EMAs, optimizer, step, random-number states, loss history). The data order is a function of
+(seed, epoch), so a resumed run sees exactly the batches it would have seen.
 """
 import copy
 import math
@@ -131,19 +131,21 @@ class WholeStepGraph:
     """The training step (Trainer.step_fn: draws, forward, backward, clipping, Adam, EMA) as one CUDA graph,
     captured on the first step and replayed for every step after it: one launch per step instead of
     hundreds, and no host synchronisation. The step's inputs live in fixed device tensors (the batch's
-    indices, the learning rate Adam reads, the EMA weight) that each call refills with kernels.
+    indices, the learning rate Adam reads, the EMA weight and one per --ema_decays average) that each call
+    refills with kernels.
 
     torch.compile cannot do this itself: it breaks its graph at draws from a torch.Generator. Here the
     noise generator is registered with the graph, so each replay draws what the eager step would have
     drawn next and advances the generator as it would (a checkpoint's generator state resumes the run).
     The warm-up steps that capture needs (compilation, Adam's state) are undone before capturing: the
-    weights, the EMA, Adam's state and the random states are restored, so capturing changes nothing.
+    weights, the EMAs, Adam's state and the random states are restored, so capturing changes nothing.
     On a CPU (tests) nothing is captured: the same step runs eagerly on the same device tensors; so it does on
     CUDA, after one warning line, if the capture fails (`error` says why)."""
 
     def __init__(self, trainer, idx):
         self.tr, dev = trainer, trainer.device
         self.idx, self.w = idx.clone(), torch.zeros((), device=dev)
+        self.w_extra = [torch.zeros((), device=dev) for _ in trainer.ema_extra]  # one per --ema_decays average
         self.lr = torch.zeros((), device=dev)
         for group in trainer.opt.param_groups:  # after a resume, load_state_dict replaced the tensor
             group["lr"] = self.lr
@@ -158,12 +160,14 @@ class WholeStepGraph:
                 tqdm.write(f"the training step could not be captured as one CUDA graph ({self.error}); "
                            f"it runs eagerly instead")
 
-    def __call__(self, idx, lr, ema_w):
+    def __call__(self, idx, lr, ema_w, extra_w=()):
         self.idx.copy_(idx)
         self.lr.fill_(lr)
         self.w.fill_(ema_w)
+        for w, v in zip(self.w_extra, extra_w, strict=True):
+            w.fill_(v)
         if self.graph is None:
-            return self.tr.step_fn(self.idx, self.w)
+            return self.tr.step_fn(self.idx, self.w, self.w_extra)
         self.graph.replay()
         return self.out.clone()
 
@@ -173,19 +177,23 @@ class WholeStepGraph:
         side.wait_stream(torch.cuda.current_stream(tr.device))
         with torch.cuda.stream(side):
             for _ in range(3):  # compiles the network and creates Adam's state; undone below
-                tr.step_fn(self.idx, self.w)
+                tr.step_fn(self.idx, self.w, self.w_extra)
         torch.cuda.current_stream(tr.device).wait_stream(side)
         self.restore(saved)
         graph = torch.cuda.CUDAGraph()
         graph.register_generator_state(tr.noise_gen)  # torch's default generator (dropout) is registered anyway
         tr.opt.zero_grad(set_to_none=True)  # the gradients are allocated in the graph's memory
         with torch.cuda.graph(graph):
-            self.out = tr.step_fn(self.idx, self.w)
+            self.out = tr.step_fn(self.idx, self.w, self.w_extra)
         self.graph = graph
+
+    def weights(self):
+        """The tensors the step writes besides Adam's state: the weights, the EMA and the extra EMAs."""
+        return [v for m in (self.tr.model, self.tr.ema, *self.tr.ema_extra.values()) for v in m.state_dict().values()]
 
     def snapshot(self):
         tr = self.tr
-        state = [*tr.model.state_dict().values(), *tr.ema.state_dict().values()]
+        state = self.weights()
         opt = [v for s in tr.opt.state.values() for v in s.values() if torch.is_tensor(v)]
         return ([t.clone() for t in state], [v.clone() for v in opt] if opt else None,
                 tr.noise_gen.get_state(), torch.cuda.get_rng_state(tr.device))
@@ -194,7 +202,7 @@ class WholeStepGraph:
     def restore(self, saved):
         tr = self.tr
         state, opt, noise, default = saved
-        for live, old in zip([*tr.model.state_dict().values(), *tr.ema.state_dict().values()], state):
+        for live, old in zip(self.weights(), state, strict=True):
             live.copy_(old)
         live_opt = [v for s in tr.opt.state.values() for v in s.values() if torch.is_tensor(v)]
         for i, v in enumerate(live_opt):  # a new run had no state: Adam's first state is all zeros
@@ -207,8 +215,8 @@ class WholeStepGraph:
 
 
 class Trainer:
-    """One training run: the network, its EMA, the optimizer and the random streams, and the
-    methods that advance them. Every method reads and writes only these attributes."""
+    """One training run: the network, its EMA (and the extra ones of --ema_decays), the optimizer and the
+    random streams, and the methods that advance them. Every method reads and writes only these attributes."""
 
     def __init__(self, model, diffusion, images, labels, cfg, checkpoint_path, device, meta=None, speed_hint=None,
                  judge=None, graphed=None):
@@ -219,6 +227,8 @@ class Trainer:
         model.to(device).train()
         self.opt, self.net = make_optimizer_and_net(model, device, cfg.lr, cfg.compile, self.world > 1, self.graphed)
         self.ema = copy.deepcopy(model).eval().requires_grad_(False)  # after channels_last: the same memory format
+        # --ema_decays: more averages of the same weights with the same warm-up rule, {decay: copy of the network}
+        self.ema_extra = {d: copy.deepcopy(model).eval().requires_grad_(False) for d in cfg.ema_decays}
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
         self.check_grads = not self.scaler.is_enabled()  # fp16's GradScaler skips steps with inf gradients by design
         self.noise_gen = torch.Generator(device=device)  # t, noise and label dropout
@@ -267,6 +277,12 @@ class Trainer:
                             f"{ckpt['device_type']}) so that its random streams can be restored")
         checkpoint.load_weights(self.model, ckpt["model"], "checkpoint")
         checkpoint.load_weights(self.ema, ckpt["ema"], "checkpoint EMA")
+        saved = ckpt.get("ema_extra") or {}
+        if sorted(saved) != sorted(map(checkpoint.ema_key, self.ema_extra)):
+            raise UserError(f"this run tracks the EMAs of --ema_decays {','.join(map(str, self.ema_extra)) or 'none'} "
+                            f"but the checkpoint holds {','.join(saved) or 'none'}; resume with the checkpoint's")
+        for d, ema in self.ema_extra.items():
+            checkpoint.load_weights(ema, saved[checkpoint.ema_key(d)], f"checkpoint EMA {d}")
         own = [{k: g[k] for k in ("lr", "fused", "capturable")} for g in self.opt.param_groups]
         self.opt.load_state_dict(ckpt["optimizer"])
         for group, mine in zip(self.opt.param_groups, own):  # this run's way of stepping, whatever saved it
@@ -286,7 +302,9 @@ class Trainer:
         """The checkpoint dict of the run as it is now (the format is described in checkpoint.py)."""
         return {"format": checkpoint.FORMAT, "model_args": self.model.model_args, "diffusion_args": self.diffusion.args,
                 "train_config": asdict(self.cfg), "meta": self.meta,
-                "model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.opt.state_dict(),
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                "ema_extra": {checkpoint.ema_key(d): e.state_dict() for d, e in self.ema_extra.items()},
+                "optimizer": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "step": self.step, "epoch": self.step // self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.total, "device_type": self.device.type,
@@ -304,10 +322,11 @@ class Trainer:
         B = self.cfg.batch_size
         return self.perm[pos * B:(pos + 1) * B][self.mine]
 
-    def step_fn(self, idx, ema_w):
+    def step_fn(self, idx, ema_w, extra_w=()):
         """The device work of one training step: the batch, the draws, L_simple (Algorithm 1; or its Min-SNR
-        weighting), backward, clipping, Adam, the EMA update. Returns (loss, gradient norm) on the device.
-        Nothing in it waits for the host, so on CUDA it is captured as one graph (WholeStepGraph)."""
+        weighting), backward, clipping, Adam, the EMA updates (ema_w: the main one's weight; extra_w: one per
+        --ema_decays average; floats, or device scalars on the graphed path). Returns (loss, gradient norm) on
+        the device. Nothing in it waits for the host, so on CUDA it is captured as one graph (WholeStepGraph)."""
         cfg, B = self.cfg, self.cfg.batch_size
         x0, y = self.images[idx], None
         if self.labels is not None:  # Ho & Salimans 2022, Algorithm 1: drop the label with probability p_uncond
@@ -328,20 +347,23 @@ class Trainer:
         self.scaler.step(self.opt)
         self.scaler.update()
         ema_update(self.ema, self.model, ema_w)
+        for ema, w in zip(self.ema_extra.values(), extra_w):  # one foreach update each
+            ema_update(ema, self.model, w)
         return torch.stack([loss.detach().float(), gnorm.detach().float()])
 
     def train_step(self, idx):
-        """One optimizer step at the learning rate of self.step, then the EMA update; the loss and gradient
+        """One optimizer step at the learning rate of self.step, then the EMA updates; the loss and gradient
         norm stay on the device until the next flush."""
         lr, w = lr_at(self.step, self.cfg, self.total), ema_weight(self.cfg.ema_decay, self.step)
+        extra = [ema_weight(d, self.step) for d in self.ema_extra]
         if not self.graphed:
             for group in self.opt.param_groups:
                 group["lr"] = lr
-            out = self.step_fn(idx, w)
+            out = self.step_fn(idx, w, extra)
         else:  # device scalars, set by kernels: no host synchronisation
             if self.graph is None:
                 self.graph = WholeStepGraph(self, idx)
-            out = self.graph(idx, lr, w)
+            out = self.graph(idx, lr, w, extra)
         self.pending.append(out)
         self.step += 1
 
@@ -370,7 +392,7 @@ class Trainer:
     def save(self):
         """Write the checkpoint atomically (rank 0), after checking that the weights are finite."""
         self.flush()
-        params = list(self.model.parameters()) + list(self.ema.parameters())
+        params = [p for m in (self.model, self.ema, *self.ema_extra.values()) for p in m.parameters()]
         if not torch.stack([p.detach().float().abs().max() for p in params]).isfinite().all():
             raise self.diverged("the weights became non-finite", self.step)
         if self.rank == 0:
@@ -380,7 +402,7 @@ class Trainer:
         self.saved = True
 
     def evaluate(self):
-        """--eval_every: sample eval_samples digits from the EMA weights with config.EVAL_SAMPLER and fixed
+        """--eval_every: sample eval_samples digits from the (main) EMA weights with config.EVAL_SAMPLER and fixed
         noise, score them with the judge and append {step, fid, confidence, seconds} to the curve (rank 0;
         the others wait at the next collective). It draws from no training stream (the noise comes from
         per-sample generators of its own, the EMA has no dropout), so the run trains bitwise as without it."""

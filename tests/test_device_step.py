@@ -64,10 +64,11 @@ def test_no_float64_reaches_a_device_without_it(schedule, monkeypatch):
             d.vb_term_bpd(net, x0, t, torch.randn_like(x0))
 
 
-def tiny_run(graphed, compile_step=False, steps=4):
+def tiny_run(graphed, compile_step=False, steps=4, ema_decays=()):
     torch.manual_seed(1)
     images = torch.randint(0, 256, (64, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
-    cfg = TrainConfig(n_epochs=5, max_steps=steps, batch_size=16, save_every=100, log_every=2, warmup=3, seed=3)
+    cfg = TrainConfig(n_epochs=5, max_steps=steps, batch_size=16, save_every=100, log_every=2, warmup=3, seed=3,
+                      ema_decays=ema_decays)
     net = UNet(**{**TINY, "dropout": 0.1, "ch_mult": (1,), "attn_resolutions": ()})  # few tensors: compiles faster
     tr = Trainer(net, GaussianDiffusion(), images, None, cfg,
                  tempfile.mktemp(suffix=".pt"), torch.device("cpu"), graphed=graphed)
@@ -88,3 +89,15 @@ def test_the_captured_step_function_trains_as_the_eager_step():
         torch.testing.assert_close(graphed["ema"][k], v, rtol=0, atol=1e-6)
     compiled = tiny_run(True, compile_step=True)
     torch.testing.assert_close(compiled["loss_history"], graphed["loss_history"], rtol=0, atol=1e-5)
+
+
+def test_the_captured_step_function_updates_the_extra_emas():
+    """--ema_decays on the path CUDA captures (each average's weight a device scalar of its own, refilled every
+    step): the same losses as the eager step to the bit, each extra EMA within float32 rounding, and each
+    extra updated with its own weight (0.2 parts from the main EMA's warm-up at step 2)."""
+    eager, graphed = tiny_run(False, ema_decays=(0.2, 0.9)), tiny_run(True, ema_decays=(0.2, 0.9))
+    assert torch.equal(eager["loss_history"], graphed["loss_history"])
+    for d in ("0.2", "0.9"):
+        for k, v in eager["ema_extra"][d].items():
+            torch.testing.assert_close(graphed["ema_extra"][d][k], v, rtol=0, atol=1e-6)
+    assert not all(torch.equal(graphed["ema_extra"]["0.2"][k], v) for k, v in graphed["ema"].items())
