@@ -14,6 +14,9 @@ Where to find the paper here (equation numbers are the DDPM paper's unless anoth
     section 3.2   sigma_t^2 = beta_t or beta-tilde_t                  GaussianDiffusion(var_type=...)
     Algorithm 1   training: eqs. 12, 14, the eps loss and L_simple    training_losses (the loop: train.py)
                   Min-SNR-gamma weighting (Hang et al. 2023)         loss_weights
+                  v-prediction (Salimans & Ho 2022, section 4 and    GaussianDiffusion(prediction="v"):
+                  appendix D), not the paper's: the network          training_losses' target v, eps_theta
+                  predicts v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0   (the one place its output becomes eps)
     eq. 11        the mean mu_theta(x_t, t) from eps_theta           p_mean_eq11
     Algorithm 2   sampling: one step                                  p_sample (the loop: samplers.sample_ddpm)
     eq. 5         the variational bound L_T + sum L_{t-1} + L_0       prior_bpd, vb_term_bpd
@@ -101,6 +104,7 @@ def cosine_betas(T, s=0.008, max_beta=0.999):
 SCHEDULES = ("linear", "cosine")
 VAR_TYPES = ("fixed_large", "fixed_small")
 LOSS_WEIGHTS = ("none", "min_snr")
+PREDICTIONS = ("eps", "v")
 
 
 class GaussianDiffusion:
@@ -111,15 +115,23 @@ class GaussianDiffusion:
     schedule: "linear" (the paper's, from beta_start to beta_end) or "cosine" (Nichol & Dhariwal
     2021; beta_start and beta_end are then unused). Everything below is computed from the betas,
     so the samplers and the variational bound hold for either.
+    prediction: what the network outputs: "eps" (the paper's eps_theta) or "v" (Salimans & Ho 2022,
+    appendix D), v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0, whose size stays near 1 at every noise level.
+    Only training_losses (its target) and eps_theta (the output as eps) read it: the reverse process,
+    the samplers and the bound take eps_theta(net), so they hold for either.
     """
 
-    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02, var_type="fixed_large", schedule="linear"):
+    def __init__(self, T=1000, beta_start=1e-4, beta_end=0.02, var_type="fixed_large", schedule="linear",
+                 prediction="eps"):
         if var_type not in VAR_TYPES:
             raise ValueError(f"var_type must be fixed_large or fixed_small, got {var_type!r}")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be linear or cosine, got {schedule!r}")
-        self.args = dict(T=T, beta_start=beta_start, beta_end=beta_end, var_type=var_type, schedule=schedule)
-        self.T, self.var_type = T, var_type
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"prediction must be eps or v, got {prediction!r}")
+        self.args = dict(T=T, beta_start=beta_start, beta_end=beta_end, var_type=var_type, schedule=schedule,
+                         prediction=prediction)
+        self.T, self.var_type, self.prediction = T, var_type, prediction
         b = self.betas = linear_betas(T, beta_start, beta_end) if schedule == "linear" else cosine_betas(T)
         assert ((b > 0) & (b <= 1)).all(), "betas must lie in (0, 1]"
         self.alphas = 1.0 - b
@@ -179,10 +191,27 @@ class GaussianDiffusion:
         return mean, extract(s.posterior_variance, t, xt)
 
     # ---- reverse process: Algorithm 2 -------------------------------------------------------
+    def eps_theta(self, net):
+        """The network as eps_theta(x_t, t), the noise predictor that the reverse process, the samplers and the
+        bound take: `net` itself for prediction "eps" (the paper's); for "v" its output turned into eps,
+        eps = sqrt(ab_t) v + sqrt(1 - ab_t) x_t (Salimans & Ho 2022, appendix D, from x_t = sqrt(ab_t) x_0
+        + sqrt(1 - ab_t) eps and v's definition), in float32 like predict_x0. The one place where the
+        network's output becomes eps: guidance (linear, its weights sum to 1) acts alike on v and eps,
+        epsilon scaling acts on this eps (samplers.Denoiser). predict_x0 divides this eps's float32 rounding
+        by sqrt(ab_t): x_0 is then off by at most 2e-4 from sqrt(ab_t) x_t - sqrt(1 - ab_t) v, but for 5e-3 at
+        the cosine schedule's t = T-1 (ab = 2e-9), where the network's own error in v reaches x_0 undivided."""
+        if self.prediction == "eps":
+            return net
+
+        def eps(xt, t):
+            v, s = net(xt, t).float(), self.on(t.device)
+            return extract(s.sqrt_alphas_cumprod, t, xt) * v + extract(s.sqrt_one_minus_alphas_cumprod, t, xt) * xt
+        return eps
+
     def predict_x0(self, model, xt, t, clip=True):
-        """The x_0 that eps_theta(x_t, t) implies, inverting eq. 4: x_0 = (x_t - sqrt(1 - alphabar_t) eps)
-        / sqrt(alphabar_t); with `clip` clipped to the data range [-1, 1] (authors' code, default on),
-        which keeps rare samples from blowing up to saturated squares."""
+        """The x_0 that eps_theta(x_t, t) implies (model: eps_theta, see eps_theta), inverting eq. 4:
+        x_0 = (x_t - sqrt(1 - alphabar_t) eps) / sqrt(alphabar_t); with `clip` clipped to the data range
+        [-1, 1] (authors' code, default on), which keeps rare samples from blowing up to saturated squares."""
         eps, s = model(xt, t).float(), self.on(t.device)
         x0 = extract(s.sqrt_recip_alphas_cumprod, t, xt) * xt - extract(s.sqrt_recipm1_alphas_cumprod, t, xt) * eps
         return x0.clamp(-1.0, 1.0) if clip else x0
@@ -198,7 +227,7 @@ class GaussianDiffusion:
     def p_sample(self, model, xt, t, z, clip=True):
         """Algorithm 2, lines 3-4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at the last step (the
         paper's t = 1). mu_theta is eq. 11's mean computed as q's posterior mean (eq. 7) at x_0 predicted
-        from eps_theta (p_mean_eq11 says why); sigma_t^2 is beta_t or beta-tilde_t (var_type).
+        from eps_theta (model; p_mean_eq11 says why); sigma_t^2 is beta_t or beta-tilde_t (var_type).
         t: (B,) timesteps; z: N(0, I) noise like x_t. samplers.sample_ddpm runs the loop (lines 1-2, 5-6)."""
         x0 = self.predict_x0(model, xt, t, clip)
         mean, _ = self.q_posterior_mean_variance(x0, xt, t)
@@ -211,30 +240,38 @@ class GaussianDiffusion:
         return t, torch.randn(shape, device=device, dtype=dtype, generator=generator)
 
     def loss_weights(self, t, kind="none", gamma=5.0):
-        """Per-example weights of the eps-prediction loss, (B,) float32, or None for "none" (L_simple).
+        """Per-example weights of the eps- (or v-) prediction loss, (B,) float32, or None for "none" (L_simple).
         "min_snr": Min-SNR-gamma (Hang et al. 2023): the x_0 loss weighted by min(SNR_t, gamma), which
         for eps-prediction is min(SNR_t, gamma) / SNR_t with SNR_t = ab_t / (1 - ab_t): the many easy,
-        low-noise timesteps (SNR up to 1e4 here) stop dominating the gradient."""
+        low-noise timesteps (SNR up to 1e4 here) stop dominating the gradient. For v-prediction it is
+        min(SNR_t, gamma) / (SNR_t + 1) (their section 3.4): ||x_0 - x0_theta||^2 = (1 - ab_t) ||v - v_theta||^2."""
         if kind == "none":
             return None
         if kind != "min_snr":
             raise ValueError(f"loss weight must be one of {', '.join(LOSS_WEIGHTS)}, got {kind!r}")
         snr = self.on(t.device).snr[t]
-        return (snr.clamp(max=gamma) / snr).float()
+        return (snr.clamp(max=gamma) / (snr if self.prediction == "eps" else snr + 1.0)).float()
 
     def training_losses(self, model, x0, generator=None, y=None, t=None, noise=None, weight="none", gamma=5.0):
         """Algorithm 1, lines 2-5: L_simple (eq. 14), the loss of eq. 12 without its weight:
         E_{t, eps} || eps - eps_theta(sqrt(ab_t) x0 + sqrt(1-ab_t) eps, t) ||^2, or with weight
-        "min_snr" each example's term weighted by loss_weights (Min-SNR-gamma).
+        "min_snr" each example's term weighted by loss_weights (Min-SNR-gamma). With prediction "v" the
+        target is v = sqrt(ab_t) eps - sqrt(1 - ab_t) x0 instead of eps (Salimans & Ho 2022, appendix D).
         x0: (B, C, H, W) in [-1, 1]; y: (B,) labels for a class-conditional model, else None;
         t, noise: drawn here (draw_t_and_noise) unless given. Returns the per-example loss, (B,)."""
         if t is None:
             t, noise = self.draw_t_and_noise(x0.shape, x0.device, x0.dtype, generator)
         xt = self.q_sample(x0, t, noise)
-        eps = model(xt, t) if y is None else model(xt, t, y)
-        loss = (noise - eps.float()).pow(2).mean(dim=(1, 2, 3))
+        out = model(xt, t) if y is None else model(xt, t, y)
+        target = noise if self.prediction == "eps" else self.v_target(x0, t, noise)
+        loss = (target - out.float()).pow(2).mean(dim=(1, 2, 3))
         w = self.loss_weights(t, weight, gamma)
         return loss if w is None else loss * w
+
+    def v_target(self, x0, t, noise):
+        """v = sqrt(ab_t) eps - sqrt(1 - ab_t) x_0 (Salimans & Ho 2022, appendix D), the target of prediction "v"."""
+        s = self.on(t.device)
+        return extract(s.sqrt_alphas_cumprod, t, x0) * noise - extract(s.sqrt_one_minus_alphas_cumprod, t, x0) * x0
 
     # ---- the variational bound (eq. 5), in bits per dimension ----------------------------
     def prior_bpd(self, x0):
@@ -249,13 +286,13 @@ class GaussianDiffusion:
 
         t >= 1: L_{t} = KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) (the paper's L_{t-1} at its t+1);
         t == 0: L_0 = -log p_theta(x_0 | x_1) with the discretised decoder.
-        x_t is drawn from q(x_t | x_0) with the given noise.
+        x_t is drawn from q(x_t | x_0) with the given noise; model: the network (its output is eps or v).
         """
         xt = self.q_sample(x0, t, noise)
         true_mean, _ = self.q_posterior_mean_variance(x0, xt, t)
         s = self.on(t.device)
         true_logvar = extract(s.posterior_log_variance_clipped, t, xt)
-        mean, _ = self.q_posterior_mean_variance(self.predict_x0(model, xt, t, clip_denoised), xt, t)
+        mean, _ = self.q_posterior_mean_variance(self.predict_x0(self.eps_theta(model), xt, t, clip_denoised), xt, t)
         var = extract(s.model_variance, t, xt)  # p_theta(x_{t-1} | x_t) = N(mean, sigma_t^2), as p_sample
         kl = normal_kl(true_mean, true_logvar, mean, torch.log(var)).flatten(1).mean(1)
         nll = -discretized_gaussian_log_likelihood(x0, mean, 0.5 * torch.log(var)).flatten(1).mean(1)

@@ -8,7 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion import GaussianDiffusion
-from samplers import DEFAULT_STEPS, SAMPLERS, SHARED_OPTIONS, Denoiser, SampleNoise, noise_source, options, scaled_eps
+from samplers import DEFAULT_STEPS, SAMPLERS, SHARED_OPTIONS, Denoiser, SampleNoise, noise_source, options
 from utils import UserError, autocast
 
 
@@ -103,7 +103,9 @@ def label_kwargs(args, num_classes, n_samples):
 def guided(net, y, w, null_label):
     """The network the samplers call, eps(x, t), for labels y under classifier-free guidance
     (Ho & Salimans 2022, eq. 6): eps = (1 + w) eps(x, y) - w eps(x, null). With w > 0 the
-    conditional and the unconditional passes run as one batch of twice the size."""
+    conditional and the unconditional passes run as one batch of twice the size. On a v-prediction
+    model it combines the two v's alike: eps is affine in v with the same x_t term, and the
+    weights sum to 1, so that is the combination of the eps's they imply (Denoiser converts after)."""
     if y is None:
         return net
     if w == 0:
@@ -157,8 +159,8 @@ def sample_func(model, n_samples=10, diffusion=None, seed=0, generator=None, dev
             y = None if labels is None else labels[start:start + b].to(device)
             with autocast(device, amp), _freezing(compile), _Keep(ts, return_steps, diffusion.T, progress) as keep:
                 x = keep.start(noise((b, m["in_channels"], m["resolution"], m["resolution"])))
-                eps = scaled_eps(guided(net, y, guidance_scale, null_label), eps_scale)
-                x = s.fn(Denoiser(eps, diffusion, clip_denoised), x, ts, noise, keep, **s.fixed, **options)
+                denoiser = Denoiser(guided(net, y, guidance_scale, null_label), diffusion, clip_denoised, eps_scale)
+                x = s.fn(denoiser, x, ts, noise, keep, **s.fixed, **options)
             samples.append(x.cpu())
             for t, xt in keep.steps.items():
                 steps.setdefault(t, []).append(xt.cpu())

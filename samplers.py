@@ -7,6 +7,7 @@ repo's discrete timesteps instead of sigmas:
 
     model     the network as a denoiser (`Denoiser`): model(x, t) is its x_0 prediction at the integer
               timestep t; model.diffusion is the schedule it was trained with, model.net its eps_theta
+              (whether the network predicts eps or v)
     x         the starting noise x_T ~ N(0, I)
     ts        the timesteps it visits, in order, ending with -1 (x_0); each step goes from t to t_next,
               the next entry (`timesteps` makes them for every sampler; restart's go back up as well)
@@ -35,10 +36,13 @@ LAMBDA_MIN = math.log(0.005)
 # ---- the network as a denoiser, and the noise ------------------------------------------------------
 class Denoiser:
     """model(x, t): the x_0 that eps_theta(x_t, t) implies (eq. 4 inverted), clipped to [-1, 1] with
-    `clip` (the authors' code, default on). t is an int: every sample of the batch is at t."""
+    `clip` (the authors' code, default on). t is an int: every sample of the batch is at t.
+    net: the network (or its guided form, sample.guided), whose output diffusion.eps_theta turns into
+    eps_theta (for a v-prediction model); eps_scale (scaled_eps) then divides that eps. With the paper's
+    eps-prediction and eps_scale 1, self.net is `net` itself."""
 
-    def __init__(self, net, diffusion, clip=True):
-        self.net, self.diffusion, self.clip = net, diffusion, clip
+    def __init__(self, net, diffusion, clip=True, eps_scale=1.0):
+        self.net, self.diffusion, self.clip = scaled_eps(diffusion.eps_theta(net), eps_scale), diffusion, clip
 
     def __call__(self, x, t):
         return self.diffusion.predict_x0(self.net, x, batch_t(x, t), self.clip)
@@ -62,7 +66,8 @@ def scaled_eps(net, eps_scale):
     eps(x, t) with its prediction divided by `eps_scale`, a constant slightly above 1, at every step of every
     sampler; in float32 (a bf16 output divided by 1.005 would round the scaling away). The predicted noise
     is too large on the samples' own x_t, which drift from the training x_t (exposure bias); shrinking it
-    corrects that without retraining. 1 returns `net` itself: the outputs are bitwise those without it."""
+    corrects that without retraining. 1 returns `net` itself: the outputs are bitwise those without it.
+    `net` must predict eps: Denoiser applies it to diffusion.eps_theta(net), the eps a v-prediction implies."""
     if eps_scale == 1:
         return net
     return lambda x, t: net(x, t).float() / eps_scale
@@ -400,8 +405,8 @@ SAMPLERS = {s.name: s for s in [
 ]}
 
 
-# The options every sampler takes, applied to the network by sample.sample_func (scaled_eps), not by the
-# sampler functions: {option: (default, help)}.
+# The options every sampler takes, applied to the network by its Denoiser (scaled_eps, on the eps a v-prediction
+# implies), not by the sampler functions: {option: (default, help)}.
 SHARED_OPTIONS = {"eps_scale": (1.0, "epsilon scaling (Ning et al. 2024): eps_theta divided by this at every step, "
                                      "slightly above 1 (e.g. 1.005) against exposure bias (default 1 = off)")}
 
