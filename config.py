@@ -14,7 +14,7 @@ import inspect
 import os
 from dataclasses import dataclass, field, fields
 
-from diffusion import LOSS_WEIGHTS, SCHEDULES, VAR_TYPES, GaussianDiffusion
+from diffusion import LOSS_WEIGHTS, PREDICTIONS, SCHEDULES, VAR_TYPES, GaussianDiffusion
 from model import UNet
 from utils import AMP_MODES, UserError
 
@@ -77,7 +77,8 @@ class TrainConfig:
     p_uncond: float = hp(0.1, "with --class_cond: probability of training on the null label instead",
                          (lambda v: 0 <= v <= 1, "must be in [0, 1]"))
     loss_weight: str = hp("none", "none (the paper's L_simple) or min_snr (Min-SNR-gamma weighting, Hang et al. "
-                          "2023: each timestep's eps loss times min(SNR_t, gamma) / SNR_t)", choices=LOSS_WEIGHTS)
+                          "2023: each timestep's eps loss times min(SNR_t, gamma) / SNR_t; with --prediction v "
+                          "its v loss times min(SNR_t, gamma) / (SNR_t + 1))", choices=LOSS_WEIGHTS)
     snr_gamma: float = hp(5.0, "gamma of --loss_weight min_snr (their default); refused without it",
                           (lambda v: v > 0, "must be > 0"))
     eval_every: int = hp(0, "every N steps and at the end, judge --eval_samples digits of the EMA (--ema_decay's; "
@@ -102,11 +103,13 @@ def _signature_defaults(cls, names):
     return {k: params[k].default for k in names}
 
 
+# The GaussianDiffusion arguments that are flags (T and the linear betas are not).
+DIFFUSION_FLAGS = ("var_type", "schedule", "prediction")
 # Flag name -> UNet argument (one flag is shorter than its argument).
 MODEL_FLAGS = {"ch": "ch", "ch_mult": "ch_mult", "num_res_blocks": "num_res_blocks", "attn_res": "attn_resolutions",
                "dropout": "dropout"}
 DEFAULTS = {**{flag: v for flag, v in zip(MODEL_FLAGS, _signature_defaults(UNet, MODEL_FLAGS.values()).values())},
-            **_signature_defaults(GaussianDiffusion, ["var_type", "schedule"]),
+            **_signature_defaults(GaussianDiffusion, DIFFUSION_FLAGS),
             **{f.name: f.default for f in fields(TrainConfig)}}
 # Every flag with a DEFAULTS entry: the model's and the diffusion's (fixed by a checkpoint), then the recipe's.
 FLAGS = {"ch": meta("UNet base width (even, >= 4)", resume="keep"),
@@ -118,6 +121,9 @@ FLAGS = {"ch": meta("UNet base width (even, >= 4)", resume="keep"),
                           "fixed_small = beta-tilde_t", resume="keep", choices=VAR_TYPES),
          "schedule": meta("noise schedule: linear betas 1e-4 to 0.02 (the paper's) or cosine (Nichol & Dhariwal "
                           "2021, eq. 17)", resume="keep", choices=SCHEDULES),
+         "prediction": meta("what the network predicts: eps, the noise (the paper's), or v = sqrt(ab_t) eps - "
+                            "sqrt(1 - ab_t) x_0 (Salimans & Ho 2022, appendix D), trained on the v loss",
+                            resume="keep", choices=PREDICTIONS),
          **{f.name: f.metadata for f in fields(TrainConfig)}}
 
 PRESETS = {
@@ -156,7 +162,7 @@ def resolve(preset="paper", class_cond=False, **overrides):
     cfg = TrainConfig(**{f.name: val[f.name] for f in fields(TrainConfig)})
     if val["snr_gamma"] != DEFAULTS["snr_gamma"] and val["loss_weight"] != "min_snr":
         raise UserError("--snr_gamma is for --loss_weight min_snr")
-    return model_args, {"var_type": val["var_type"], "schedule": val["schedule"]}, cfg
+    return model_args, {k: val[k] for k in DIFFUSION_FLAGS}, cfg
 
 
 def check_model_args(model_args):

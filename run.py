@@ -117,7 +117,8 @@ def check_resume_args(args, ckpt):
     """--resume: the model, the diffusion, the data order and the extra EMAs (config.FLAGS with resume "keep")
     come from the checkpoint; explicit flags that would change them are refused, naming the difference."""
     saved = {**{flag: ckpt["model_args"][key] for flag, key in config.MODEL_FLAGS.items()},
-             **{k: ckpt["diffusion_args"].get(k, config.DEFAULTS[k]) for k in ("var_type", "schedule")},  # old: linear
+             # older checkpoints lack schedule and prediction: linear and eps, the defaults
+             **{k: ckpt["diffusion_args"].get(k, config.DEFAULTS[k]) for k in config.DIFFUSION_FLAGS},
              **{f.name: f.default for f in fields(TrainConfig)}, **ckpt["train_config"]}  # older: the defaults
     diffs = [f"--{k} {_norm(getattr(args, k))} but the checkpoint has {_norm(saved[k])}"
              for k, m in config.FLAGS.items() if m["resume"] == "keep" and getattr(args, k, None) is not None

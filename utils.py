@@ -217,7 +217,7 @@ def plot_loss(loss_history, path, smooth=100, evals=None):
         kernel = torch.ones(smooth, dtype=torch.float64) / smooth
         ma = torch.nn.functional.conv1d(losses[None, None], kernel[None, None])[0, 0]
         ax.plot(steps[smooth - 1:], ma, color="tab:blue", label=f"mean of {smooth} steps")
-    ax.set(yscale="log", xlabel="optimizer step", ylabel="training loss (MSE on eps, weighted if --loss_weight)",
+    ax.set(yscale="log", xlabel="optimizer step", ylabel="training loss (MSE on eps or v, weighted if --loss_weight)",
            title="DDPM training loss")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
