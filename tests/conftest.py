@@ -125,11 +125,30 @@ class GaussianEps:
         return (sigma * (x - a * MU) / (ab * S ** 2 + 1 - ab)).float()
 
 
-def gaussian_samples(d, sampler, steps=None, n=4000, seed=0, spacing=None, net=None, **options):
+class GaussianV:
+    """The optimal v-predictor for x_0 ~ N(MU, S^2) (Salimans & Ho 2022's v = sqrt(ab) eps - sqrt(1 - ab) x_0):
+    E[v | x_t] = a E[eps | x_t] - sigma E[x_0 | x_t], with E[x_0 | x_t] = MU + a S^2 (x_t - a MU) / (a^2 S^2 + sigma^2),
+    written out here, not taken from diffusion.py."""
+
+    def __init__(self, d):
+        self.d = d
+
+    def __call__(self, x, t):
+        ab = self.d.alphas_cumprod.to(x.device)[t].reshape(-1, 1, 1, 1)
+        a, sigma, var = ab.sqrt(), (1 - ab).sqrt(), ab * S ** 2 + 1 - ab
+        return (a * sigma * (x - a * MU) / var - sigma * (MU + a * S ** 2 * (x - a * MU) / var)).float()
+
+
+def optimal_net(d):
+    """The optimal predictor of Gaussian data for what d's network predicts (d.prediction: eps or v)."""
+    return GaussianV(d) if d.prediction == "v" else GaussianEps(d)
+
+
+def gaussian_samples(d, sampler, steps=None, n=4000, seed=0, spacing=None, net=None, eps_scale=1.0, **options):
     """n samples (n, 1, 2, 2) of a registered sampler from the optimal predictor of Gaussian data (or `net`),
-    one torch.Generator of `seed`, no clipping."""
+    one torch.Generator of `seed`, no clipping; eps_scale as the Denoiser takes it."""
     from samplers import SAMPLERS, Denoiser, noise_source
 
     s, noise = SAMPLERS[sampler], noise_source(torch.Generator().manual_seed(seed))
-    model = Denoiser(net or GaussianEps(d), d, clip=False)
+    model = Denoiser(net or optimal_net(d), d, clip=False, eps_scale=eps_scale)
     return s.fn(model, noise((n, 1, 2, 2)), s.timesteps(d, steps, spacing), noise, **s.fixed, **options)

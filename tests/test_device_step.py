@@ -42,15 +42,16 @@ class NoFloat64On(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
-def test_no_float64_reaches_a_device_without_it(schedule, monkeypatch):
+@pytest.mark.parametrize("schedule, prediction", [("linear", "eps"), ("cosine", "eps"), ("cosine", "v")])
+def test_no_float64_reaches_a_device_without_it(schedule, prediction, monkeypatch):
     """The meta device stands in for MPS (no MPS here): given MPS's schedule dtype, a training step (loss with
-    Min-SNR weights, backward), a few steps of every sampler and the bound's terms put no float64 on it."""
+    Min-SNR weights, backward), a few steps of every sampler and the bound's terms put no float64 on it
+    (v-prediction's target and conversion to eps included)."""
     monkeypatch.setattr(diffusion, "schedule_dtype", lambda d: torch.float32 if torch.device(d).type in
                         ("mps", "meta") else torch.float64)
     torch.manual_seed(0)
     net = UNet(**TINY).to("meta")
-    d = GaussianDiffusion(schedule=schedule)
+    d = GaussianDiffusion(schedule=schedule, prediction=prediction)
     x0 = torch.empty(4, 1, 28, 28, device="meta")
     t = torch.randint(0, d.T, (4,), device="meta")
     with NoFloat64On("meta"):
