@@ -254,7 +254,8 @@ def add_sampler_flags(p):
 
 def add_label_flags(p):
     p.add_argument("--digits", help="class-conditional models: digits to draw, e.g. 0,1,2 (repeated to fill "
-                   "the samples), 'all' (0-9, the default) or 'none' (unconditional, the null label)")
+                   "the samples), 'all' (0-9, the default), 'random' (each drawn uniformly, seeded by --seed) or "
+                   "'none' (unconditional, the null label)")
     p.add_argument("--guidance_scale", type=float,
                    help="class-conditional models: classifier-free guidance w, eps = (1+w) eps(x,y) - w eps(x,null) "
                         "(default 0 = plain conditional)")

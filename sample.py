@@ -71,7 +71,9 @@ def label_kwargs(args, num_classes, n_samples):
     """Checked --digits / --guidance_scale -> {"labels": (n_samples,) long or None, "guidance_scale": w}.
 
     For an unconditional model (num_classes None) both flags are refused. For a conditional one the
-    digits are repeated to fill n_samples; 'none' asks for the null label (unconditional samples).
+    digits are repeated to fill n_samples; 'none' asks for the null label (unconditional samples);
+    'random' draws each label uniformly from 0..num_classes-1 with a generator seeded by --seed (the
+    conditional model as an unconditional generator of digits, issue 26's conditional route).
     """
     if num_classes is None:
         if args.digits is not None or args.guidance_scale is not None:
@@ -86,6 +88,9 @@ def label_kwargs(args, num_classes, n_samples):
         if w != 0:
             raise UserError("--guidance_scale needs digits to guide towards; drop it with --digits none")
         return {"labels": torch.full((n_samples,), num_classes, dtype=torch.long), "guidance_scale": 0.0}
+    if spec == "random":
+        g = torch.Generator().manual_seed(getattr(args, "seed", 0) or 0)
+        return {"labels": torch.randint(0, num_classes, (n_samples,), generator=g), "guidance_scale": w}
     if spec == "all":
         digits = list(range(num_classes))
     else:
@@ -94,7 +99,8 @@ def label_kwargs(args, num_classes, n_samples):
         except ValueError:
             digits = []
         if not digits or any(not 0 <= d < num_classes for d in digits):
-            raise UserError(f"--digits must be 'all', 'none' or comma-separated digits in 0..{num_classes - 1}, "
+            raise UserError(f"--digits must be 'all', 'random', 'none' or comma-separated digits in "
+                            f"0..{num_classes - 1}, "
                             f"got {args.digits!r}")
     labels = torch.tensor(digits, dtype=torch.long).repeat((n_samples + len(digits) - 1) // len(digits))[:n_samples]
     return {"labels": labels, "guidance_scale": w}

@@ -112,8 +112,8 @@ def test_label_embedding_changes_the_output_once_trained():
         UNet(**TINY)(x, t, torch.tensor([1, 1]))
 
 
-def _args(digits=None, w=None):
-    return argparse.Namespace(digits=digits, guidance_scale=w)
+def _args(digits=None, w=None, seed=0):
+    return argparse.Namespace(digits=digits, guidance_scale=w, seed=seed)
 
 
 def test_digits_and_guidance_flags():
@@ -122,6 +122,10 @@ def test_digits_and_guidance_flags():
     assert label_kwargs(_args(None, 1.5), 10, 12)["labels"].tolist() == list(range(10)) + [0, 1]
     assert label_kwargs(_args("none"), 10, 3)["labels"].tolist() == [NULL] * 3
     assert label_kwargs(_args(), None, 3) == {"labels": None, "guidance_scale": 0.0}
+    drawn = label_kwargs(_args("random"), 10, 2000)["labels"]  # uniform over the digits, fixed by the seed
+    assert torch.equal(drawn, label_kwargs(_args("random"), 10, 2000)["labels"])
+    assert not torch.equal(drawn, label_kwargs(_args("random", seed=1), 10, 2000)["labels"])
+    assert set(drawn.tolist()) == set(range(10)) and torch.bincount(drawn).min() > 150
     for bad, match in [(_args("3,x"), "--digits must be"), (_args("10"), "--digits must be"),
                        (_args("", None), "--digits must be"), (_args("1", -1.0), "must be >= 0"),
                        (_args("none", 2.0), "needs digits")]:
