@@ -80,8 +80,14 @@ def without_config(line):
     return not line.startswith((" ", "{", "}"))
 
 
-def evaluate(*args, **kw):
-    """evaluate.py with these flags (run_script's keywords)."""
+def evaluate(*args, in_process=False, **kw):
+    """evaluate.py with these flags (run_script's keywords); in_process: its main() in this process instead
+    (one torch import and one CUDA start for many calls, which on a GPU cost more than the sampling)."""
+    if in_process:
+        import evaluate as script
+
+        script.main([str(a) for a in args])
+        return 0
     return run_script("evaluate.py", *args, **kw)
 
 

@@ -193,8 +193,9 @@ def run_row(args, extra, row):
     flags = [*row.flags, *extra] if row.flags[0] == "--from_samples" else [
         "--checkpoint", row.checkpoint or args.checkpoint, "--n_samples", args.n, "--bpd_images", 0,
         "--out", path[:-5] + ".png", "--nrow", 25, *row.flags, *extra]
-    common.make_row(path, lambda tmp: common.evaluate("--metrics", "--no_progress", "--metrics_out", tmp, *flags)
-                    or row.record, row.checkpoint or args.checkpoint)
+    common.make_row(path, lambda tmp: common.evaluate("--metrics", "--no_progress", "--metrics_out", tmp, *flags,
+                                                      in_process=args.in_process) or row.record,
+                    row.checkpoint or args.checkpoint)
 
 
 def table(rows):
@@ -263,6 +264,8 @@ def get_args(argv):
     p.add_argument("--ddpm_npz", metavar="FILE.npz", help="score the 1000-step row from samples drawn elsewhere")
     p.add_argument("--dir", default="sweep", help="where the rows go (default sweep)")
     p.add_argument("--plan", action="store_true", help="print the rows and their NFE, and stop")
+    p.add_argument("--in_process", action="store_true", help="run evaluate.py in this process (one start for all "
+                   "rows: for a GPU, where a process's start costs more than a row's sampling)")
     p.add_argument("--samplers", default=STOCHASTIC, help=f"the protocol's samplers (default {STOCHASTIC})")
     p.add_argument("--eps_scales", default="1.0,1.003,1.006", help="selection: --eps_scale values (default 1.0,"
                    "1.003,1.006)")

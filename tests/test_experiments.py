@@ -118,6 +118,17 @@ def test_sampler_sweep(tmp_path, in_process, capsys):
     assert len(in_process) == 1 and "ddim-2: done before, skipped" in capsys.readouterr().out
 
 
+def test_sampler_sweep_in_process(tmp_path, in_process):
+    """--in_process: the row comes from evaluate.main in this process, not from common.run_script."""
+    import sampler_sweep
+    out = tmp_path / "sw"
+    sampler_sweep.main([tiny_checkpoint(tmp_path / "c.pt"), "10", "--dir", str(out), "--protocol", "select",
+                        "--samplers", "ddim", "--eps_scales", "1.0", "--select_seeds", "10", "--select_nfe", "2",
+                        "--data_dir", write_tiny_mnist(str(tmp_path / "data")), "--device", "cpu", "--in_process"])
+    r = common.read_json(out / "select" / "ddim_eta1_eps1-s10.json")
+    assert not in_process and r["nfe"] == 2 and r["sampler"]["eta"] == 1.0
+
+
 def test_sampler_sweep_protocol(tmp_path, in_process, capsys):
     """Issue 25's protocol end to end on a tiny checkpoint: the plan alone samples nothing; the selection's
     rows, each with its setting and seed; the report refused before the selection and then run with each
