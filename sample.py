@@ -73,7 +73,7 @@ def label_kwargs(args, num_classes, n_samples):
     For an unconditional model (num_classes None) both flags are refused. For a conditional one the
     digits are repeated to fill n_samples; 'none' asks for the null label (unconditional samples);
     'random' draws each label uniformly from 0..num_classes-1 with a generator seeded by --seed (the
-    conditional model as an unconditional generator of digits, issue 26's conditional route).
+    conditional model as an unconditional generator of digits).
     """
     if num_classes is None:
         if args.digits is not None or args.guidance_scale is not None:

@@ -12,7 +12,7 @@ its own spacing at --nfe's targets (default 10, 20, 50, 100), the other spacings
 paper's 1000-step sampler (31-72 minutes for N = 1000 on 2 cores of an AMD EPYC): --no_ddpm skips it,
 --ddpm_npz FILE.npz scores 1000-step samples drawn elsewhere (say, by experiments/gpu_paper.py) instead.
 
-The protocol of issue 25 (--protocol select, then --protocol report), for the stochastic samplers
+The selection protocol (--protocol select, then --protocol report), for the stochastic samplers
 (--samplers, default ddpm-respaced, ddim with eta 1, dpm++2m-sde, restart and edm):
   select  every setting of the grid at --select_nfe (default 50) on sampling seeds 10, 11, 12
           (--select_seeds): each --eps_scales value (default 1, 1.003, 1.006) times, for edm, each
@@ -45,7 +45,7 @@ import common  # first: the repo's modules onto sys.path
 import samplers
 from utils import UserError
 
-SECONDS_PER_NFE = 4.5  # per 1000 digits: the cosine checkpoint on 2 cores of an AMD EPYC (issue 25's estimate)
+SECONDS_PER_NFE = 4.5  # per 1000 digits: the cosine checkpoint on 2 cores of an AMD EPYC
 STOCHASTIC = "ddpm-respaced,ddim,dpm++2m-sde,restart,edm"
 # A row: its file DIR/<name>.json; the evaluate.py flags (--from_samples: scored, not drawn); its NFE per
 # sample; the checkpoint it samples (None: the sweep's); the fields it adds to evaluate.py's metrics.
@@ -81,7 +81,7 @@ def grid_rows(args, nfe):
     return out
 
 
-# ---- the protocol of issue 25 ------------------------------------------------------------------------------
+# ---- the selection protocol ---------------------------------------------------------------------------------
 def settings(args):
     """The selection grid: {sampler: [setting]}, a setting being the evaluate.py sampler flags but the steps,
     as a dict {flag: value} (eps_scale last)."""
@@ -258,7 +258,7 @@ def get_args(argv):
     p = common.parser(__doc__, passes_on=True)
     p.add_argument("checkpoint", nargs="?", default="checkpoints/ddpm_trained.pt")
     p.add_argument("n", nargs="?", type=int, default=1000, help="samples per row (default 1000)")
-    p.add_argument("--protocol", choices=("select", "report"), help="issue 25's protocol (default: the NFE grid)")
+    p.add_argument("--protocol", choices=("select", "report"), help="the selection protocol (default: the NFE grid)")
     p.add_argument("--nfe", help="target NFE of the rows (default 10,20,50,100; --protocol report 20,50,100)")
     p.add_argument("--no_ddpm", action="store_true", help="the NFE grid without the 1000-step row")
     p.add_argument("--ddpm_npz", metavar="FILE.npz", help="score the 1000-step row from samples drawn elsewhere")
