@@ -30,11 +30,11 @@ Rows are judged by evaluate.py --metrics, whose judge is the published checkpoin
 an extra --judge says otherwise (the table marks such rows).
 
 Before sampling, each sweep prints its rows (done or to do), their NFE per sample and the NFE left
-(at about 4.5 s per NFE per 1000 digits on 2 cores of an AMD EPYC); --plan prints only that. Each row
-goes to DIR/<row>.json as soon as it is done, with the checkpoint's SHA-256, the commit, the torch
-version and the CPU; a row whose file exists is skipped, so an interrupted sweep resumes where it
-stopped. Speeds compare only rows timed on one machine. Then the table of the rows in DIR (the NFE grid
-also DIR/fid_vs_nfe.png).
+and its time (at the speed of the rows done so far on this CPU, else at about 4.5 s per NFE per 1000
+digits, 2 cores of an AMD EPYC); --plan prints only that. Each row goes to DIR/<row>.json as soon as it
+is done, with the checkpoint's SHA-256, the commit, the torch version and the CPU; a row whose file
+exists is skipped, so an interrupted sweep resumes where it stopped. Speeds compare only rows timed on
+one machine. Then the table of the rows in DIR (the NFE grid also DIR/fid_vs_nfe.png).
 """
 import os
 from collections import namedtuple
@@ -175,15 +175,22 @@ def rows_in(folder):
 
 
 def print_plan(args, plan):
-    """Each row (done or to do) with its NFE per sample, and the NFE left and its time at SECONDS_PER_NFE."""
+    """Each row (done or to do) with its NFE per sample, and the NFE left and its time: at the median seconds
+    per NFE of the rows already done on this CPU (their sampling time, pauses included), else SECONDS_PER_NFE."""
     left = [r for r in plan if not os.path.exists(os.path.join(args.dir, r.name + ".json"))]
     for r in plan:
         print(f"  {'to do' if r in left else 'done '}  {r.name:<48} NFE {r.nfe:>4}  {' '.join(r.flags)}")
+    cpu = common.cpu_model()
+    timed = sorted(1000 * d["sampling_seconds"] / d["nfe"] / d["n_samples"]
+                   for d in rows_in(os.path.join(args.dir, "select")) + rows_in(os.path.join(args.dir, "report"))
+                   if d.get("cpu") == cpu and d.get("nfe") and d.get("sampling_seconds"))
+    per_nfe, source = ((timed[len(timed) // 2], f"the median of {len(timed)} rows done on this CPU, {cpu}") if timed
+                       else (SECONDS_PER_NFE, "2 cores of an AMD EPYC"))
     nfe = sum(r.nfe for r in left)
-    hours = nfe * args.n / 1000 * SECONDS_PER_NFE / 3600
+    hours = nfe * args.n / 1000 * per_nfe / 3600
     print(f"{len(plan)} rows, {len(left)} to do: {sum(r.nfe for r in plan)} NFE per sample in all, {nfe} left = "
-          f"{nfe * args.n} network evaluations for N = {args.n}, about {hours:.1f} h at {SECONDS_PER_NFE} s per NFE "
-          "per 1000 digits (2 cores of an AMD EPYC)", flush=True)
+          f"{nfe * args.n} network evaluations for N = {args.n}, about {hours:.1f} h at {per_nfe:.1f} s per NFE "
+          f"per 1000 digits ({source})", flush=True)
 
 
 def run_row(args, extra, row):

@@ -168,6 +168,7 @@ def test_sampler_sweep_protocol(tmp_path, in_process, capsys):
     assert c["guidance_scale"] == 1.0 and c["checkpoint_sha256"] == sha256_file(cond) and "conditional_accuracy" in c
     text = capsys.readouterr().out
     assert f"*{best['edm']}" in text and "ddpm-1000" in text and "rows at the nearest NFE" in text
+    assert "per 1000 digits (the median of 8 rows done on this CPU" in text  # the plan's time: measured speeds
     sampler_sweep.main(report)
     assert len(in_process) == 12 and "edm-nfe2-s0: done before, skipped" in capsys.readouterr().out
 
