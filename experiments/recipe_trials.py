@@ -3,16 +3,21 @@ without each recipe option, every trial judged on N samples with one fixed sampl
 
     python experiments/recipe_trials.py [N]          # N = 1000 by default
 
-A trial is NAME:SEED:FLAGS (FLAGS with + for spaces); --trials overrides the default list. Each trial
-trains into DIR/NAME-sSEED.pt with --eval_every (the curve is stored in it: the checkpoint's
-eval_history), then writes DIR/NAME-sSEED.json (the judge's numbers, the training time, steps/s and the
-CPU). A trial whose JSON exists is skipped, and an interrupted training is resumed, so rerunning
-continues where it stopped. Run it alone: the times are part of the table (about 30 minutes a trial on
-2 cores of an AMD EPYC, 2 hours for the default four; docs/experiments.md). train_wall_seconds is timed
-here (this session's part of the training, evaluations included); steps_per_second is the last "average
-speed" line run.py wrote to DIR/NAME-sSEED.log (set-up, compilation and evaluations left out), the one
-place that figure is kept. Then the table of every trial in DIR, with its --eval_every curve, and
-DIR/recipe_curves.png.
+A trial is NAME:SEED:FLAGS (FLAGS with + for spaces); --trials overrides the default list (the cpu
+preset as it is, then Min-SNR and v-prediction on top of it, two seeds each). Each trial trains into
+DIR/NAME-sSEED.pt with --eval_every (the curve is stored in it: the checkpoint's eval_history), then
+writes DIR/NAME-sSEED.json (the judge's numbers, the training time, steps/s and the CPU). A trial whose
+JSON exists is skipped, and an interrupted training is resumed, so rerunning continues where it stopped.
+Run it alone: the times are part of the table (about 45 minutes a trial on 2 cores of an AMD EPYC;
+docs/experiments.md). train_wall_seconds is timed here (this session's part of the training,
+evaluations included); steps_per_second is the last "average speed" line run.py wrote to
+DIR/NAME-sSEED.log (set-up, compilation and evaluations left out), the one place that figure is kept.
+
+The rule, fixed before the runs: the trials named --baseline (default: the first trial's name) are the
+baseline; an option wins if every seed of it beats every baseline seed on feature-FID and on precision;
+of several winners, the one with the lowest mean feature-FID. An option's later seeds are not
+trained once its first seed in the list has lost by that rule (it can no longer win). Then the table of
+every trial in DIR with its --eval_every curve, each option's verdict, and DIR/recipe_curves.png.
 """
 import os
 import re
@@ -23,14 +28,45 @@ import common  # first: the repo's modules onto sys.path
 # isort: split
 import checkpoint
 
-# The baseline is the cpu preset as it was before it adopted the cosine schedule: the paper's linear one.
-LIN = "--schedule+linear"
-TRIALS = [f"base:0:{LIN}", f"base:1:{LIN}", f"min_snr:0:{LIN}+--loss_weight+min_snr", "cosine:0:--schedule+cosine"]
+# The baseline is the cpu preset as it is (the cosine schedule); the options go on top of it. The first
+# seed of each option runs before any second one, so that a loser's second seed is never trained.
+TRIALS = ["cosine:0:", "cosine:1:", "min_snr:0:--loss_weight+min_snr", "v:0:--prediction+v",
+          "min_snr:1:--loss_weight+min_snr", "v:1:--prediction+v"]
+
+
+def beats(row, baseline):
+    """The rule: `row` beats every baseline row on feature-FID and on precision."""
+    return all(row["fid"] < b["fid"] and row["precision"] > b["precision"] for b in baseline)
+
+
+def rows_of(args, name):
+    """The done rows of trial `name`'s seeds, in --trials order."""
+    paths = [os.path.join(args.dir, f"{n}-s{s}.json") for n, s, _ in (t.split(":", 2) for t in args.trials)
+             if n == name]
+    return [common.read_json(p) for p in paths if os.path.exists(p)]
+
+
+def lost_already(args, trial):
+    """Why `trial` need not run (a later seed of an option whose first seed lost), or None."""
+    name, seed, _ = trial.split(":", 2)
+    first = next(t for t in args.trials if t.split(":", 1)[0] == name)
+    base = [t for t in args.trials if t.split(":", 1)[0] == args.baseline]
+    done = rows_of(args, name)
+    if name == args.baseline or first == trial or not done or len(rows_of(args, args.baseline)) < len(base):
+        return None
+    if not beats(done[0], rows_of(args, args.baseline)):
+        return (f"{name}-s{seed}: not trained, its seed {first.split(':')[1]} already lost to {args.baseline} "
+                "by the rule")
+    return None
 
 
 def run_trial(args, trial):
-    """Train (or resume) one trial, judge it, and write DIR/NAME-sSEED.json; skipped when that file exists."""
+    """Train (or resume) one trial, judge it, and write DIR/NAME-sSEED.json; skipped when that file exists or
+    when its option already lost."""
     name, seed, flags = trial.split(":", 2)
+    why = None if os.path.exists(os.path.join(args.dir, f"{name}-s{seed}.json")) else lost_already(args, trial)
+    if why:
+        return print(why)
     run, sampler = os.path.join(args.dir, f"{name}-s{seed}"), args.sampler_flags.split()
 
     def measure(tmp):
@@ -53,8 +89,28 @@ def run_trial(args, trial):
     common.make_row(run + ".json", measure)
 
 
-def table(out):
-    """Print every trial in `out` with its --eval_every curve (from its checkpoint); plot the curves."""
+def verdicts(args):
+    """Each option's verdict by the rule, one line each."""
+    base, lines = rows_of(args, args.baseline), []
+    names = dict.fromkeys(t.split(":", 1)[0] for t in args.trials if t.split(":", 1)[0] != args.baseline)
+    for name in names:
+        done, want = rows_of(args, name), sum(t.split(":", 1)[0] == name for t in args.trials)
+        if not base or not done:
+            lines.append(f"{name}: undecided (no rows yet)")
+            continue
+        change = common.mean_std([r["fid"] for r in done])[0] / common.mean_std([b["fid"] for b in base])[0] - 1
+        if not all(beats(r, base) for r in done):
+            lines.append(f"{name}: loses (a seed does not beat every {args.baseline} seed on FID and precision)")
+        else:
+            lines.append(f"{name}: {'wins' if len(done) == want else 'leads, seeds still to run'} "
+                         f"(mean feature-FID {change:+.0%} against {args.baseline}'s)")
+    return lines
+
+
+def table(args):
+    """Print every trial in DIR with its --eval_every curve (from its checkpoint) and each option's verdict;
+    plot the curves."""
+    out = args.dir
     rows = common.read_rows(out, "trials")
     print(f"n = {rows[0]['n_samples']}, sampler {rows[0]['sampler']}, feature-FID floor {rows[0]['fid_floor']:.2f}")
     print(f"{'trial':<34}{'FID':>8}{common.QUALITY}{'train s':>9}  CPU")
@@ -70,6 +126,9 @@ def table(out):
             print(f"{'':<4}--eval_every curve (feature-FID, n = {ckpt['train_config'].get('eval_samples', '?')}): "
                   + ", ".join(f"{curve[s]:.2f} at {s}" for s in steps))
             ax.plot(steps, [curve[s] for s in steps], "o-" if seed == "0" else "s--", label=f"{name} seed {seed}")
+    lines = verdicts(args)
+    if lines:
+        print("\n".join([f"the rule's verdicts (baseline {args.baseline}):", *lines]))
 
 
 def main(argv=None):
@@ -81,13 +140,17 @@ def main(argv=None):
                    help="the judge's sampler flags (also --eval_every's run.py flags)")
     p.add_argument("--data_dir", default="./data", help="the MNIST folder")
     p.add_argument("--dir", default="trials", help="the output folder")
+    p.add_argument("--baseline", help="the trials every option is compared with (default: the first trial's name)")
     args = p.parse_args(argv)
     if any(t.count(":") < 2 for t in args.trials):
         raise common.UserError(f"--trials are NAME:SEED:FLAGS, got {' '.join(args.trials)}")
+    args.baseline = args.baseline or args.trials[0].split(":", 1)[0]
+    if all(t.split(":", 1)[0] != args.baseline for t in args.trials):
+        raise common.UserError(f"--baseline {args.baseline} is none of the --trials' names")
     os.makedirs(args.dir, exist_ok=True)
     for trial in args.trials:
         run_trial(args, trial)
-    table(args.dir)
+    table(args)
 
 
 if __name__ == "__main__":

@@ -195,6 +195,32 @@ def test_recipe_trials(tmp_path, in_process, capsys):
     assert len(in_process) == 2 and "done before, skipped" in capsys.readouterr().out
 
 
+def test_recipe_trials_rule(tmp_path, in_process, capsys):
+    """The rule: an option wins if every seed beats every baseline seed on FID and precision; a later seed
+    of an option whose first seed lost is not trained, but only once the whole baseline is in."""
+    import argparse
+
+    import recipe_trials
+    args = argparse.Namespace(dir=str(tmp_path), baseline="base", sampler_flags="",
+                              trials=["base:0:", "base:1:", "a:0:x", "b:0:y", "a:1:x", "b:1:y"])
+
+    def row(name, fid, precision):
+        common.write_json(tmp_path / f"{name}.json", {"fid": fid, "precision": precision})
+    row("base-s0", 10.0, 0.80), row("a-s0", 9.0, 0.82), row("b-s0", 9.0, 0.80)  # b ties base-s0's precision
+    assert recipe_trials.lost_already(args, "b:1:y") is None  # base-s1 not in yet: nothing is decided
+    row("base-s1", 11.0, 0.81)
+    assert recipe_trials.lost_already(args, "a:1:x") is None and recipe_trials.lost_already(args, "a:0:x") is None
+    recipe_trials.run_trial(args, "b:1:y")  # skipped: nothing trained, nothing judged
+    assert not in_process and "b-s1: not trained, its seed 0 already lost to base" in capsys.readouterr().out
+    assert recipe_trials.verdicts(args) == [
+        "a: leads, seeds still to run (mean feature-FID -14% against base's)",
+        "b: loses (a seed does not beat every base seed on FID and precision)"]
+    row("a-s1", 9.5, 0.85)
+    assert recipe_trials.verdicts(args)[0] == "a: wins (mean feature-FID -12% against base's)"
+    row("a-s1", 10.5, 0.85)  # beats base-s1 but not base-s0 on FID
+    assert recipe_trials.verdicts(args)[0].startswith("a: loses")
+
+
 @slow  # about 30 s on 2 cores: the real processes of the test above
 def test_recipe_trials_in_real_processes(tmp_path):
     write_tiny_mnist(str(tmp_path / "data"))
@@ -309,6 +335,7 @@ def test_floors(tmp_path, capsys):
     ("sampler_sweep", ["--samplers", "ddpm"], "--samplers must name few-step samplers"),
     ("guidance_sweep", ["c.pt", "u.pt", "--scales", "1,x"], "--scales must be comma-separated numbers"),
     ("recipe_trials", ["--trials", "base"], "--trials are NAME:SEED:FLAGS"),
+    ("recipe_trials", ["--trials", "a:0:", "--baseline", "b"], "--baseline b is none of the --trials' names"),
     ("floors", ["--n", "5"], "--n values must be in 10..10000"),
     ("headline", ["--rows", "nope"], "--rows must name rows"),
     ("benchmark", ["--probe", "0"], "must be >= 1"),
