@@ -16,12 +16,13 @@ import subprocess
 import common  # first: the repo's modules onto sys.path
 
 # isort: split
+import samplers
 from common import ROOT
 from metrics import JUDGE_SHA256
 from utils import atomic_write
 
 OUT = os.path.join(ROOT, "docs", "results")
-SAMPLER = ["--sampler", "dpm++2m-sde", "--sampling_steps", "50", "--n_samples", "1000", "--batch_size", "250"]
+SAMPLER = [*samplers.RECOMMENDED, "--n_samples", "1000", "--batch_size", "250"]
 ROWS = {  # name: (checkpoint, extra evaluate.py flags, what the row is)
     "uncond_cosine": ("checkpoints/ddpm_trained.pt", [], "`ddpm_trained.pt` (unconditional, cosine schedule)"),
     "uncond_linear": ("ddpm_linear.pt", [], "the previous `ddpm_trained.pt` (linear schedule, same steps)"),

@@ -27,6 +27,7 @@ import common  # first: the repo's modules onto sys.path
 
 # isort: split
 import checkpoint
+import samplers
 
 # The baseline is the cpu preset as it is (the cosine schedule); the options go on top of it. The first
 # seed of each option runs before any second one, so that a loser's second seed is never trained.
@@ -136,8 +137,9 @@ def main(argv=None):
     p.add_argument("n", nargs="?", type=int, default=1000, help="samples to judge each trial with (default 1000)")
     p.add_argument("--trials", nargs="+", default=TRIALS, metavar="NAME:SEED:FLAGS",
                    help="FLAGS with + for spaces (default: " + " ".join(TRIALS) + ")")
-    p.add_argument("--sampler_flags", default="--sampler dpm++2m-sde --sampling_steps 50",
-                   help="the judge's sampler flags (also --eval_every's run.py flags)")
+    p.add_argument("--sampler_flags", default=" ".join(samplers.RECOMMENDED),
+                   help="the judge's sampler flags, also run.py's for its final digits (default: the recommended "
+                        f"sampler, samplers.RECOMMENDED: {' '.join(samplers.RECOMMENDED)})")
     p.add_argument("--data_dir", default="./data", help="the MNIST folder")
     p.add_argument("--dir", default="trials", help="the output folder")
     p.add_argument("--baseline", help="the trials every option is compared with (default: the first trial's name)")
