@@ -137,9 +137,9 @@ def report_rows(args, picks):
     """The reporting Rows: each sampler's chosen setting at every target NFE and report seed; the 1000-step
     reference from --ddpm_npz; the winner on --cond. A sampler not yet chosen is planned by its NFE alone."""
     out = []
-    for name, pick in picks.items():
-        st = pick[0] if pick else {"sampler": name}
-        for n in args.nfe:
+    for n in args.nfe:  # every sampler at one NFE before the next NFE: a partial report compares them
+        for name, pick in picks.items():
+            st = pick[0] if pick else {"sampler": name}
             nfe = samplers.SAMPLERS[name].nfe(steps_for_nfe(name, n))
             out += [Row(f"report/{name}-nfe{n}-s{seed}", [*setting_flags(st, n), "--seed", str(seed)], nfe, None,
                         {"setting": label(st), "seed": seed, "target_nfe": n}) for seed in args.report_seeds]
