@@ -50,14 +50,14 @@ def rows_of(args, name):
 def lost_already(args, trial):
     """Why `trial` need not run (a later seed of an option whose first seed lost), or None."""
     name, seed, _ = trial.split(":", 2)
-    first = next(t for t in args.trials if t.split(":", 1)[0] == name)
+    first_seed = next(t for t in args.trials if t.split(":", 1)[0] == name).split(":")[1]
+    first = os.path.join(args.dir, f"{name}-s{first_seed}.json")
     base = [t for t in args.trials if t.split(":", 1)[0] == args.baseline]
-    done = rows_of(args, name)
-    if name == args.baseline or first == trial or not done or len(rows_of(args, args.baseline)) < len(base):
+    if name == args.baseline or first_seed == seed or not os.path.exists(first) or \
+            len(rows_of(args, args.baseline)) < len(base):
         return None
-    if not beats(done[0], rows_of(args, args.baseline)):
-        return (f"{name}-s{seed}: not trained, its seed {first.split(':')[1]} already lost to {args.baseline} "
-                "by the rule")
+    if not beats(common.read_json(first), rows_of(args, args.baseline)):
+        return f"{name}-s{seed}: not trained, its seed {first_seed} already lost to {args.baseline} by the rule"
     return None
 
 

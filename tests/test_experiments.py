@@ -219,6 +219,9 @@ def test_recipe_trials_rule(tmp_path, in_process, capsys):
     assert recipe_trials.verdicts(args)[0] == "a: wins (mean feature-FID -12% against base's)"
     row("a-s1", 10.5, 0.85)  # beats base-s1 but not base-s0 on FID
     assert recipe_trials.verdicts(args)[0].startswith("a: loses")
+    args.trials += ["c:0:z", "c:1:z", "c:2:z"]
+    row("c-s1", 20.0, 0.5)  # a losing seed, but not the first: the first decides
+    assert recipe_trials.lost_already(args, "c:2:z") is None
 
 
 @slow  # about 30 s on 2 cores: the real processes of the test above
