@@ -40,21 +40,24 @@ def beats(row, baseline):
     return all(row["fid"] < b["fid"] and row["precision"] > b["precision"] for b in baseline)
 
 
+def seeds_of(args, name):
+    """The seeds of trial `name`, in --trials order."""
+    return [s for n, s, _ in (t.split(":", 2) for t in args.trials) if n == name]
+
+
 def rows_of(args, name):
     """The done rows of trial `name`'s seeds, in --trials order."""
-    paths = [os.path.join(args.dir, f"{n}-s{s}.json") for n, s, _ in (t.split(":", 2) for t in args.trials)
-             if n == name]
+    paths = [os.path.join(args.dir, f"{name}-s{s}.json") for s in seeds_of(args, name)]
     return [common.read_json(p) for p in paths if os.path.exists(p)]
 
 
 def lost_already(args, trial):
     """Why `trial` need not run (a later seed of an option whose first seed lost), or None."""
     name, seed, _ = trial.split(":", 2)
-    first_seed = next(t for t in args.trials if t.split(":", 1)[0] == name).split(":")[1]
+    first_seed = seeds_of(args, name)[0]
     first = os.path.join(args.dir, f"{name}-s{first_seed}.json")
-    base = [t for t in args.trials if t.split(":", 1)[0] == args.baseline]
     if name == args.baseline or first_seed == seed or not os.path.exists(first) or \
-            len(rows_of(args, args.baseline)) < len(base):
+            len(rows_of(args, args.baseline)) < len(seeds_of(args, args.baseline)):
         return None
     if not beats(common.read_json(first), rows_of(args, args.baseline)):
         return f"{name}-s{seed}: not trained, its seed {first_seed} already lost to {args.baseline} by the rule"
@@ -95,7 +98,7 @@ def verdicts(args):
     base, lines = rows_of(args, args.baseline), []
     names = dict.fromkeys(t.split(":", 1)[0] for t in args.trials if t.split(":", 1)[0] != args.baseline)
     for name in names:
-        done, want = rows_of(args, name), sum(t.split(":", 1)[0] == name for t in args.trials)
+        done, want = rows_of(args, name), len(seeds_of(args, name))
         if not base or not done:
             lines.append(f"{name}: undecided (no rows yet)")
             continue
@@ -147,7 +150,7 @@ def main(argv=None):
     if any(t.count(":") < 2 for t in args.trials):
         raise common.UserError(f"--trials are NAME:SEED:FLAGS, got {' '.join(args.trials)}")
     args.baseline = args.baseline or args.trials[0].split(":", 1)[0]
-    if all(t.split(":", 1)[0] != args.baseline for t in args.trials):
+    if not seeds_of(args, args.baseline):
         raise common.UserError(f"--baseline {args.baseline} is none of the --trials' names")
     os.makedirs(args.dir, exist_ok=True)
     for trial in args.trials:

@@ -37,6 +37,7 @@ exists is skipped, so an interrupted sweep resumes where it stopped. Speeds comp
 one machine. Then the table of the rows in DIR (the NFE grid also DIR/fid_vs_nfe.png).
 """
 import os
+import statistics
 from collections import namedtuple
 
 import common  # first: the repo's modules onto sys.path
@@ -181,11 +182,11 @@ def print_plan(args, plan):
     for r in plan:
         print(f"  {'to do' if r in left else 'done '}  {r.name:<48} NFE {r.nfe:>4}  {' '.join(r.flags)}")
     cpu = common.cpu_model()
-    timed = sorted(1000 * d["sampling_seconds"] / d["nfe"] / d["n_samples"]
-                   for d in rows_in(os.path.join(args.dir, "select")) + rows_in(os.path.join(args.dir, "report"))
-                   if d.get("cpu") == cpu and d.get("nfe") and d.get("sampling_seconds"))
-    per_nfe, source = ((timed[len(timed) // 2], f"the median of {len(timed)} rows done on this CPU, {cpu}") if timed
-                       else (SECONDS_PER_NFE, "2 cores of an AMD EPYC"))
+    timed = [1000 * d["sampling_seconds"] / d["nfe"] / d["n_samples"]
+             for d in rows_in(os.path.join(args.dir, "select")) + rows_in(os.path.join(args.dir, "report"))
+             if d.get("cpu") == cpu and d.get("nfe") and d.get("sampling_seconds")]
+    per_nfe, source = ((statistics.median(timed), f"the median of {len(timed)} rows done on this CPU, {cpu}")
+                       if timed else (SECONDS_PER_NFE, "2 cores of an AMD EPYC"))
     nfe = sum(r.nfe for r in left)
     hours = nfe * args.n / 1000 * per_nfe / 3600
     print(f"{len(plan)} rows, {len(left)} to do: {sum(r.nfe for r in plan)} NFE per sample in all, {nfe} left = "
