@@ -34,7 +34,8 @@ and its time (at the speed of the rows done so far on this CPU, else at about 4.
 digits, 2 cores of an AMD EPYC); --plan prints only that. Each row goes to DIR/<row>.json as soon as it
 is done, with the checkpoint's SHA-256, the commit, the torch version and the CPU; a row whose file
 exists is skipped, so an interrupted sweep resumes where it stopped. Speeds compare only rows timed on
-one machine. Then the table of the rows in DIR (the NFE grid also DIR/fid_vs_nfe.png).
+one machine. Then the table of the rows in DIR (the NFE grid also DIR/fid_vs_nfe.png; the report
+DIR/report/fid_vs_nfe.png, each sampler's mean FID over the seeds against NFE).
 """
 import os
 import statistics
@@ -262,6 +263,27 @@ def plot(rows, ref, path):
                    label=f"real-data floor (n = {rows[0]['n_samples']})")
 
 
+def protocol_plot(rows, path):
+    """The report: each sampler's mean FID over its seeds against NFE, the bars its seeds' range; the 1000-step
+    sampler and the floor as lines."""
+    groups = {}
+    for r in rows:
+        if r["setting"] != "ddpm-1000" and not r["setting"].startswith("cond "):
+            groups.setdefault(r["sampler"]["sampler"], {}).setdefault(r["nfe"], []).append(r["fid"])
+    with common.figure(path, (6, 4), legend=7, xscale="log", xlabel="network evaluations per sample (NFE)",
+                       ylabel="feature-FID, mean of the seeds (lower is better)") as ax:
+        for name, by_nfe in sorted(groups.items()):
+            nfe = sorted(by_nfe)
+            mean = [statistics.fmean(by_nfe[n]) for n in nfe]
+            err = [[m - min(by_nfe[n]) for n, m in zip(nfe, mean)], [max(by_nfe[n]) - m for n, m in zip(nfe, mean)]]
+            ax.errorbar(nfe, mean, yerr=err, fmt="o-", capsize=3, label=name)
+        for r in rows:
+            if r["setting"] == "ddpm-1000":
+                ax.axhline(r["fid"], color="k", lw=0.8, ls=":", label="ddpm, Algorithm 2 (1000 steps, one draw)")
+        ax.axhline(rows[0]["fid_floor"], color="gray", lw=0.8, ls="--",
+                   label=f"real-data floor (n = {rows[0]['n_samples']})")
+
+
 def get_args(argv):
     p = common.parser(__doc__, passes_on=True)
     p.add_argument("checkpoint", nargs="?", default="checkpoints/ddpm_trained.pt")
@@ -310,7 +332,10 @@ def main(argv=None):
         done = common.read_rows(args.dir)
         return plot(done, table(done), os.path.join(args.dir, "fid_vs_nfe.png"))
     picks = chosen(args, rows_in(os.path.join(args.dir, "select")))
-    protocol_table(rows_in(os.path.join(args.dir, args.protocol)), {label(p[0]) for p in picks.values() if p})
+    done = rows_in(os.path.join(args.dir, args.protocol))
+    protocol_table(done, {label(p[0]) for p in picks.values() if p})
+    if args.protocol == "report":
+        protocol_plot(done, os.path.join(args.dir, "report", "fid_vs_nfe.png"))
 
 
 if __name__ == "__main__":

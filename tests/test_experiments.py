@@ -169,6 +169,7 @@ def test_sampler_sweep_protocol(tmp_path, in_process, capsys):
     text = capsys.readouterr().out
     assert f"*{best['edm']}" in text and "ddpm-1000" in text and "rows at the nearest NFE" in text
     assert "per 1000 digits (the median of 8 rows done on this CPU" in text  # the plan's time: measured speeds
+    assert (out / "report" / "fid_vs_nfe.png").stat().st_size > 0
     sampler_sweep.main(report)
     assert len(in_process) == 12 and "edm-nfe2-s0: done before, skipped" in capsys.readouterr().out
 
