@@ -233,7 +233,9 @@ def protocol_table(rows, picked=()):
     groups = {}
     for r in rows:
         groups.setdefault((r["setting"], r.get("target_nfe", 1000)), []).append(r)
-    print(f"n = {rows[0]['n_samples']}, feature-FID floor {rows[0]['fid_floor']:.2f}; the mean over the seeds, "
+    floors = sorted({round(r["fid_floor"], 2) for r in rows})  # one per seed: the real subsets follow the seed
+    floor = f"{floors[0]:.2f}" if len(floors) == 1 else f"{floors[0]:.2f}-{floors[-1]:.2f} by seed"
+    print(f"n = {rows[0]['n_samples']}, feature-FID floor {floor}; the mean over the seeds, "
           f"their std and range; rows at the nearest NFE; * = chosen")
     print(f"{'setting':<36}{'NFE':>5}{'seeds':>6}{'FID':>8}{'std':>7}{'min-max':>16}{common.QUALITY}")
     for (name, _), rs in sorted(groups.items()):
