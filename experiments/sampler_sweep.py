@@ -19,13 +19,15 @@ The selection protocol (--protocol select, then --protocol report), for the stoc
           --churns value (default 2, 5, 30: gamma = churn / 25 steps = 0.08, 0.2 and the cap sqrt(2) - 1
           at 50 NFE), for ddpm-respaced each of the uniform and logsnr spacings; the other samplers at
           their own spacing. Rows in DIR/select/.
-  report  the rule, fixed before this run: each sampler's setting with the lowest mean FID over the
-          selection seeds (all of them done); at --nfe's targets (default 20, 50, 100) on seeds 0, 1, 2
-          (--report_seeds), each row's mean and spread over the seeds; the 1000-step sampler from
-          --ddpm_npz (drawn elsewhere at seed 0, scored with evaluate.py --from_samples); and with
-          --cond CKPT the winner (the lowest mean FID of the whole selection) on that class-conditional
-          checkpoint at its --select_nfe steps and --guidance_scale (--digits as evaluate.py takes
-          them; NFE doubles under guidance), on the report seeds. Rows in DIR/report/.
+  report  the selection's rows not yet done first (so this one command runs the whole protocol), then
+          the rule, fixed before this run: each sampler's setting with the lowest mean FID over the
+          selection seeds; at --nfe's targets (default 20, 50, 100) on seeds 0, 1, 2 (--report_seeds),
+          each row's mean and spread over the seeds; the 1000-step sampler drawn once, on the first
+          report seed (--ddpm_npz FILE.npz scores samples drawn elsewhere instead, with evaluate.py
+          --from_samples; --no_ddpm leaves it out); and with --cond CKPT the winner (the lowest mean
+          FID of the whole selection) on that class-conditional checkpoint at its --select_nfe steps
+          and --guidance_scale (--digits as evaluate.py takes them; NFE doubles under guidance), on
+          the report seeds. Rows in DIR/report/.
 Rows are judged by evaluate.py --metrics, whose judge is the published checkpoints/mnist_judge.pt unless
 an extra --judge says otherwise (the table marks such rows).
 
@@ -147,6 +149,10 @@ def report_rows(args, picks):
                         {"setting": label(st), "seed": seed, "target_nfe": n}) for seed in args.report_seeds]
     if args.ddpm_npz:
         out.append(Row("report/ddpm-1000", ["--from_samples", args.ddpm_npz], 0, None, {"setting": "ddpm-1000"}))
+    elif not args.no_ddpm:  # drawn once, on the first report seed
+        seed = args.report_seeds[0]
+        out.append(Row("report/ddpm-1000", ["--sampler", "ddpm", "--seed", str(seed)], 1000, None,
+                       {"setting": "ddpm-1000", "seed": seed}))
     if args.cond:
         done = [p for p in picks.values() if p]
         st = min(done, key=lambda p: p[1])[0] if len(done) == len(picks) else {"sampler": args.samplers[0]}
@@ -160,15 +166,17 @@ def report_rows(args, picks):
     return out
 
 
+def is_select(row):
+    return row.name.startswith("select/")
+
+
 def protocol_rows(args):
-    """The Rows of --protocol select or report; report refuses to run before the selection is complete."""
+    """The Rows of --protocol select or report: the report's rows after the selection's rows not yet done, its
+    samplers planned by their NFE alone until the selection has chosen their settings."""
     if args.protocol == "select":
         return select_rows(args)
-    picks = chosen(args, rows_in(os.path.join(args.dir, "select")))
-    if not args.plan and not all(picks.values()):
-        raise UserError(f"the selection in {args.dir}/select is not complete for "
-                        f"{', '.join(n for n, p in picks.items() if not p)}: run --protocol select first")
-    return report_rows(args, picks)
+    pending = [r for r in select_rows(args) if not os.path.exists(os.path.join(args.dir, r.name + ".json"))]
+    return pending + report_rows(args, chosen(args, rows_in(os.path.join(args.dir, "select"))))
 
 
 # ---- running and printing ----------------------------------------------------------------------------------
@@ -292,7 +300,7 @@ def get_args(argv):
     p.add_argument("n", nargs="?", type=int, default=1000, help="samples per row (default 1000)")
     p.add_argument("--protocol", choices=("select", "report"), help="the selection protocol (default: the NFE grid)")
     p.add_argument("--nfe", help="target NFE of the rows (default 10,20,50,100; --protocol report 20,50,100)")
-    p.add_argument("--no_ddpm", action="store_true", help="the NFE grid without the 1000-step row")
+    p.add_argument("--no_ddpm", action="store_true", help="the NFE grid or the report without the 1000-step row")
     p.add_argument("--ddpm_npz", metavar="FILE.npz", help="score the 1000-step row from samples drawn elsewhere")
     p.add_argument("--dir", default="sweep", help="where the rows go (default sweep)")
     p.add_argument("--plan", action="store_true", help="print the rows and their NFE, and stop")
@@ -328,7 +336,12 @@ def main(argv=None):
     if args.plan:
         return
     os.makedirs(args.dir, exist_ok=True)
-    for row in plan:
+    for row in filter(is_select, plan):
+        run_row(args, extra, row)
+    if args.protocol == "report" and any(map(is_select, plan)):
+        plan = protocol_rows(args)  # the report's rows with the settings the selection has now chosen
+        print_plan(args, plan)
+    for row in [r for r in plan if not is_select(r)]:
         run_row(args, extra, row)
     if not args.protocol:
         done = common.read_rows(args.dir)

@@ -131,8 +131,8 @@ def test_sampler_sweep_in_process(tmp_path, in_process):
 
 def test_sampler_sweep_protocol(tmp_path, in_process, capsys):
     """Issue 25's protocol end to end on a tiny checkpoint: the plan alone samples nothing; the selection's
-    rows, each with its setting and seed; the report refused before the selection and then run with each
-    sampler's setting of lowest mean FID, the 1000-step row from an npz and the winner on a conditional
+    rows, each with its setting and seed; the report as one command (the selection first, then each sampler's
+    setting of lowest mean FID), the 1000-step row from an npz (else drawn) and the winner on a conditional
     checkpoint; a second run skips every row."""
     import sampler_sweep
     ckpt, cond = tiny_checkpoint(tmp_path / "c.pt"), tiny_checkpoint(tmp_path / "cond.pt", num_classes=10)
@@ -145,9 +145,16 @@ def test_sampler_sweep_protocol(tmp_path, in_process, capsys):
     assert not in_process and "8 rows, 8 to do: 24 NFE per sample in all" in capsys.readouterr().out  # 8 x 3
     report = [*common_flags, "--protocol", "report", "--nfe", "2", "--report_seeds", "0", "--ddpm_npz", str(npz),
               "--cond", cond, "--guidance_scale", "1", "--digits", "3"]
-    with pytest.raises(UserError, match="not complete for ddim, edm: run --protocol select first"):
-        sampler_sweep.main(report)
-    sampler_sweep.main(select)
+    sampler_sweep.main([*report, "--plan"])  # the report plans the selection's rows first
+    plan = capsys.readouterr().out
+    assert "12 rows, 12 to do" in plan and plan.index("select/edm_churn5_eps1.01-s11") < plan.index("report/")
+    sampler_sweep.main([*report[:-8], "--plan"])  # without --ddpm_npz the report draws the 1000-step row itself
+    assert "report/ddpm-1000                                 NFE 1000  --sampler ddpm --seed 0" in \
+        capsys.readouterr().out
+    sampler_sweep.main([*report[:-8], "--no_ddpm", "--plan"])
+    assert "report/ddpm-1000" not in capsys.readouterr().out
+    sampler_sweep.main(report)  # one command: the selection, then the report with the selection's choices
+    assert len(in_process) == 8 + 4
     rows = common.read_rows(out / "select")
     assert len(rows) == 8 and {(r["setting"], r["seed"]) for r in rows} >= {("edm_churn5_eps1.01", 11)}
     r = common.read_json(out / "select" / "edm_churn5_eps1.01-s11.json")
@@ -158,8 +165,6 @@ def test_sampler_sweep_protocol(tmp_path, in_process, capsys):
     for r in rows:
         fid.setdefault(r["setting"], []).append(r["fid"])
     best = {s: min((k for k in fid if k.startswith(s)), key=lambda k: sum(fid[k])) for s in ("ddim", "edm")}
-    sampler_sweep.main(report)
-    assert len(in_process) == 8 + 4
     names = sorted(os.path.basename(p)[:-5] for p in map(str, (out / "report").glob("*.json")))
     winner = min(best.values(), key=lambda k: sum(fid[k]))
     assert names == sorted(["ddim-nfe2-s0", "edm-nfe2-s0", "ddpm-1000", f"cond-{winner}-w1-s0"])
@@ -335,7 +340,7 @@ def test_floors(tmp_path, capsys):
 
 @pytest.mark.parametrize("script, argv, match", [
     ("sampler_sweep", ["--nfe", "1,x"], "--nfe must be comma-separated integers"),
-    ("sampler_sweep", ["--protocol", "report", "--dir", "none"], "run --protocol select first"),
+    ("sampler_sweep", ["--protocol", "report", "--digits", "3"], "--guidance_scale and --digits are for --cond"),
     ("sampler_sweep", ["--samplers", "ddpm"], "--samplers must name few-step samplers"),
     ("guidance_sweep", ["c.pt", "u.pt", "--scales", "1,x"], "--scales must be comma-separated numbers"),
     ("recipe_trials", ["--trials", "base"], "--trials are NAME:SEED:FLAGS"),
