@@ -170,12 +170,17 @@ def is_select(row):
     return row.name.startswith("select/")
 
 
+def row_path(args, row):
+    """Where a row's result goes (DIR/<name>.json); a row whose file exists is done."""
+    return os.path.join(args.dir, row.name + ".json")
+
+
 def protocol_rows(args):
     """The Rows of --protocol select or report: the report's rows after the selection's rows not yet done, its
     samplers planned by their NFE alone until the selection has chosen their settings."""
     if args.protocol == "select":
         return select_rows(args)
-    pending = [r for r in select_rows(args) if not os.path.exists(os.path.join(args.dir, r.name + ".json"))]
+    pending = [r for r in select_rows(args) if not os.path.exists(row_path(args, r))]
     return pending + report_rows(args, chosen(args, rows_in(os.path.join(args.dir, "select"))))
 
 
@@ -187,7 +192,7 @@ def rows_in(folder):
 def print_plan(args, plan):
     """Each row (done or to do) with its NFE per sample, and the NFE left and its time: at the median seconds
     per NFE of the rows already done on this CPU (their sampling time, pauses included), else SECONDS_PER_NFE."""
-    left = [r for r in plan if not os.path.exists(os.path.join(args.dir, r.name + ".json"))]
+    left = [r for r in plan if not os.path.exists(row_path(args, r))]
     for r in plan:
         print(f"  {'to do' if r in left else 'done '}  {r.name:<48} NFE {r.nfe:>4}  {' '.join(r.flags)}")
     cpu = common.cpu_model()
@@ -205,7 +210,7 @@ def print_plan(args, plan):
 
 def run_row(args, extra, row):
     """One row into DIR/<name>.json (skipped when that file exists), stamped with what it was measured with."""
-    path = os.path.join(args.dir, row.name + ".json")
+    path = row_path(args, row)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     flags = [*row.flags, *extra] if row.flags[0] == "--from_samples" else [
         "--checkpoint", row.checkpoint or args.checkpoint, "--n_samples", args.n, "--bpd_images", 0,
@@ -290,8 +295,9 @@ def protocol_plot(rows, path):
         for r in rows:
             if r["setting"] == "ddpm-1000":
                 ax.axhline(r["fid"], color="k", lw=0.8, ls=":", label="ddpm, Algorithm 2 (1000 steps, one draw)")
-        ax.axhline(rows[0]["fid_floor"], color="gray", lw=0.8, ls="--",
-                   label=f"real-data floor (n = {rows[0]['n_samples']})")
+        floors = {r.get("real_subsets_seed"): r["fid_floor"] for r in rows}  # one per seed
+        ax.axhline(statistics.fmean(floors.values()), color="gray", lw=0.8, ls="--",
+                   label=f"real-data floor, mean of {len(floors)} seeds' (n = {rows[0]['n_samples']})")
 
 
 def get_args(argv):
