@@ -18,6 +18,9 @@ torch.load(weights_only=True) reads it and no pickled code can run):
     train_config    the TrainConfig of the run, as a dict; meta: e.g. {"preset": "cpu"}
     optimizer, scaler, rng, step, epoch, steps_per_epoch, total_steps, device_type, loss_history
                     what --resume needs (training checkpoints only)
+    sessions        the ledger of the sessions that trained the run (kept by export): per session its
+                    cpu, device, processes, torch, commit, from_step, to_step, seconds (wall, from the
+                    start of its training loop) and eval_seconds (absent in older files)
 
 Kinds: a training checkpoint can be resumed (it has the optimizer and random-number state); an
 exported one (export.py) holds only one EMA's weights, the arguments and the loss history. A bare
@@ -208,7 +211,21 @@ def build_model(ckpt, use_ema=True, device="cpu", source="the checkpoint", ema=N
 
 
 EXPORTED_KEYS = ("model_args", "diffusion_args", "train_config", "meta", "step", "epoch", "steps_per_epoch",
-                 "total_steps", "device_type", "loss_history", "eval_history")
+                 "total_steps", "device_type", "loss_history", "eval_history", "sessions")
+
+
+def training_time(ckpt):
+    """One line from the checkpoint's ledger: the training's wall time in all and where it ran, or None
+    for a file without one."""
+    sessions = ckpt.get("sessions")
+    if not sessions:
+        return None
+    seconds = sum(s["seconds"] for s in sessions)
+    where = "; ".join(f"steps {s['from_step']:,}-{s['to_step']:,} on {s['cpu']} ({s['device']}"
+                      + (f", {s['processes']} processes" if s["processes"] > 1 else "") + f", {s['seconds']:,.0f} s)"
+                      for s in sessions)
+    return (f"trained {seconds:,.0f} s ({seconds / 3600:.2f} h) in {len(sessions)} session"
+            f"{'s' if len(sessions) > 1 else ''}: {where}")
 
 
 EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -193,6 +193,8 @@ def train(args, plan, model, diffusion, images, labels, device, log):
     losses = state["loss_history"]
     log(f"trained to step {state['step']} in {time.time() - t0:.0f} s; final loss {losses[-100:].mean():.4f} "
         f"(mean of the last {min(100, len(losses))} steps); saved {args.checkpoint}")
+    if summary := checkpoint.training_time(state):  # every session of the run, resumed ones included
+        log(summary)
     return state
 
 

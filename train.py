@@ -21,7 +21,7 @@ from config import EVAL_SAMPLER, EVAL_SEED
 from dataloader import epoch_permutation
 from diffusion import to_model_range, to_uint8
 from sample import sample_func
-from utils import UserError, autocast, rank_world
+from utils import UserError, autocast, cpu_model, git_commit, rank_world
 
 
 class TrainingInterrupted(Exception):
@@ -265,6 +265,12 @@ class Trainer:
             self.noise_gen.manual_seed(self.cfg.seed + 1)
         else:
             self._restore(resume)
+        # the ledger of the sessions that trained this run: where, how long, which steps
+        self.sessions = list((resume or {}).get("sessions", []))
+        self.session_mark = (self.step, time.perf_counter(), self.eval_seconds)
+        gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
+        self.where = {"cpu": cpu_model(), "device": gpu or self.device.type, "processes": self.world,
+                      "torch": str(torch.__version__), "commit": git_commit()}
         if self.world > 1:
             # Dropout: a stream of its own per process (the checkpoint holds rank 0's), so the processes
             # do not repeat each other's masks. With dropout > 0 a distributed run therefore follows
@@ -309,7 +315,18 @@ class Trainer:
                 "step": self.step, "epoch": self.step // self.steps_per_epoch, "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.total, "device_type": self.device.type,
                 "loss_history": torch.tensor(self.losses, dtype=torch.float32), "eval_history": list(self.evals),
-                "rng": {**checkpoint.rng_state(), "noise": self.noise_gen.get_state()}}
+                "rng": {**checkpoint.rng_state(), "noise": self.noise_gen.get_state()}, "sessions": self.ledger()}
+
+    def ledger(self):
+        """The sessions that trained this run, this one last: each one's machine, commit, first and last step,
+        and wall seconds from the start of its training loop (evaluations included; eval_seconds of them).
+        Metadata only: it changes no weight, so a resumed run still trains bitwise as the uninterrupted one."""
+        first, t0, e0 = self.session_mark
+        if self.step == first:
+            return list(self.sessions)
+        return [*self.sessions, {**self.where, "from_step": first, "to_step": self.step,
+                                 "seconds": round(time.perf_counter() - t0, 1),
+                                 "eval_seconds": round(self.eval_seconds - e0, 1)}]
 
     def batch(self):
         """This process's share of the global batch at self.step: its indices into the images, on the device."""

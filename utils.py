@@ -41,14 +41,20 @@ def rank_world():
 
 
 def cpu_model():
-    """The CPU's model name as /proc/cpuinfo (Linux) or platform reports it, with the core count."""
-    name = None
+    """The CPU's model name as /proc/cpuinfo (Linux; with its family and model numbers, which tell apart
+    machines sold under one name) or platform reports it, with the core count."""
+    info = {}
     try:
         with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())  # the first processor's
     except OSError:
         pass
-    return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    name = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        name += f" (family {info['cpu family']}, model {info['model']})"
+    return f"{name}, {os.cpu_count()} cores"
 
 
 def git_commit():

@@ -9,9 +9,10 @@ DIR/NAME-sSEED.pt with --eval_every (the curve is stored in it: the checkpoint's
 writes DIR/NAME-sSEED.json (the judge's numbers, the training time, steps/s and the CPU). A trial whose
 JSON exists is skipped, and an interrupted training is resumed, so rerunning continues where it stopped.
 Run it alone: the times are part of the table (about 45 minutes a trial on 2 cores of an AMD EPYC;
-docs/experiments.md). train_wall_seconds is timed here (this session's part of the training,
-evaluations included); steps_per_second is the last "average speed" line run.py wrote to
-DIR/NAME-sSEED.log (set-up, compilation and evaluations left out), the one place that figure is kept.
+docs/experiments.md). train_seconds is the training's wall time over all its sessions, evaluations
+included, from the checkpoint's ledger (checkpoint.training_time; `sessions` in the JSON lists each
+session's CPU and steps); steps_per_second is the last "average speed" line run.py wrote to
+DIR/NAME-sSEED.log (the last session's, set-up, compilation and evaluations left out).
 
 The rule, fixed before the runs: the trials named --baseline (default: the first trial's name) are the
 baseline; an option wins if every seed of it beats every baseline seed on feature-FID and on precision;
@@ -21,7 +22,6 @@ every trial in DIR with its --eval_every curve, each option's verdict, and DIR/r
 """
 import os
 import re
-import time
 
 import common  # first: the repo's modules onto sys.path
 
@@ -76,21 +76,28 @@ def run_trial(args, trial):
     def measure(tmp):
         resume = ["--resume"] if os.path.exists(run + ".pt") else []
         os.makedirs(run, exist_ok=True)
-        start, log = time.time(), run + ".log"
+        log = run + ".log"
         if common.run_script("run.py", "--preset", "cpu", "--seed", seed, *flags.replace("+", " ").split(),
                              "--eval_every", 937, "--checkpoint", run + ".pt", "--out_dir", run, "--n_samples", 10,
                              *sampler, "--no_progress", "--data_dir", args.data_dir, *resume, log=log, check=False):
             print("".join(open(log).readlines()[-3:]), end="")
             raise common.UserError(f"trial {trial}: run.py failed (the end of {log} is above)")
         text = open(log).read()
-        print("".join(re.findall(r"^(?:eval at|average speed|evaluations|trained to).*\n", text, re.M)), end="")
-        train_s = int(time.time() - start)
+        lines = re.findall(r"^(?:eval at|average speed|evaluations|trained to|trained [0-9]).*\n", text, re.M)
+        print("".join(lines), end="")
+        sessions = checkpoint.load(run + ".pt")["sessions"]
         common.evaluate("--checkpoint", run + ".pt", "--metrics", "--n_samples", args.n, "--batch_size", 250,
                         "--bpd_images", 0, "--data_dir", args.data_dir, "--no_progress", "--out",
                         os.path.join(run, "samples.png"), "--nrow", 25, "--metrics_out", tmp, *sampler)
         speed = re.findall(r"average speed: ([0-9.]+) steps/s", text)
-        return dict(trial=trial, train_wall_seconds=train_s, steps_per_second=float(speed[-1]) if speed else None)
+        return dict(trial=trial, train_seconds=round(sum(s["seconds"] for s in sessions)), sessions=sessions,
+                    steps_per_second=float(speed[-1]) if speed else None)
     common.make_row(run + ".json", measure)
+
+
+def cpus(row):
+    """The CPUs that trained a trial (its ledger's, in order), or the judge's CPU for a row without one."""
+    return " + ".join(dict.fromkeys(s["cpu"] for s in row.get("sessions", []))) or row["cpu"]
 
 
 def verdicts(args):
@@ -122,7 +129,7 @@ def table(args):
                        ylabel="feature-FID of --eval_every's digits", yscale="log",
                        title="recipe trials: quality while training") as ax:
         for r in rows:
-            print(f"{r['trial']:<34}{common.quality(r)}{r['train_wall_seconds']:>9}  {r['cpu']}")
+            print(f"{r['trial']:<34}{common.quality(r)}{r['train_seconds']:>9}  {cpus(r)}")
             name, seed = r["trial"].split(":")[:2]
             ckpt = checkpoint.load(os.path.join(out, f"{name}-s{seed}.pt"))
             curve = {e["step"]: e["fid"] for e in ckpt.get("eval_history", [])}  # a step evaluated twice: the last

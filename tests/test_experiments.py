@@ -194,7 +194,8 @@ def test_recipe_trials(tmp_path, in_process, capsys):
     assert ckpt["train_config"]["loss_weight"] == "min_snr" and "eval at step 3" in out
     assert f"curve (feature-FID, n = 10): {ckpt['eval_history'][0]['fid']:.2f} at 3" in out
     r = common.read_json(tmp_path / "trials" / "min_snr-s0.json")
-    assert r["trial"].startswith("min_snr:0:") and r["train_wall_seconds"] >= 0 and "steps_per_second" in r
+    assert r["trial"].startswith("min_snr:0:") and r["train_seconds"] >= 0 and "steps_per_second" in r
+    assert [(s["from_step"], s["cpu"]) for s in r["sessions"]] == [(0, cpu_model())]
     assert r["cpu"] == cpu_model() and r["sampler"]["sampler"] == "ddim" and r["n_samples"] == 10
     assert (tmp_path / "trials" / "recipe_curves.png").stat().st_size > 0
     recipe_trials.main(argv)

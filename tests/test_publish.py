@@ -35,6 +35,7 @@ def test_export_keeps_ema_weights_arguments_and_history_and_writes_checksum(trai
     assert all(torch.equal(pub["model"][k], full["ema"][k]) for k in full["ema"])
     assert not all(torch.equal(pub["model"][k], full["model"][k]) for k in full["model"])  # EMA, not raw
     assert pub["model_args"] == full["model_args"] and torch.equal(pub["loss_history"], full["loss_history"])
+    assert pub["sessions"] == full["sessions"] and len(full["sessions"]) == 1  # the ledger is published too
     assert os.path.getsize(out) < os.path.getsize(src)
     digest, name = open(out + ".sha256").read().split()
     assert name == "ddpm_trained.pt" and digest == hashlib.sha256(open(out, "rb").read()).hexdigest()

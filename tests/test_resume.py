@@ -11,6 +11,7 @@ import torch
 
 import checkpoint
 import run
+import utils
 from checkpoint import load as load_checkpoint
 from checkpoint import load_weights
 from config import TrainConfig
@@ -79,6 +80,12 @@ def test_sigkill_then_resume_is_bitwise_identical(work, reference, kill_at, monk
     resumed = checkpoint.load(work / f"k{kill_at}.pt")
     assert resumed["step"] == 30 and torch.equal(resumed["loss_history"], reference["loss_history"])
     same_weights(resumed, reference)
+    # the ledger: the killed session up to its last save, then the resumed one, each with its machine
+    start = killed["step"]
+    assert [(s["from_step"], s["to_step"]) for s in resumed["sessions"]] == [(0, start), (start, 30)]
+    assert killed["sessions"] == resumed["sessions"][:1] and all(s["seconds"] > 0 for s in resumed["sessions"])
+    assert resumed["sessions"][1]["cpu"] == utils.cpu_model() and resumed["sessions"][1]["device"] == "cpu"
+    assert f"in 2 sessions: steps 0-{start} on " in checkpoint.training_time(resumed)
 
 
 def test_sigint_saves_and_exits_cleanly(work):
