@@ -7,7 +7,8 @@ A trial is NAME:SEED:FLAGS (FLAGS with + for spaces); --trials overrides the def
 preset as it is, then Min-SNR and v-prediction on top of it, two seeds each). Each trial trains into
 DIR/NAME-sSEED.pt with --eval_every (the curve is stored in it: the checkpoint's eval_history), then
 writes DIR/NAME-sSEED.json (the judge's numbers, the training time, steps/s and the CPU). A trial whose
-JSON exists is skipped, and an interrupted training is resumed, so rerunning continues where it stopped.
+JSON exists is skipped, and an interrupted training is resumed from its last checkpoint (every 250 steps,
+about 3 minutes), so rerunning continues where it stopped.
 Run it alone: the times are part of the table (about 45 minutes a trial on 2 cores of an AMD EPYC;
 docs/experiments.md). train_seconds is the training's wall time over all its sessions, evaluations
 included, from the checkpoint's ledger (checkpoint.training_time; `sessions` in the JSON lists each
@@ -78,7 +79,7 @@ def run_trial(args, trial):
         os.makedirs(run, exist_ok=True)
         log = run + ".log"
         if common.run_script("run.py", "--preset", "cpu", "--seed", seed, *flags.replace("+", " ").split(),
-                             "--eval_every", 937, "--checkpoint", run + ".pt", "--out_dir", run, "--n_samples", 10,
+                             "--eval_every", 937, "--save_every", 250, "--checkpoint", run + ".pt", "--out_dir", run, "--n_samples", 10,
                              *sampler, "--no_progress", "--data_dir", args.data_dir, *resume, log=log, check=False):
             print("".join(open(log).readlines()[-3:]), end="")
             raise common.UserError(f"trial {trial}: run.py failed (the end of {log} is above)")
