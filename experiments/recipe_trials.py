@@ -79,8 +79,9 @@ def run_trial(args, trial):
         os.makedirs(run, exist_ok=True)
         log = run + ".log"
         if common.run_script("run.py", "--preset", "cpu", "--seed", seed, *flags.replace("+", " ").split(),
-                             "--eval_every", 937, "--save_every", 250, "--checkpoint", run + ".pt", "--out_dir", run, "--n_samples", 10,
-                             *sampler, "--no_progress", "--data_dir", args.data_dir, *resume, log=log, check=False):
+                             "--eval_every", 937, "--save_every", 250, "--checkpoint", run + ".pt", "--out_dir", run,
+                             "--n_samples", 10, *sampler, "--no_progress", "--data_dir", args.data_dir, *resume,
+                             log=log, check=False):
             print("".join(open(log).readlines()[-3:]), end="")
             raise common.UserError(f"trial {trial}: run.py failed (the end of {log} is above)")
         text = open(log).read()
