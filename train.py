@@ -267,7 +267,7 @@ class Trainer:
             self._restore(resume)
         # the ledger of the sessions that trained this run: where, how long, which steps
         self.sessions = list((resume or {}).get("sessions", []))
-        self.session_mark = (self.step, time.perf_counter(), self.eval_seconds)
+        self.session_mark = (self.step, time.perf_counter())  # this session's evaluations: self.eval_seconds
         gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else None
         self.where = {"cpu": cpu_model(), "device": gpu or self.device.type, "processes": self.world,
                       "torch": str(torch.__version__), "commit": git_commit()}
@@ -321,12 +321,12 @@ class Trainer:
         """The sessions that trained this run, this one last: each one's machine, commit, first and last step,
         and wall seconds from the start of its training loop (evaluations included; eval_seconds of them).
         Metadata only: it changes no weight, so a resumed run still trains bitwise as the uninterrupted one."""
-        first, t0, e0 = self.session_mark
+        first, t0 = self.session_mark
         if self.step == first:
             return list(self.sessions)
         return [*self.sessions, {**self.where, "from_step": first, "to_step": self.step,
                                  "seconds": round(time.perf_counter() - t0, 1),
-                                 "eval_seconds": round(self.eval_seconds - e0, 1)}]
+                                 "eval_seconds": round(self.eval_seconds, 1)}]
 
     def batch(self):
         """This process's share of the global batch at self.step: its indices into the images, on the device."""

@@ -11,7 +11,6 @@ import torch
 
 import checkpoint
 import run
-import utils
 from checkpoint import load as load_checkpoint
 from checkpoint import load_weights
 from config import TrainConfig
@@ -19,7 +18,7 @@ from conftest import ROOT, TINY, TINY_FLAGS, expect_user_error, same_weights, sh
 from diffusion import GaussianDiffusion
 from model import UNet
 from train import TrainingDiverged, train_func
-from utils import UserError
+from utils import UserError, cpu_model
 
 TRAIN = [os.path.join(ROOT, "run.py"), "--device", "cpu", *TINY_FLAGS, "--dropout", "0.1", "--batch_size", "16",
          "--max_steps", "30", "--save_every", "10", "--n_samples", "1", "--sampler", "ddim", "--sampling_steps", "2",
@@ -84,7 +83,7 @@ def test_sigkill_then_resume_is_bitwise_identical(work, reference, kill_at, monk
     start = killed["step"]
     assert [(s["from_step"], s["to_step"]) for s in resumed["sessions"]] == [(0, start), (start, 30)]
     assert killed["sessions"] == resumed["sessions"][:1] and all(s["seconds"] > 0 for s in resumed["sessions"])
-    assert resumed["sessions"][1]["cpu"] == utils.cpu_model() and resumed["sessions"][1]["device"] == "cpu"
+    assert resumed["sessions"][1]["cpu"] == cpu_model() and resumed["sessions"][1]["device"] == "cpu"
     assert f"in 2 sessions: steps 0-{start} on " in checkpoint.training_time(resumed)
 
 
