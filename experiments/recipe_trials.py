@@ -32,8 +32,11 @@ import samplers
 
 # The baseline is the cpu preset as it is (the cosine schedule); the options go on top of it. The first
 # seed of each option runs before any second one, so that a loser's second seed is never trained.
-TRIALS = ["cosine:0:", "cosine:1:", "min_snr:0:--loss_weight+min_snr", "v:0:--prediction+v",
-          "min_snr:1:--loss_weight+min_snr", "v:1:--prediction+v"]
+# The trials but cosine:0 (started before) also store two more EMAs (--ema_decays, which neither changes the
+# training nor the judged main EMA), for the EMA length the cpu preset should sample with (docs/experiments.md).
+EMA = "+--ema_decays+0.998,0.9995"
+TRIALS = ["cosine:0:", "cosine:1:" + EMA, "min_snr:0:--loss_weight+min_snr" + EMA, "v:0:--prediction+v" + EMA,
+          "min_snr:1:--loss_weight+min_snr" + EMA, "v:1:--prediction+v" + EMA]
 
 
 def beats(row, baseline):
