@@ -10,6 +10,9 @@ import sys
 import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The batch the judged experiments sample at: about 25% faster on 2 CPU cores than 250 (docs/sampling.md),
+# and the same digits at any batch (per-sample noise streams)
+SAMPLE_BATCH = 100
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402

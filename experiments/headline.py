@@ -22,8 +22,7 @@ from metrics import JUDGE_SHA256
 from utils import atomic_write
 
 OUT = os.path.join(ROOT, "docs", "results")
-# Batch 100: about 25% faster on 2 CPU cores than 250 (docs/sampling.md), the same digits (per-sample noise)
-SAMPLER = [*samplers.RECOMMENDED, "--n_samples", "1000", "--batch_size", "100"]
+SAMPLER = [*samplers.RECOMMENDED, "--n_samples", "1000", "--batch_size", str(common.SAMPLE_BATCH)]
 ROWS = {  # name: (checkpoint, extra evaluate.py flags, what the row is)
     "uncond_cosine": ("checkpoints/ddpm_trained.pt", [], "`ddpm_trained.pt` (unconditional, cosine schedule)"),
     "uncond_linear": ("ddpm_linear.pt", [], "the previous `ddpm_trained.pt` (linear schedule, same steps)"),

@@ -93,9 +93,10 @@ def run_trial(args, trial):
         lines = re.findall(r"^(?:eval at|average speed|evaluations|trained to|trained [0-9]).*\n", text, re.M)
         print("".join(lines), end="")
         sessions = checkpoint.load(run + ".pt")["sessions"]
-        common.evaluate("--checkpoint", run + ".pt", "--metrics", "--n_samples", args.n, "--batch_size", 100,
-                        "--bpd_images", 0, "--data_dir", args.data_dir, "--no_progress", "--out",
-                        os.path.join(run, "samples.png"), "--nrow", 25, "--metrics_out", tmp, *sampler)
+        common.evaluate("--checkpoint", run + ".pt", "--metrics", "--n_samples", args.n,
+                        "--batch_size", common.SAMPLE_BATCH, "--bpd_images", 0, "--data_dir", args.data_dir,
+                        "--no_progress", "--out", os.path.join(run, "samples.png"), "--nrow", 25,
+                        "--metrics_out", tmp, *sampler)
         speed = re.findall(r"average speed: ([0-9.]+) steps/s", text)
         return dict(trial=trial, train_seconds=round(sum(s["seconds"] for s in sessions)), sessions=sessions,
                     steps_per_second=float(speed[-1]) if speed else None)
