@@ -20,6 +20,13 @@ baseline; an option wins if every seed of it beats every baseline seed on featur
 of several winners, the one with the lowest mean feature-FID. An option's later seeds are not
 trained once its first seed in the list has lost by that rule (it can no longer win). Then the table of
 every trial in DIR with its --eval_every curve, each option's verdict, and DIR/recipe_curves.png.
+
+The EMA length: every trial that stores more EMAs (--ema_decays) is judged again with each of them
+(evaluate.py --ema D, the same sampler and noise: a paired comparison with its main EMA), rows in
+DIR/ema/. The rule, fixed before any of them was scored: a stored EMA replaces the cpu preset's
+--ema_decay if it beats the main EMA on feature-FID and on precision in every trial that stores it, and
+its mean feature-FID is lower by more than SPREAD (the recommended sampler's standard deviation over
+sampling seeds at n = 1000, docs/sampling.md).
 """
 import os
 import re
@@ -37,6 +44,7 @@ import samplers
 # Shorter only: within 2,811 steps the warm-up min(decay, (1+n)/(10+n)) stays below 0.997, so every decay from
 # there up (the preset's 0.999 too) gives the same average.
 EMA = "+--ema_decays+0.99,0.995"
+SPREAD = 1.11  # feature-FID: dpm++2m-sde at 50 NFE, seeds 0-2, n = 1000 (docs/sampling.md, "The report")
 TRIALS = ["cosine:0:", "cosine:1:" + EMA, "min_snr:0:--loss_weight+min_snr" + EMA, "v:0:--prediction+v" + EMA,
           "min_snr:1:--loss_weight+min_snr" + EMA, "v:1:--prediction+v" + EMA]
 
@@ -101,6 +109,58 @@ def run_trial(args, trial):
         return dict(trial=trial, train_seconds=round(sum(s["seconds"] for s in sessions)), sessions=sessions,
                     steps_per_second=float(speed[-1]) if speed else None)
     common.make_row(run + ".json", measure)
+
+
+def trial_paths(args):
+    """(NAME-sSEED, checkpoint path, row) of every judged trial, in --trials order."""
+    names = [f"{n}-s{s}" for n, s, _ in (t.split(":", 2) for t in args.trials)]
+    return [(r, os.path.join(args.dir, r + ".pt"), common.read_json(os.path.join(args.dir, r + ".json")))
+            for r in names if os.path.exists(os.path.join(args.dir, r + ".json"))]
+
+
+def judge_emas(args):
+    """Judge every stored extra EMA of each judged trial (evaluate.py --ema D) like its main EMA: DIR/ema/."""
+    sampler = args.sampler_flags.split()
+    for run, pt, _ in trial_paths(args):
+        for key in checkpoint.load(pt).get("ema_extra", {}):
+            out = os.path.join(args.dir, "ema", f"{run}-ema{key}")
+            os.makedirs(out, exist_ok=True)
+
+            def measure(tmp, pt=pt, key=key, out=out):
+                common.evaluate("--checkpoint", pt, "--ema", key, "--metrics", "--n_samples", args.n,
+                                "--batch_size", common.SAMPLE_BATCH, "--bpd_images", 0, "--data_dir", args.data_dir,
+                                "--no_progress", "--out", os.path.join(out, "samples.png"), "--nrow", 25,
+                                "--metrics_out", tmp, *sampler)
+            common.make_row(out + ".json", measure)
+
+
+def ema_verdict(key, pairs):
+    """The EMA rule for the stored decay `key`; pairs: (main EMA's row, that EMA's row) of each trial storing it."""
+    change = common.mean_std([r["fid"] - m["fid"] for m, r in pairs])[0]
+    better = all(r["fid"] < m["fid"] and r["precision"] > m["precision"] for m, r in pairs)
+    verdict = "wins by the rule" if better and -change > SPREAD else \
+        f"does not win by the rule (better on FID and precision in every trial: {better}; gain above {SPREAD}: " \
+        f"{-change > SPREAD})"
+    return f"EMA {key}: feature-FID {change:+.2f} against the main EMA, mean of {len(pairs)} trials; {verdict}"
+
+
+def ema_table(args):
+    """Each trial's main EMA beside its extra ones, and the EMA rule's verdict for each extra decay."""
+    by_decay = {}
+    for run, pt, main in trial_paths(args):
+        ckpt = checkpoint.load(pt)
+        for key in ckpt.get("ema_extra", {}):
+            path = os.path.join(args.dir, "ema", f"{run}-ema{key}.json")
+            if os.path.exists(path):
+                by_decay.setdefault(key, []).append((run, ckpt["train_config"]["ema_decay"], main,
+                                                     common.read_json(path)))
+    if by_decay:
+        print("\nEMA lengths: each trial's main EMA, then a stored one (the same sampling seed: paired)")
+        print(f"{'trial':<16}{'EMA':>8}{'FID':>8}{common.QUALITY}")
+    for key, rows in by_decay.items():
+        for run, ema, main, row in rows:
+            print(f"{run:<16}{ema:>8}{common.quality(main)}\n{'':<16}{key:>8}{common.quality(row)}")
+        print(ema_verdict(key, [(main, row) for _, _, main, row in rows]))
 
 
 def cpus(row):
@@ -170,7 +230,9 @@ def main(argv=None):
     os.makedirs(args.dir, exist_ok=True)
     for trial in args.trials:
         run_trial(args, trial)
+    judge_emas(args)
     table(args)
+    ema_table(args)
 
 
 if __name__ == "__main__":

@@ -181,11 +181,11 @@ def test_sampler_sweep_protocol(tmp_path, in_process, capsys):
 
 def test_recipe_trials(tmp_path, in_process, capsys):
     """A trial trains with --eval_every, is judged, gets a row with its time and CPU; the table shows the
-    curve from its checkpoint; a trial done before is skipped."""
+    curve from its checkpoint; its extra EMA is judged too; a trial done before is skipped."""
     import recipe_trials
     data = write_tiny_mnist(str(tmp_path / "data"))
     tiny = "+".join(TINY_FLAGS[:-2] + ["--batch_size", "16", "--max_steps", "3", "--eval_samples", "10"])
-    argv = ["10", "--trials", f"min_snr:0:{tiny}+--loss_weight+min_snr", "--sampler_flags",
+    argv = ["10", "--trials", f"min_snr:0:{tiny}+--loss_weight+min_snr+--ema_decays+0.9", "--sampler_flags",
             "--sampler ddim --sampling_steps 2", "--data_dir", data, "--dir", str(tmp_path / "trials")]
     recipe_trials.main(argv)
     out = capsys.readouterr().out
@@ -198,8 +198,26 @@ def test_recipe_trials(tmp_path, in_process, capsys):
     assert [(s["from_step"], s["cpu"]) for s in r["sessions"]] == [(0, cpu_model())]
     assert r["cpu"] == cpu_model() and r["sampler"]["sampler"] == "ddim" and r["n_samples"] == 10
     assert (tmp_path / "trials" / "recipe_curves.png").stat().st_size > 0
+    # the extra EMA, judged like the main one (evaluate.py --ema picks it: tests/test_ema_decays.py)
+    ema = common.read_json(tmp_path / "trials" / "ema" / "min_snr-s0-ema0.9.json")
+    assert ema["ema"] == 0.9 and ema["n_samples"] == 10 and ema["sampler"] == r["sampler"]
+    assert "EMA 0.9: feature-FID +0.00 against the main EMA, mean of 1 trials" in out  # the same after 3 steps
     recipe_trials.main(argv)
-    assert len(in_process) == 2 and "done before, skipped" in capsys.readouterr().out
+    assert len(in_process) == 3 and out.count("done before, skipped") == 0
+    assert capsys.readouterr().out.count("done before, skipped") == 2
+
+
+def test_ema_rule():
+    """A stored EMA wins if it beats the main one on FID and precision in every trial, by more than SPREAD."""
+    import recipe_trials
+    main, spread = {"fid": 30.0, "precision": 0.70}, recipe_trials.SPREAD
+
+    def verdict(*rows):
+        return recipe_trials.ema_verdict("0.99", [(main, {"fid": f, "precision": p}) for f, p in rows])
+    assert verdict((30 - 2 * spread, 0.71), (30 - spread / 2, 0.72)).endswith("; wins by the rule")  # mean gain 1.25x
+    assert "gain above 1.11: False" in verdict((30 - spread / 2, 0.71))
+    assert "every trial: False" in verdict((30 - 3 * spread, 0.71), (30 - 3 * spread, 0.70))  # precision ties
+    assert verdict((28.0, 0.71)).startswith("EMA 0.99: feature-FID -2.00 against the main EMA, mean of 1 trials")
 
 
 def test_recipe_trials_rule(tmp_path, in_process, capsys):
