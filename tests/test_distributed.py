@@ -1,11 +1,12 @@
-"""torchrun: 2 CPU processes (gloo) train like one process at the same global batch; a killed
-2-process run resumes; the checkpoint is the usual one."""
+"""torchrun: 2 CPU processes (gloo), killed without warning and resumed, train like one process at the
+same global batch; the checkpoint is the usual one."""
 import contextlib
 import io
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -37,13 +38,40 @@ def launch(work, ckpt, nproc, *extra, wait=True):
     return p.returncode, out, err
 
 
+def kill_at_first_save(work, ckpt):
+    """Launch a 2-process run and SIGKILL torchrun and both workers (process groups of their own) as soon as its
+    first checkpoint exists. Returns the step it was saved at."""
+    p = launch(work, ckpt, 2, wait=False)
+    deadline = time.time() + 120
+    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    pids = subprocess.run(["pgrep", "-f", str(ckpt)], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    p.communicate()
+    return checkpoint.load(ckpt)["step"]
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The 2-process run under torchrun and, while it starts, the 1-process run in this process (run.main,
-    on one thread as each worker): {nproc: (checkpoint, stdout)}."""
+    """The 2-process run under torchrun, killed without warning after its first save and resumed, and while it
+    runs the 1-process run in this process (run.main, on one thread as each worker): {nproc: (checkpoint,
+    stdout)}, with the killed run's step at 'killed_at' (the resumed run's stdout is the 2-process one)."""
     work = tmp_path_factory.mktemp("ddp")
     write_tiny_mnist(str(work / "data"))
-    two = launch(work, work / "p2.pt", 2, wait=False)
+    two = {}
+
+    def killed_and_resumed():
+        try:
+            two["killed_at"] = kill_at_first_save(work, work / "p2.pt")
+            two["rc"], two["out"], two["err"] = launch(work, work / "p2.pt", 2, "--resume")
+        except BaseException as e:  # raised again below, in the test's thread
+            two["error"] = e
+    thread = threading.Thread(target=killed_and_resumed)
+    thread.start()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -51,12 +79,17 @@ def runs(tmp_path_factory):
             run.main(flags(work, work / "p1.pt"))
     finally:
         torch.set_num_threads(threads)
-    out, err = two.communicate(timeout=240)
-    assert two.returncode == 0, err[-3000:]
-    return work, {1: (checkpoint.load(work / "p1.pt"), one.getvalue()), 2: (checkpoint.load(work / "p2.pt"), out)}
+        thread.join()
+    if "error" in two:
+        raise two["error"]
+    assert two["rc"] == 0, two["err"][-3000:]
+    return work, {1: (checkpoint.load(work / "p1.pt"), one.getvalue()),
+                  2: (checkpoint.load(work / "p2.pt"), two["out"]), "killed_at": two["killed_at"]}
 
 
 def test_two_processes_match_one_at_the_same_global_batch(runs):
+    """The killed and resumed 2-process run against the uninterrupted 1-process one: a resume that lost or
+    repeated any state (weights, Adam, EMA, random numbers, data order) would not match."""
     _, res = runs
     one, two = res[1][0], res[2][0]
     assert len(one["loss_history"]) == len(two["loss_history"]) == STEPS
@@ -64,6 +97,15 @@ def test_two_processes_match_one_at_the_same_global_batch(runs):
     for k in one["ema"]:
         torch.testing.assert_close(two["ema"][k], one["ema"][k], rtol=1e-3, atol=1e-4)
     assert set(one) == set(two) and two["train_config"]["batch_size"] == 32  # same format, global batch
+
+
+def test_killed_two_process_run_resumes(runs):
+    _, res = runs
+    killed, done = res["killed_at"], res[2][0]
+    assert 0 < killed < STEPS, f"the run was killed at step {killed}; nothing left to resume"
+    assert done["step"] == STEPS and [(s["from_step"], s["to_step"]) for s in done["sessions"]] == \
+        [(0, killed), (killed, STEPS)]
+    assert all(s["processes"] == 2 for s in done["sessions"])
 
 
 def test_only_rank_zero_prints_and_the_checkpoint_evaluates(runs, tmp_path):
@@ -85,30 +127,6 @@ def test_batch_that_does_not_divide_is_a_clear_error(runs, tmp_path):
     assert said.count(msg) == 1 and set(said) <= {msg, "[rank 1] " + msg}, said
     # torchrun itself reports the failed workers (with its own traceback); the workers print one line
     assert os.path.join(ROOT, "run.py") not in err and not (tmp_path / "x.pt").exists()
-
-
-def test_killed_two_process_run_resumes(runs):
-    work, res = runs
-    ckpt = work / "killed.pt"
-    p = launch(work, ckpt, 2, wait=False)
-    deadline = time.time() + 120
-    while not ckpt.exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    # torchrun and both workers (which run in process groups of their own), without warning
-    pids = subprocess.run(["pgrep", "-f", str(ckpt)], capture_output=True, text=True).stdout.split()
-    for pid in pids:
-        try:
-            os.kill(int(pid), signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    p.communicate()
-    saved = checkpoint.load(ckpt)["step"]
-    assert 0 < saved < STEPS, f"the run was killed at step {saved}; nothing left to resume"
-    rc, out, err = launch(work, ckpt, 2, "--resume")
-    assert rc == 0, err[-3000:]
-    done = checkpoint.load(ckpt)
-    assert done["step"] == STEPS
-    torch.testing.assert_close(done["loss_history"], res[2][0]["loss_history"], rtol=1e-6, atol=0)
 
 
 @slow  # 26 s on 2 cores; test_killed_two_process_run_resumes covers resuming a 2-process run
