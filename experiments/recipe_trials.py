@@ -78,6 +78,14 @@ def lost_already(args, trial):
     return None
 
 
+def judge(args, pt, out, tmp, *extra):
+    """Score the checkpoint pt (its main EMA, or extra: --ema D) with N samples of the judge's sampler: the metrics
+    to the file tmp, the digits to OUT/samples.png. Every trial and every stored EMA is judged by this one call."""
+    common.evaluate("--checkpoint", pt, *extra, "--metrics", "--n_samples", args.n, "--batch_size",
+                    common.SAMPLE_BATCH, "--bpd_images", 0, "--data_dir", args.data_dir, "--no_progress", "--out",
+                    os.path.join(out, "samples.png"), "--nrow", 25, "--metrics_out", tmp, *args.sampler_flags.split())
+
+
 def run_trial(args, trial):
     """Train (or resume) one trial, judge it, and write DIR/NAME-sSEED.json; skipped when that file exists or
     when its option already lost."""
@@ -101,10 +109,7 @@ def run_trial(args, trial):
         lines = re.findall(r"^(?:eval at|average speed|evaluations|trained to|trained [0-9]).*\n", text, re.M)
         print("".join(lines), end="")
         sessions = checkpoint.load(run + ".pt")["sessions"]
-        common.evaluate("--checkpoint", run + ".pt", "--metrics", "--n_samples", args.n,
-                        "--batch_size", common.SAMPLE_BATCH, "--bpd_images", 0, "--data_dir", args.data_dir,
-                        "--no_progress", "--out", os.path.join(run, "samples.png"), "--nrow", 25,
-                        "--metrics_out", tmp, *sampler)
+        judge(args, run + ".pt", run, tmp)
         speed = re.findall(r"average speed: ([0-9.]+) steps/s", text)
         return dict(trial=trial, train_seconds=round(sum(s["seconds"] for s in sessions)), sessions=sessions,
                     steps_per_second=float(speed[-1]) if speed else None)
@@ -120,18 +125,11 @@ def trial_paths(args):
 
 def judge_emas(args):
     """Judge every stored extra EMA of each judged trial (evaluate.py --ema D) like its main EMA: DIR/ema/."""
-    sampler = args.sampler_flags.split()
     for run, pt, _ in trial_paths(args):
         for key in checkpoint.load(pt).get("ema_extra", {}):
             out = os.path.join(args.dir, "ema", f"{run}-ema{key}")
             os.makedirs(out, exist_ok=True)
-
-            def measure(tmp, pt=pt, key=key, out=out):
-                common.evaluate("--checkpoint", pt, "--ema", key, "--metrics", "--n_samples", args.n,
-                                "--batch_size", common.SAMPLE_BATCH, "--bpd_images", 0, "--data_dir", args.data_dir,
-                                "--no_progress", "--out", os.path.join(out, "samples.png"), "--nrow", 25,
-                                "--metrics_out", tmp, *sampler)
-            common.make_row(out + ".json", measure)
+            common.make_row(out + ".json", lambda tmp, pt=pt, key=key, out=out: judge(args, pt, out, tmp, "--ema", key))
 
 
 def ema_verdict(key, pairs):
