@@ -6,9 +6,13 @@
 
 The samples are committed (docs/results/ROW_seedS.npz, uint8, compressed), so a later change of the
 judge is a re-score (`evaluate.py --metrics --from_samples`), not a re-sample. A seed whose .npz
-exists is not sampled again; its scores go to docs/results/ROW_seedS.json. The linear-schedule row
-needs the previous published checkpoint: `git show 8179394:checkpoints/ddpm_trained.pt > ddpm_linear.pt`
-(done here when the file is missing).
+exists is not sampled again; its scores go to docs/results/ROW_seedS.json. A row whose checkpoint is
+no longer in the tree (a previous published one, the retrain's training checkpoint) restores it from
+git history when the file is missing (RESTORED: `git show COMMIT:PATH > FILE`).
+
+The rows r30_emaD are the 30-epoch retrain's EMAs (`evaluate.py --ema D`), for the rule that picked the
+published one (docs/experiments.md): `--rows r30_ema0.998,r30_ema0.999,r30_ema0.9995,r30_ema0.9999`
+prints the rule's verdict for each stored EMA against the main 0.9995 (paired by sampling seed).
 """
 import os
 import subprocess
@@ -16,6 +20,7 @@ import subprocess
 import common  # first: the repo's modules onto sys.path
 
 # isort: split
+import recipe_trials
 import samplers
 from common import ROOT
 from metrics import JUDGE_SHA256
@@ -23,28 +28,39 @@ from utils import atomic_write
 
 OUT = os.path.join(ROOT, "docs", "results")
 SAMPLER = [*samplers.RECOMMENDED, "--n_samples", "1000", "--batch_size", str(common.SAMPLE_BATCH)]
+RETRAIN = "ca76ca5"  # the commit whose checkpoints/in_progress/reference30.pt is the retrain's last state
+RESTORED = {  # a row's checkpoint file -> (commit, path) it is restored from when missing
+    "ddpm_linear.pt": ("8179394", "checkpoints/ddpm_trained.pt"),  # published before the cosine schedule
+    "ddpm_cosine20.pt": ("cc4c0f7", "checkpoints/ddpm_trained.pt"),  # published before the 30-epoch retrain
+    "reference30_final.pt": (RETRAIN, "checkpoints/in_progress/reference30.pt"),
+}
+EMAS = ("0.998", "0.999", "0.9995", "0.9999")  # the retrain's stored EMAs; 0.9995 is its main one
+MAIN_EMA = "0.9995"
 ROWS = {  # name: (checkpoint, extra evaluate.py flags, what the row is)
-    "uncond_cosine": ("checkpoints/ddpm_trained.pt", [], "`ddpm_trained.pt` (unconditional, cosine schedule)"),
-    "uncond_linear": ("ddpm_linear.pt", [], "the previous `ddpm_trained.pt` (linear schedule, same steps)"),
+    "uncond_cosine": ("ddpm_cosine20.pt", [], "the previous `ddpm_trained.pt` (cosine schedule, 20 epochs)"),
+    "uncond_linear": ("ddpm_linear.pt", [], "the one before (linear schedule, 20 epochs)"),
     "cond_w0": ("checkpoints/ddpm_cond.pt", ["--guidance_scale", "0"],
                 "`ddpm_cond.pt` (class-conditional, linear schedule), w = 0, digits 0-9 in turn"),
+    **{f"r30_ema{d}": ("reference30_final.pt", ["--ema", d], f"the 30-epoch retrain, EMA {d}") for d in EMAS},
 }
-LINEAR = ("8179394", "checkpoints/ddpm_trained.pt")  # the commit whose published checkpoint is the linear one
 METRICS = (("fid", "feature-FID", 2), ("precision", "precision", 3), ("recall", "recall", 3),
            ("confidence", "confident", 3), ("conditional_accuracy", "conditional accuracy", 3))
 
 
-def ensure_linear_checkpoint():
-    path = os.path.join(ROOT, ROWS["uncond_linear"][0])
-    if os.path.exists(path):
-        return
+def ensure_checkpoint(name):
+    """The path of a row's checkpoint, restored from git history (RESTORED) when it is missing."""
+    path = os.path.join(ROOT, name)
+    if os.path.exists(path) or name not in RESTORED:
+        return path
+    commit, source = RESTORED[name]
     try:
-        data = subprocess.run(["git", "show", f"{LINEAR[0]}:{LINEAR[1]}"], cwd=ROOT, capture_output=True).stdout
+        data = subprocess.run(["git", "show", f"{commit}:{source}"], cwd=ROOT, capture_output=True).stdout
     except OSError:
         data = b""
     if not data:
-        raise common.UserError(f"cannot restore {path} with 'git show {LINEAR[0]}:{LINEAR[1]}' (not a full clone?)")
+        raise common.UserError(f"cannot restore {path} with 'git show {commit}:{source}' (not a full clone?)")
     atomic_write(path, lambda f: f.write(data))
+    return path
 
 
 def run_row(name, seeds, rescore, data_dir):
@@ -54,9 +70,7 @@ def run_row(name, seeds, rescore, data_dir):
     for seed in seeds:
         npz, js = (os.path.join(OUT, f"{name}_seed{seed}.{ext}") for ext in ("npz", "json"))
         if not os.path.exists(npz):
-            if name == "uncond_linear":
-                ensure_linear_checkpoint()
-            common.evaluate("--checkpoint", ckpt, *SAMPLER, *extra, "--seed", seed, "--no_progress",
+            common.evaluate("--checkpoint", ensure_checkpoint(ckpt), *SAMPLER, *extra, "--seed", seed, "--no_progress",
                             "--out", os.path.join(OUT, f".{name}_seed{seed}.png"), "--save_samples", npz, cwd=ROOT)
             os.remove(os.path.join(OUT, f".{name}_seed{seed}.png"))
         # a score is re-made when missing, older than its samples, or not by the published judge
@@ -94,6 +108,10 @@ def main(argv=None):
         s = summary(scores)
         cells = [f"{s[k][0]:.{d}f} +- {s[k][1]:.{d}f}" if k in s else "" for k, _, d in METRICS]
         print(f"| {ROWS[name][2]} | " + " | ".join(cells) + " |")
+    main_ema = results.get(f"r30_ema{MAIN_EMA}")
+    for d in EMAS:  # the rule that picks the retrain's published EMA (docs/experiments.md)
+        if main_ema and d != MAIN_EMA and f"r30_ema{d}" in results:
+            print(recipe_trials.ema_verdict(d, list(zip(main_ema, results[f"r30_ema{d}"])), unit="seeds"))
     machines = sorted({f"{sc.get('cpu')}, torch {sc.get('torch')}" for sc in sum(results.values(), [])})
     print("sampled on: " + "; ".join(machines))
 

@@ -132,14 +132,15 @@ def judge_emas(args):
             common.make_row(out + ".json", lambda tmp, pt=pt, key=key, out=out: judge(args, pt, out, tmp, "--ema", key))
 
 
-def ema_verdict(key, pairs):
-    """The EMA rule for the stored decay `key`; pairs: (main EMA's row, that EMA's row) of each trial storing it."""
+def ema_verdict(key, pairs, unit="trials"):
+    """The EMA rule for the stored decay `key`; pairs: (main EMA's row, that EMA's row) of each trial storing it
+    (unit="seeds": of each sampling seed of one run)."""
     change = common.mean_std([r["fid"] - m["fid"] for m, r in pairs])[0]
     better = all(r["fid"] < m["fid"] and r["precision"] > m["precision"] for m, r in pairs)
     verdict = "wins by the rule" if better and -change > SPREAD else \
-        f"does not win by the rule (better on FID and precision in every trial: {better}; gain above {SPREAD}: " \
+        f"does not win by the rule (better on FID and precision in every one: {better}; gain above {SPREAD}: " \
         f"{-change > SPREAD})"
-    return f"EMA {key}: feature-FID {change:+.2f} against the main EMA, mean of {len(pairs)} trials; {verdict}"
+    return f"EMA {key}: feature-FID {change:+.2f} against the main EMA, mean of {len(pairs)} {unit}; {verdict}"
 
 
 def ema_table(args):

@@ -216,7 +216,7 @@ def test_ema_rule():
         return recipe_trials.ema_verdict("0.99", [(main, {"fid": f, "precision": p}) for f, p in rows])
     assert verdict((30 - 2 * spread, 0.71), (30 - spread / 2, 0.72)).endswith("; wins by the rule")  # mean gain 1.25x
     assert "gain above 1.11: False" in verdict((30 - spread / 2, 0.71))
-    assert "every trial: False" in verdict((30 - 3 * spread, 0.71), (30 - 3 * spread, 0.70))  # precision ties
+    assert "every one: False" in verdict((30 - 3 * spread, 0.71), (30 - 3 * spread, 0.70))  # precision ties
     assert verdict((28.0, 0.71)).startswith("EMA 0.99: feature-FID -2.00 against the main EMA, mean of 1 trials")
 
 
@@ -346,6 +346,16 @@ def test_headline(tmp_path, in_process, capsys, monkeypatch):
     assert "| a tiny row | " in capsys.readouterr().out
     headline.main(argv)
     assert len(in_process) == 2 and "| a tiny row | " in capsys.readouterr().out
+
+
+def test_headline_restores_from_history(monkeypatch):
+    """A row's checkpoint missing from the tree comes from git history; a commit that lacks it is one clear error."""
+    import headline
+    monkeypatch.setattr(headline, "RESTORED", {"not_a_checkpoint.pt": ("0" * 40, "checkpoints/nothing.pt")})
+    with pytest.raises(common.UserError, match="cannot restore .*not_a_checkpoint.pt with 'git show 0+:checkpoints"):
+        headline.ensure_checkpoint("not_a_checkpoint.pt")
+    assert not os.path.exists(os.path.join(headline.ROOT, "not_a_checkpoint.pt"))
+    assert headline.ROWS["r30_ema0.999"][1] == ["--ema", "0.999"] and headline.MAIN_EMA in headline.EMAS
 
 
 def test_floors(tmp_path, capsys):
