@@ -1,7 +1,7 @@
 """The README's Results rows: each checkpoint sampled with 3 seeds at n = 1000, scored by the published judge.
 
-    python experiments/headline.py              # samples what is missing (about 3 min per row and seed on 2 CPU
-                                          # cores), scores everything, prints the table
+    python experiments/headline.py              # the README's rows: samples what is missing (2-5 min per row
+                                          # and seed on 2 CPU cores), scores everything, prints the table
     python experiments/headline.py --rows uncond_cosine --seeds 0,1,2,3,4
 
 The samples are committed (docs/results/ROW_seedS.npz, uint8, compressed), so a later change of the
@@ -12,7 +12,9 @@ git history when the file is missing (RESTORED: `git show COMMIT:PATH > FILE`).
 
 The rows r30_emaD are the 30-epoch retrain's EMAs (`evaluate.py --ema D`), for the rule that picked the
 published one (docs/experiments.md): `--rows r30_ema0.998,r30_ema0.999,r30_ema0.9995,r30_ema0.9999`
-prints the rule's verdict for each stored EMA against the main 0.9995 (paired by sampling seed).
+prints the rule's verdict for each stored EMA against the main 0.9995 (paired by sampling seed). The
+published checkpoints/ddpm_trained.pt is that main EMA exported (the same weights, so the same digits):
+its README row is r30_ema0.9995.
 """
 import os
 import subprocess
@@ -37,12 +39,16 @@ RESTORED = {  # a row's checkpoint file -> (commit, path) it is restored from wh
 EMAS = ("0.998", "0.999", "0.9995", "0.9999")  # the retrain's stored EMAs; 0.9995 is its main one
 MAIN_EMA = "0.9995"
 ROWS = {  # name: (checkpoint, extra evaluate.py flags, what the row is)
+    **{f"r30_ema{d}": ("reference30_final.pt", ["--ema", d], f"the 30-epoch retrain, EMA {d}") for d in EMAS},
     "uncond_cosine": ("ddpm_cosine20.pt", [], "the previous `ddpm_trained.pt` (cosine schedule, 20 epochs)"),
     "uncond_linear": ("ddpm_linear.pt", [], "the one before (linear schedule, 20 epochs)"),
     "cond_w0": ("checkpoints/ddpm_cond.pt", ["--guidance_scale", "0"],
-                "`ddpm_cond.pt` (class-conditional, linear schedule), w = 0, digits 0-9 in turn"),
-    **{f"r30_ema{d}": ("reference30_final.pt", ["--ema", d], f"the 30-epoch retrain, EMA {d}") for d in EMAS},
+                "`ddpm_cond.pt` (class-conditional, linear schedule, 20 epochs), w = 0, digits 0-9 in turn"),
 }
+# The published checkpoints/ddpm_trained.pt is the retrain's main EMA exported: the same weights, so the same digits
+ROWS[f"r30_ema{MAIN_EMA}"] = ("reference30_final.pt", ["--ema", MAIN_EMA],
+                              "`ddpm_trained.pt` (unconditional, cosine schedule, 30 epochs; the retrain's EMA 0.9995)")
+README_ROWS = (f"r30_ema{MAIN_EMA}", "uncond_cosine", "uncond_linear", "cond_w0")  # the README's Results, in order
 METRICS = (("fid", "feature-FID", 2), ("precision", "precision", 3), ("recall", "recall", 3),
            ("confidence", "confident", 3), ("conditional_accuracy", "conditional accuracy", 3))
 
@@ -89,7 +95,8 @@ def summary(scores):
 
 def main(argv=None):
     p = common.parser(__doc__)
-    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    p.add_argument("--rows", default=",".join(README_ROWS),
+                   help=f"comma-separated, of {', '.join(ROWS)} (default: the README's Results)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated sampling seeds")
     p.add_argument("--rescore", action="store_true", help="score every seed again (a new judge)")
     p.add_argument("--data_dir", default="./data", help="MNIST, for the floors (relative to the repo root)")
