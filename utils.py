@@ -223,8 +223,8 @@ def plot_loss(loss_history, path, smooth=100, evals=None):
         kernel = torch.ones(smooth, dtype=torch.float64) / smooth
         ma = torch.nn.functional.conv1d(losses[None, None], kernel[None, None])[0, 0]
         ax.plot(steps[smooth - 1:], ma, color="tab:blue", label=f"mean of {smooth} steps")
-    ax.set(yscale="log", xlabel="optimizer step", ylabel="training loss (MSE on eps or v, weighted if --loss_weight)",
-           title="DDPM training loss")
+    ax.set(yscale="log", xlabel="optimizer step", title="DDPM training loss",
+           ylabel="training loss\n(MSE on eps or v; weighted if --loss_weight)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     if evals:
@@ -240,6 +240,10 @@ def _plot_evals(ax, evals):
     ax.plot(steps, [e["fid"] for e in evals], "o-", color="tab:red", label="feature-FID")
     ax.set(yscale="log", xlabel="optimizer step", title="quality while training (--eval_every)")
     ax.set_ylabel("feature-FID (EMA weights)", color="tab:red")
+    from matplotlib.ticker import FuncFormatter
+    plain = FuncFormatter(lambda v, _: f"{v:g}")  # 40, not 4 x 10^1: the curve rarely spans a decade
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.grid(True, which="both", alpha=0.3)
     twin = ax.twinx()
     twin.plot(steps, [e["confidence"] for e in evals], "s--", color="tab:green", label="confident")
