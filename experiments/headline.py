@@ -54,10 +54,11 @@ METRICS = (("fid", "feature-FID", 2), ("precision", "precision", 3), ("recall", 
 
 
 def ensure_checkpoint(name):
-    """The path of a row's checkpoint, restored from git history (RESTORED) when it is missing."""
+    """The path of a row's checkpoint relative to the repo root (evaluate.py runs there and records it),
+    restored from git history (RESTORED) when it is missing."""
     path = os.path.join(ROOT, name)
     if os.path.exists(path) or name not in RESTORED:
-        return path
+        return name
     commit, source = RESTORED[name]
     try:
         data = subprocess.run(["git", "show", f"{commit}:{source}"], cwd=ROOT, capture_output=True).stdout
@@ -66,7 +67,7 @@ def ensure_checkpoint(name):
     if not data:
         raise common.UserError(f"cannot restore {path} with 'git show {commit}:{source}' (not a full clone?)")
     atomic_write(path, lambda f: f.write(data))
-    return path
+    return name
 
 
 def run_row(name, seeds, rescore, data_dir):
@@ -74,17 +75,20 @@ def run_row(name, seeds, rescore, data_dir):
     ckpt, extra, _ = ROWS[name]
     scores = []
     for seed in seeds:
-        npz, js = (os.path.join(OUT, f"{name}_seed{seed}.{ext}") for ext in ("npz", "json"))
-        if not os.path.exists(npz):
+        # paths relative to the repo root, where evaluate.py runs: the scores record them, not this machine's
+        npz, js = (os.path.relpath(os.path.join(OUT, f"{name}_seed{seed}.{ext}"), ROOT) for ext in ("npz", "json"))
+        npz_at, js_at = os.path.join(ROOT, npz), os.path.join(ROOT, js)
+        if not os.path.exists(npz_at):
+            png = os.path.relpath(os.path.join(OUT, f".{name}_seed{seed}.png"), ROOT)
             common.evaluate("--checkpoint", ensure_checkpoint(ckpt), *SAMPLER, *extra, "--seed", seed, "--no_progress",
-                            "--out", os.path.join(OUT, f".{name}_seed{seed}.png"), "--save_samples", npz, cwd=ROOT)
-            os.remove(os.path.join(OUT, f".{name}_seed{seed}.png"))
+                            "--out", png, "--save_samples", npz, cwd=ROOT)
+            os.remove(os.path.join(ROOT, png))
         # a score is re-made when missing, older than its samples, or not by the published judge
-        if rescore or not os.path.exists(js) or os.path.getmtime(js) < os.path.getmtime(npz) or (
-                common.read_json(js).get("judge_sha256") != JUDGE_SHA256):
+        if rescore or not os.path.exists(js_at) or os.path.getmtime(js_at) < os.path.getmtime(npz_at) or (
+                common.read_json(js_at).get("judge_sha256") != JUDGE_SHA256):
             common.evaluate("--metrics", "--from_samples", npz, "--seed", seed, "--no_progress", "--metrics_out", js,
                             "--data_dir", data_dir, cwd=ROOT)
-        scores.append(common.read_json(js))
+        scores.append(common.read_json(js_at))
     return scores
 
 

@@ -41,10 +41,11 @@ def in_process(monkeypatch):
     Returns the list of calls, each (script, *flags)."""
     calls = []
 
-    def run_script(script, *args, log=None, check=True, **_):
+    def run_script(script, *args, log=None, check=True, cwd=None, **_):
         calls.append((os.path.basename(script), *map(str, args)))
         module = importlib.import_module(os.path.basename(script)[:-3])
-        with open(log, "a") if log else contextlib.nullcontext(sys.stdout) as f, contextlib.redirect_stdout(f):
+        with open(log, "a") if log else contextlib.nullcontext(sys.stdout) as f, contextlib.redirect_stdout(f), (
+                contextlib.chdir(cwd) if cwd else contextlib.nullcontext()):
             module.main([str(a) for a in args])
         return 0
     monkeypatch.setattr(common, "run_script", run_script)
@@ -343,6 +344,8 @@ def test_headline(tmp_path, in_process, capsys, monkeypatch):
     argv = ["--rows", "tiny", "--seeds", "0", "--data_dir", write_tiny_mnist(str(tmp_path / "data"))]
     headline.main(argv)
     assert {"tiny_seed0.npz", "tiny_seed0.json"} <= set(os.listdir(tmp_path)) and len(in_process) == 2
+    # the scores name their samples relative to the repo root, not by this machine's absolute path
+    assert not os.path.isabs(common.read_json(tmp_path / "tiny_seed0.json")["from_samples"])
     assert "| a tiny row | " in capsys.readouterr().out
     headline.main(argv)
     assert len(in_process) == 2 and "| a tiny row | " in capsys.readouterr().out
