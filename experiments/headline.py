@@ -75,14 +75,14 @@ def run_row(name, seeds, rescore, data_dir):
     ckpt, extra, _ = ROWS[name]
     scores = []
     for seed in seeds:
-        # paths relative to the repo root, where evaluate.py runs: the scores record them, not this machine's
-        npz, js = (os.path.relpath(os.path.join(OUT, f"{name}_seed{seed}.{ext}"), ROOT) for ext in ("npz", "json"))
-        npz_at, js_at = os.path.join(ROOT, npz), os.path.join(ROOT, js)
+        npz_at, js_at, png_at = (os.path.join(OUT, f) for f in (f"{name}_seed{seed}.npz", f"{name}_seed{seed}.json",
+                                                                 f".{name}_seed{seed}.png"))  # the png: a hidden scrap
+        # evaluate.py runs in the repo root and gets paths relative to it: the scores record them, not this machine's
+        npz, js, png = (os.path.relpath(p, ROOT) for p in (npz_at, js_at, png_at))
         if not os.path.exists(npz_at):
-            png = os.path.relpath(os.path.join(OUT, f".{name}_seed{seed}.png"), ROOT)
             common.evaluate("--checkpoint", ensure_checkpoint(ckpt), *SAMPLER, *extra, "--seed", seed, "--no_progress",
                             "--out", png, "--save_samples", npz, cwd=ROOT)
-            os.remove(os.path.join(ROOT, png))
+            os.remove(png_at)
         # a score is re-made when missing, older than its samples, or not by the published judge
         if rescore or not os.path.exists(js_at) or os.path.getmtime(js_at) < os.path.getmtime(npz_at) or (
                 common.read_json(js_at).get("judge_sha256") != JUDGE_SHA256):
