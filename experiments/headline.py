@@ -31,15 +31,18 @@ from utils import atomic_write
 OUT = os.path.join(ROOT, "docs", "results")
 SAMPLER = [*samplers.RECOMMENDED, "--n_samples", "1000", "--batch_size", str(common.SAMPLE_BATCH)]
 RETRAIN = "ca76ca5"  # the commit whose checkpoints/in_progress/reference30.pt is the retrain's last state
+COND30 = "9419ba0"  # the commit whose checkpoints/in_progress/cond30.pt is the class-conditional run's last state
 RESTORED = {  # a row's checkpoint file -> (commit, path) it is restored from when missing
     "ddpm_linear.pt": ("8179394", "checkpoints/ddpm_trained.pt"),  # published before the cosine schedule
     "ddpm_cosine20.pt": ("cc4c0f7", "checkpoints/ddpm_trained.pt"),  # published before the 30-epoch retrain
     "reference30_final.pt": (RETRAIN, "checkpoints/in_progress/reference30.pt"),
+    "cond30_final.pt": (COND30, "checkpoints/in_progress/cond30.pt"),
 }
 EMAS = ("0.998", "0.999", "0.9995", "0.9999")  # the retrain's stored EMAs; 0.9995 is its main one
 MAIN_EMA = "0.9995"
 # The published checkpoints/ddpm_trained.pt is the retrain's main EMA exported: the same weights, so the same digits
 PUBLISHED = f"`ddpm_trained.pt` (unconditional, cosine schedule, 30 epochs; the retrain's EMA {MAIN_EMA})"
+RANDOM = ["--digits", "random", "--guidance_scale", "0"]
 ROWS = {  # name: (checkpoint, extra evaluate.py flags, what the row is)
     **{f"r30_ema{d}": ("reference30_final.pt", ["--ema", d], PUBLISHED if d == MAIN_EMA else
                        f"the 30-epoch retrain, EMA {d}") for d in EMAS},
@@ -47,6 +50,9 @@ ROWS = {  # name: (checkpoint, extra evaluate.py flags, what the row is)
     "uncond_linear": ("ddpm_linear.pt", [], "the one before (linear schedule, 20 epochs)"),
     "cond_w0": ("checkpoints/ddpm_cond.pt", ["--guidance_scale", "0"],
                 "`ddpm_cond.pt` (class-conditional, linear schedule, 20 epochs), w = 0, digits 0-9 in turn"),
+    # unconditional digits from class-conditional models: each label drawn uniformly at random (seeded by --seed)
+    "cond30_random": ("cond30_final.pt", RANDOM, "class-conditional, row 1's recipe and cost, w = 0, random digits"),
+    "cond_random": ("checkpoints/ddpm_cond.pt", RANDOM, "`ddpm_cond.pt`, w = 0, random digits"),
 }
 README_ROWS = (f"r30_ema{MAIN_EMA}", "uncond_cosine", "uncond_linear", "cond_w0")  # the README's Results, in order
 METRICS = (("fid", "feature-FID", 2), ("precision", "precision", 3), ("recall", "recall", 3),
