@@ -51,10 +51,11 @@ ROWS = {  # name: (checkpoint, extra evaluate.py flags, what the row is)
     "cond_w0": ("checkpoints/ddpm_cond.pt", ["--guidance_scale", "0"],
                 "`ddpm_cond.pt` (class-conditional, linear schedule, 20 epochs), w = 0, digits 0-9 in turn"),
     # unconditional digits from class-conditional models: each label drawn uniformly at random (seeded by --seed)
-    "cond30_random": ("cond30_final.pt", RANDOM, "class-conditional, row 1's recipe and cost, w = 0, random digits"),
-    "cond_random": ("checkpoints/ddpm_cond.pt", RANDOM, "`ddpm_cond.pt`, w = 0, random digits"),
+    "cond30_random": ("cond30_final.pt", RANDOM, "class-conditional, row 1's recipe and steps, w = 0, random digits"),
+    "cond_random": ("checkpoints/ddpm_cond.pt", RANDOM,
+                    "`ddpm_cond.pt` (class-conditional, linear schedule, 20 epochs), w = 0, random digits"),
 }
-README_ROWS = (f"r30_ema{MAIN_EMA}", "uncond_cosine", "uncond_linear", "cond_w0")  # the README's Results, in order
+README_ROWS = (f"r30_ema{MAIN_EMA}", "cond30_random", "cond_random", "uncond_cosine", "uncond_linear")  # in order
 METRICS = (("fid", "feature-FID", 2), ("precision", "precision", 3), ("recall", "recall", 3),
            ("confidence", "confident", 3), ("conditional_accuracy", "conditional accuracy", 3))
 
