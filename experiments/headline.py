@@ -7,8 +7,8 @@
 The samples are committed (docs/results/ROW_seedS.npz, uint8, compressed), so a later change of the
 judge is a re-score (`evaluate.py --metrics --from_samples`), not a re-sample. A seed whose .npz
 exists is not sampled again; its scores go to docs/results/ROW_seedS.json. A row whose checkpoint is
-no longer in the tree (a previous published one, the retrain's training checkpoint) restores it from
-git history when the file is missing (RESTORED: `git show COMMIT:PATH > FILE`).
+no longer in the tree (a previous published one, the retrain's or the class-conditional run's training
+checkpoint) restores it from git history when the file is missing (RESTORED: `git show COMMIT:PATH > FILE`).
 
 The rows r30_emaD are the 30-epoch retrain's EMAs (`evaluate.py --ema D`), for the rule that picked the
 published one (docs/experiments.md): `--rows r30_ema0.998,r30_ema0.999,r30_ema0.9995,r30_ema0.9999`
@@ -42,18 +42,17 @@ EMAS = ("0.998", "0.999", "0.9995", "0.9999")  # the retrain's stored EMAs; 0.99
 MAIN_EMA = "0.9995"
 # The published checkpoints/ddpm_trained.pt is the retrain's main EMA exported: the same weights, so the same digits
 PUBLISHED = f"`ddpm_trained.pt` (unconditional, cosine schedule, 30 epochs; the retrain's EMA {MAIN_EMA})"
+COND = "`ddpm_cond.pt` (class-conditional, linear schedule, 20 epochs)"
 RANDOM = ["--digits", "random", "--guidance_scale", "0"]
 ROWS = {  # name: (checkpoint, extra evaluate.py flags, what the row is)
     **{f"r30_ema{d}": ("reference30_final.pt", ["--ema", d], PUBLISHED if d == MAIN_EMA else
                        f"the 30-epoch retrain, EMA {d}") for d in EMAS},
     "uncond_cosine": ("ddpm_cosine20.pt", [], "the previous `ddpm_trained.pt` (cosine schedule, 20 epochs)"),
     "uncond_linear": ("ddpm_linear.pt", [], "the one before (linear schedule, 20 epochs)"),
-    "cond_w0": ("checkpoints/ddpm_cond.pt", ["--guidance_scale", "0"],
-                "`ddpm_cond.pt` (class-conditional, linear schedule, 20 epochs), w = 0, digits 0-9 in turn"),
+    "cond_w0": ("checkpoints/ddpm_cond.pt", ["--guidance_scale", "0"], f"{COND}, w = 0, digits 0-9 in turn"),
     # unconditional digits from class-conditional models: each label drawn uniformly at random (seeded by --seed)
     "cond30_random": ("cond30_final.pt", RANDOM, "class-conditional, row 1's recipe and steps, w = 0, random digits"),
-    "cond_random": ("checkpoints/ddpm_cond.pt", RANDOM,
-                    "`ddpm_cond.pt` (class-conditional, linear schedule, 20 epochs), w = 0, random digits"),
+    "cond_random": ("checkpoints/ddpm_cond.pt", RANDOM, f"{COND}, w = 0, random digits"),
 }
 README_ROWS = (f"r30_ema{MAIN_EMA}", "cond30_random", "cond_random", "uncond_cosine", "uncond_linear")  # in order
 METRICS = (("fid", "feature-FID", 2), ("precision", "precision", 3), ("recall", "recall", 3),
