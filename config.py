@@ -73,7 +73,11 @@ class TrainConfig:
     seed: int = hp(0, "seed for init, data order, noise, dropout and sampling", resume="keep")
     amp: str = hp("none", "mixed precision (autocast; fp16 trains with a GradScaler and needs CUDA)",
                   resume="from flags", choices=AMP_MODES)
-    compile: bool = hp(False, "torch.compile the network", resume="from flags")
+    compile: bool = hp(False, "torch.compile the network (on CUDA with its own CUDA graphs, mode reduce-overhead)",
+                       resume="from flags")
+    graph_step: bool = hp(False, "with --compile on CUDA: capture the whole training step (draws, forward, backward, "
+                          "Adam, EMAs) as one CUDA graph instead (cuda_graph.py; not yet measured on a GPU)",
+                          resume="from flags")
     p_uncond: float = hp(0.1, "with --class_cond: probability of training on the null label instead",
                          (lambda v: 0 <= v <= 1, "must be in [0, 1]"))
     loss_weight: str = hp("none", "none (the paper's L_simple) or min_snr (Min-SNR-gamma weighting, Hang et al. "

@@ -43,6 +43,7 @@ def get_parser():
     config.add_sampler_flags(p)
     config.add_label_flags(p)
     config.add_speed_flags(p)
+    config.add_flag(p, "graph_step")
     config.add_device_flag(p)
     p.add_argument("--data_dir", default="./data", help="where MNIST is (or is put)")
     config.add_checkpoint_flag(p, "checkpoint path (written; read by --resume)")
@@ -87,6 +88,9 @@ def configure(args, device, world):
         model_args, diffusion_args, cfg = config.resolve(args.preset, args.class_cond, **flags)
         diffusion_args = GaussianDiffusion(**diffusion_args).args
     check_batch_divides(cfg.batch_size, world)
+    if cfg.graph_step and (world > 1 or cfg.amp == "fp16"):
+        raise UserError("--graph_step runs in one process and without --amp fp16 (whose GradScaler decides on the "
+                        "host whether to skip a step); drop it")
     check_n_samples(args.n_samples)
     plan = Plan(model_args, diffusion_args, cfg, meta, ckpt, sampler_kwargs(args, diffusion_args["T"]),
                 label_kwargs(args, model_args.get("num_classes"), args.n_samples),
@@ -181,7 +185,7 @@ def train(args, plan, model, diffusion, images, labels, device, log):
     t0 = time.time()
     try:
         judge = TrainingJudge() if plan.cfg.eval_every and utils.rank_world()[0] == 0 else None  # rank 0 evaluates
-        state = train_func(model, diffusion, images, plan.cfg, args.checkpoint, device=device, resume=plan.resume,
+        state, ema = train_func(model, diffusion, images, plan.cfg, args.checkpoint, device=device, resume=plan.resume,
                            model_meta=plan.meta, progress=not args.no_progress, speed_hint=hint, judge=judge,
                            labels=labels if plan.model_args.get("num_classes") is not None else None)
     except TrainingInterrupted as e:
@@ -195,15 +199,14 @@ def train(args, plan, model, diffusion, images, labels, device, log):
         f"(mean of the last {min(100, len(losses))} steps); saved {args.checkpoint}")
     if summary := checkpoint.training_time(state):  # every session of the run, resumed ones included
         log(summary)
-    return state
+    return state, ema
 
 
-def sample_and_plot(args, plan, model, diffusion, state, device):
+def sample_and_plot(args, plan, ema, diffusion, state, device):
     """The loss curve, and n_samples digits from the EMA weights with the chosen sampler."""
     utils.plot_loss(state["loss_history"], plan.loss_path, evals=state.get("eval_history"))
-    model.load_state_dict(state["ema"])
     t0 = time.time()
-    samples, _ = sample_func(model, args.n_samples, diffusion, seed=plan.cfg.seed, device=device,
+    samples, _ = sample_func(ema, args.n_samples, diffusion, seed=plan.cfg.seed, device=device,
                              progress=not args.no_progress, amp=args.amp, compile=args.compile,
                              **plan.sampler, **plan.labels)
     utils.save_image_grid(from_model_range(samples), plan.samples_path, nrow=5)
@@ -227,9 +230,9 @@ def main(argv=None):
         torch.manual_seed(plan.cfg.seed)
         model, diffusion = UNet(**plan.model_args), GaussianDiffusion(**plan.diffusion_args)
         log(f"UNet with {count_parameters(model) / 1e6:.2f}M parameters; {len(images)} training images")
-        state = train(args, plan, model, diffusion, images, labels, device, log)
+        state, ema = train(args, plan, model, diffusion, images, labels, device, log)
         if rank == 0:
-            sample_and_plot(args, plan, model, diffusion, state, device)
+            sample_and_plot(args, plan, ema, diffusion, state, device)
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()

@@ -1,4 +1,4 @@
-"""The training and sampling steps without host stalls (diffusion.GaussianDiffusion.on, train.WholeStepGraph):
+"""The training and sampling steps without host stalls (diffusion.GaussianDiffusion.on, cuda_graph.GraphedStep):
 the schedule per device, no float64 on a device that lacks it, and the step function that CUDA captures."""
 import tempfile
 
@@ -8,12 +8,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import diffusion
+import train
 from config import TrainConfig
 from conftest import TINY, slow
 from diffusion import GaussianDiffusion
 from model import UNet
 from samplers import SAMPLERS, Denoiser
-from train import Trainer
 
 
 def test_schedule_dtype_per_device():
@@ -65,22 +65,26 @@ def test_no_float64_reaches_a_device_without_it(schedule, prediction, monkeypatc
             d.vb_term_bpd(net, x0, t, torch.randn_like(x0))
 
 
-def tiny_run(graphed, compile_step=False, steps=4, ema_decays=()):
+def tiny_run(graph_step, compile_step=False, steps=4, ema_decays=()):
+    """A few steps of train_func, eager or with --graph_step (on a CPU: GraphedStep runs the step it would
+    capture, on device tensors, without capturing); compile_step: the step function torch.compile'd."""
     torch.manual_seed(1)
     images = torch.randint(0, 256, (64, 28, 28), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     cfg = TrainConfig(n_epochs=5, max_steps=steps, batch_size=16, save_every=100, log_every=2, warmup=3, seed=3,
-                      ema_decays=ema_decays)
+                      ema_decays=ema_decays, graph_step=graph_step)
     net = UNet(**{**TINY, "dropout": 0.1, "ch_mult": (1,), "attn_resolutions": ()})  # few tensors: compiles faster
-    tr = Trainer(net, GaussianDiffusion(), images, None, cfg,
-                 tempfile.mktemp(suffix=".pt"), torch.device("cpu"), graphed=graphed)
-    tr.start()
+    make_step = train.make_step
     if compile_step:
-        tr.step_fn = torch.compile(tr.step_fn, backend="aot_eager")
-    return tr.run(progress=False)
+        train.make_step = lambda *a, **k: torch.compile(make_step(*a, **k), backend="aot_eager")
+    try:
+        return train.train_func(net, GaussianDiffusion(), images, cfg, tempfile.mktemp(suffix=".pt"),
+                                progress=False)[0]
+    finally:
+        train.make_step = make_step
 
 
 def test_the_captured_step_function_trains_as_the_eager_step():
-    """On a CPU, graphed=True runs the step that CUDA captures (learning rate and EMA weight as device
+    """On a CPU, graph_step=True runs the step that CUDA captures (learning rate and EMA weight as device
     tensors refilled every step) without capturing it: the same losses as the eager step to the bit, the
     EMA within float32 rounding (it is updated by sub, mul, add instead of lerp)."""
     eager, graphed = tiny_run(False), tiny_run(True)
