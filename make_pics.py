@@ -121,8 +121,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.n_samples < 10 or not 1 <= args.n_reverse <= args.n_samples or args.batch_size < 1:
         raise UserError("need --n_samples >= 10, 1 <= --n_reverse <= --n_samples and --batch_size >= 1")
-    if not os.path.isdir(args.out_dir):
-        raise UserError(f"--out_dir {args.out_dir} does not exist; create it first")
     device = utils.resolve_device(args.device)
     if args.guidance_panel is not None:
         return guidance_panel(args, device)

@@ -134,27 +134,32 @@ def autocast(device, amp, cache=True):
 
 
 def check_writable(path):
-    """Fail early (before any training) if `path` cannot be written: missing, read-only or full folder."""
+    """Fail early (before any training) if `path` cannot be written: a read-only or full folder, a file
+    where a folder should be, or a folder at `path`. Missing folders are fine: atomic_write creates them."""
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"cannot write {path}: folder {folder} does not exist; create it first")
     if os.path.isdir(path):
         raise UserError(f"cannot write {path}: it is a folder")
+    existing = folder
+    while not os.path.isdir(existing):  # the nearest folder that exists, where the missing ones would go
+        if os.path.exists(existing):
+            raise UserError(f"cannot write {path}: {existing} is a file, not a folder")
+        existing = os.path.dirname(existing)
     try:  # really try: os.access says yes to root on read-only mounts
-        with tempfile.TemporaryFile(dir=folder) as f:
+        with tempfile.TemporaryFile(dir=existing) as f:
             f.write(b"x")
             f.flush()
     except OSError as e:
-        raise UserError(f"cannot write {path}: {e.strerror} in {folder}") from None
+        raise UserError(f"cannot write {path}: {e.strerror} in {existing}") from None
 
 
 def atomic_write(path, write_fn):
     """Write a file so that readers only ever see the old or the complete new version.
 
     write_fn(f) writes to an open binary file in the same folder; it is flushed and fsynced,
-    then renamed over `path` with os.replace (atomic on POSIX and Windows).
+    then renamed over `path` with os.replace (atomic on POSIX and Windows). Missing folders are created.
     """
     folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
     umask = os.umask(0)
     os.umask(umask)

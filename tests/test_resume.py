@@ -246,11 +246,16 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert ckpt["step"] == 15 and torch.isfinite(ckpt["loss_history"]).all()
 
 
-def test_missing_output_folder_fails_before_training(tmp_path, capsys, monkeypatch):
+def test_unwritable_output_folder_fails_before_training(tmp_path, capsys, monkeypatch):
+    """A missing --out_dir is created (tests/test_scripts.py's run writes into one); a path that cannot
+    become a folder, because a file is in the way, is refused before any data is loaded or folder made."""
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("x")
     t0 = time.time()
-    expect_user_error(capsys, run.main, ["--out_dir", "nowhere", "--data_dir", "nodata"], "does not exist")
+    expect_user_error(capsys, run.main, ["--out_dir", "afile/out", "--checkpoint", "new/c.pt", "--data_dir", "nodata"],
+                      "afile is a file, not a folder")
     assert time.time() - t0 < 5 and not (tmp_path / "nodata").exists()  # refused before loading any data
+    assert not (tmp_path / "new").exists()  # nor any folder made
 
 
 def test_speed_and_estimated_time_are_printed_once(tmp_path, capsys):

@@ -28,7 +28,8 @@ def trained(tmp_path_factory):
         os.chdir(work)
         with contextlib.redirect_stdout(out):
             run.main(["--data_dir", data, *TINY_FLAGS, "--batch_size", "16", "--max_steps", "6", "--save_every", "4",
-                      "--n_samples", "3", "--no_progress", "--seed", "1", "--sampler", "ddim", "--sampling_steps", "2"])
+                      "--n_samples", "3", "--no_progress", "--seed", "1", "--sampler", "ddim", "--sampling_steps", "2",
+                      "--out_dir", "out/new"])  # a folder that does not exist yet: run.py creates it
     finally:
         os.chdir(cwd)
     return work, subprocess.CompletedProcess([], 0, out.getvalue(), "")
@@ -37,7 +38,7 @@ def trained(tmp_path_factory):
 def test_run_writes_checkpoint_samples_and_plot(trained):
     work, p = trained
     assert "configuration:" in p.stdout.splitlines()[0]  # the resolved configuration comes first
-    for name in ("ddpm_trained.pt", "generated_samples.jpg", "train_loss.png"):
+    for name in ("ddpm_trained.pt", "out/new/generated_samples.jpg", "out/new/train_loss.png"):
         assert os.path.getsize(work / name) > 0, name
     ckpt = checkpoint.load(work / "ddpm_trained.pt")
     assert ckpt["step"] == 6 and len(ckpt["loss_history"]) == 6
@@ -89,7 +90,7 @@ def test_bare_state_dict_loads_with_default_arguments(tmp_path):
     (["--device", "cuda"], "CUDA is not available"),
     (["--ch_mult", "1,x"], "--ch_mult"),
     (["--attn_res", "13"], "attn_res 13 is not a resolution"),
-    (["--checkpoint", "/no/such/dir/x.pt"], "does not exist"),
+    (["--checkpoint", "ddpm_trained.pt/x.pt"], "ddpm_trained.pt is a file, not a folder"),
     (["--resume", "--checkpoint", "missing.pt"], "no checkpoint at missing.pt"),
     (["--amp", "fp16", "--device", "cpu"], "--amp fp16 needs CUDA"),
     (["--amp", "int8"], "invalid choice: 'int8'"),
