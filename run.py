@@ -187,7 +187,7 @@ def train(args, plan, model, diffusion, images, labels, device, log):
         judge = TrainingJudge() if plan.cfg.eval_every and utils.rank_world()[0] == 0 else None  # rank 0 evaluates
         state, ema = train_func(model, diffusion, images, plan.cfg, args.checkpoint, device=device, resume=plan.resume,
                            model_meta=plan.meta, progress=not args.no_progress, speed_hint=hint, judge=judge,
-                           labels=labels if plan.model_args.get("num_classes") is not None else None)
+                           labels=labels)  # used by a class-conditional model only
     except TrainingInterrupted as e:
         log(f"\n{e}. Resume with: {_resume_command(args)}")
         sys.exit(128 + e.signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
