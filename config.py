@@ -4,7 +4,7 @@ The defaults are the paper's (Ho et al. 2020, CIFAR-10 setup, on 28x28 MNIST), e
 where its concept lives: the UNet layout in `model.UNet`'s signature (Appendix B), the noise
 schedule in `diffusion.GaussianDiffusion`'s, the training recipe in `TrainConfig` below. A preset
 is data: the values it changes. Beside each default, once: its flag's help, its check and what
---resume does with it (`meta`); run.py's flags, the checks, --resume and docs/flags.md's run.py
+--resume does with it (`flag_spec`); run.py's flags, the checks, --resume and docs/flags.md's run.py
 table are derived from that (`python config.py` rewrites the table).
 
     model_args, diffusion_args, cfg = resolve("cpu", lr=5e-4)   # as `python run.py --preset cpu --lr 5e-4`
@@ -21,7 +21,7 @@ from utils import AMP_MODES, UserError
 LR_DECAYS = ("none", "cosine")
 
 
-def meta(help, check=None, resume="may change", choices=None, parse=None):
+def flag_spec(help, check=None, resume="may change", choices=None, parse=None):
     """What a flag needs besides its default: its help text (None: no flag), its check, a pair
     (predicate, "must be ...") or the `choices`, and what --resume does with it: "keep" (the
     checkpoint's value; a flag that differs is refused), "may change" (a flag given overrides the
@@ -32,8 +32,8 @@ def meta(help, check=None, resume="may change", choices=None, parse=None):
 
 
 def hp(default, help, check=None, resume="may change", choices=None, parse=None):
-    """A TrainConfig field: its default and meta(...)."""
-    return field(default=default, metadata=meta(help, check, resume, choices, parse))
+    """A TrainConfig field: its default and flag_spec(...)."""
+    return field(default=default, metadata=flag_spec(help, check, resume, choices, parse))
 
 
 def at_least(lo):
@@ -112,18 +112,19 @@ DEFAULTS = {**{flag: v for flag, v in zip(MODEL_FLAGS, _signature_defaults(UNet,
             **_signature_defaults(GaussianDiffusion, DIFFUSION_FLAGS),
             **{f.name: f.default for f in fields(TrainConfig)}}
 # Every flag with a DEFAULTS entry: the model's and the diffusion's (fixed by a checkpoint), then the recipe's.
-FLAGS = {"ch": meta("UNet base width (even, >= 4)", resume="keep"),
-         "ch_mult": meta("width multipliers per resolution, e.g. 1,2,2 (at most 3 levels: 28, 14, 7)", resume="keep"),
-         "num_res_blocks": meta("residual blocks per resolution", resume="keep"),
-         "attn_res": meta("resolutions with self-attention, e.g. 14 ('' = none)", resume="keep"),
-         "dropout": meta("dropout in the residual blocks", resume="keep"),
-         "var_type": meta("reverse variance sigma_t^2: fixed_large = beta_t (the paper's CIFAR-10 setting) or "
-                          "fixed_small = beta-tilde_t", resume="keep", choices=VAR_TYPES),
-         "schedule": meta("noise schedule: linear betas 1e-4 to 0.02 (the paper's) or cosine (Nichol & Dhariwal "
-                          "2021, eq. 17)", resume="keep", choices=SCHEDULES),
-         "prediction": meta("what the network predicts: eps, the noise (the paper's), or v = sqrt(ab_t) eps - "
-                            "sqrt(1 - ab_t) x_0 (Salimans & Ho 2022, appendix D), trained on the v loss",
-                            resume="keep", choices=PREDICTIONS),
+FLAGS = {"ch": flag_spec("UNet base width (even, >= 4)", resume="keep"),
+         "ch_mult": flag_spec("width multipliers per resolution, e.g. 1,2,2 (at most 3 levels: 28, 14, 7)",
+                              resume="keep"),
+         "num_res_blocks": flag_spec("residual blocks per resolution", resume="keep"),
+         "attn_res": flag_spec("resolutions with self-attention, e.g. 14 ('' = none)", resume="keep"),
+         "dropout": flag_spec("dropout in the residual blocks", resume="keep"),
+         "var_type": flag_spec("reverse variance sigma_t^2: fixed_large = beta_t (the paper's CIFAR-10 setting) or "
+                               "fixed_small = beta-tilde_t", resume="keep", choices=VAR_TYPES),
+         "schedule": flag_spec("noise schedule: linear betas 1e-4 to 0.02 (the paper's) or cosine (Nichol & "
+                               "Dhariwal 2021, eq. 17)", resume="keep", choices=SCHEDULES),
+         "prediction": flag_spec("what the network predicts: eps, the noise (the paper's), or v = sqrt(ab_t) eps - "
+                                 "sqrt(1 - ab_t) x_0 (Salimans & Ho 2022, appendix D), trained on the v loss",
+                                 resume="keep", choices=PREDICTIONS),
          **{f.name: f.metadata for f in fields(TrainConfig)}}
 
 PRESETS = {
