@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields
 
 from diffusion import LOSS_WEIGHTS, PREDICTIONS, SCHEDULES, VAR_TYPES, GaussianDiffusion
 from model import UNet
+from samplers import EVAL_SAMPLER, EVAL_SEED  # noqa: F401 - re-exported until train.py moves
 from utils import AMP_MODES, UserError
 
 LR_DECAYS = ("none", "cosine")
@@ -140,10 +141,6 @@ PRESETS = {
 # preset's model and recipe for 30 epochs (28,110 steps), with a slower EMA for the longer run (0.9995: of
 # 0.998, 0.999 and 0.9999 stored beside it, none beat it by the rule of docs/experiments.md).
 PRESETS["reference"] = dict(PRESETS["cpu"], n_epochs=30, ema_decay=0.9995)
-# What --eval_every samples with: the best stochastic sampler at 20 NFE (docs/sampling.md), from fixed
-# noise (per-sample streams of this seed, not the run's), the same at every evaluation and in every run.
-EVAL_SAMPLER = dict(sampler="dpm++2m-sde", sampling_steps=20, spacing="logsnr")
-EVAL_SEED = 0
 
 
 def resolve(preset="paper", class_cond=False, **overrides):
