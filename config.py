@@ -4,24 +4,25 @@ The defaults are the paper's (Ho et al. 2020, CIFAR-10 setup, on 28x28 MNIST), e
 where its concept lives: the UNet layout in `model.UNet`'s signature (Appendix B), the noise
 schedule in `diffusion.GaussianDiffusion`'s, the training recipe in `TrainConfig` below. A preset
 is data: the values it changes. Beside each default, once: its flag's help, its check and what
---resume does with it (`meta`); run.py's flags, the checks, --resume and docs/flags.md's run.py
-table are derived from that (`python config.py` rewrites the table).
+--resume does with it (`flag_spec`); run.py's flags, the checks, --resume and docs/flags.md's run.py
+table are derived from that (`python experiments/flags_doc.py` rewrites the table). The sampler and
+label flags are sample.py's, beside their checks.
 
     model_args, diffusion_args, cfg = resolve("cpu", lr=5e-4)   # as `python run.py --preset cpu --lr 5e-4`
 """
 import argparse
 import inspect
-import os
 from dataclasses import dataclass, field, fields
 
 from diffusion import LOSS_WEIGHTS, PREDICTIONS, SCHEDULES, VAR_TYPES, GaussianDiffusion
 from model import UNet
+from samplers import EVAL_SAMPLER, EVAL_SEED  # noqa: F401 - re-exported until train.py moves
 from utils import AMP_MODES, UserError
 
 LR_DECAYS = ("none", "cosine")
 
 
-def meta(help, check=None, resume="may change", choices=None, parse=None):
+def flag_spec(help, check=None, resume="may change", choices=None, parse=None):
     """What a flag needs besides its default: its help text (None: no flag), its check, a pair
     (predicate, "must be ...") or the `choices`, and what --resume does with it: "keep" (the
     checkpoint's value; a flag that differs is refused), "may change" (a flag given overrides the
@@ -32,8 +33,8 @@ def meta(help, check=None, resume="may change", choices=None, parse=None):
 
 
 def hp(default, help, check=None, resume="may change", choices=None, parse=None):
-    """A TrainConfig field: its default and meta(...)."""
-    return field(default=default, metadata=meta(help, check, resume, choices, parse))
+    """A TrainConfig field: its default and flag_spec(...)."""
+    return field(default=default, metadata=flag_spec(help, check, resume, choices, parse))
 
 
 def at_least(lo):
@@ -116,18 +117,19 @@ DEFAULTS = {**{flag: v for flag, v in zip(MODEL_FLAGS, _signature_defaults(UNet,
             **_signature_defaults(GaussianDiffusion, DIFFUSION_FLAGS),
             **{f.name: f.default for f in fields(TrainConfig)}}
 # Every flag with a DEFAULTS entry: the model's and the diffusion's (fixed by a checkpoint), then the recipe's.
-FLAGS = {"ch": meta("UNet base width (even, >= 4)", resume="keep"),
-         "ch_mult": meta("width multipliers per resolution, e.g. 1,2,2 (at most 3 levels: 28, 14, 7)", resume="keep"),
-         "num_res_blocks": meta("residual blocks per resolution", resume="keep"),
-         "attn_res": meta("resolutions with self-attention, e.g. 14 ('' = none)", resume="keep"),
-         "dropout": meta("dropout in the residual blocks", resume="keep"),
-         "var_type": meta("reverse variance sigma_t^2: fixed_large = beta_t (the paper's CIFAR-10 setting) or "
-                          "fixed_small = beta-tilde_t", resume="keep", choices=VAR_TYPES),
-         "schedule": meta("noise schedule: linear betas 1e-4 to 0.02 (the paper's) or cosine (Nichol & Dhariwal "
-                          "2021, eq. 17)", resume="keep", choices=SCHEDULES),
-         "prediction": meta("what the network predicts: eps, the noise (the paper's), or v = sqrt(ab_t) eps - "
-                            "sqrt(1 - ab_t) x_0 (Salimans & Ho 2022, appendix D), trained on the v loss",
-                            resume="keep", choices=PREDICTIONS),
+FLAGS = {"ch": flag_spec("UNet base width (even, >= 4)", resume="keep"),
+         "ch_mult": flag_spec("width multipliers per resolution, e.g. 1,2,2 (at most 3 levels: 28, 14, 7)",
+                              resume="keep"),
+         "num_res_blocks": flag_spec("residual blocks per resolution", resume="keep"),
+         "attn_res": flag_spec("resolutions with self-attention, e.g. 14 ('' = none)", resume="keep"),
+         "dropout": flag_spec("dropout in the residual blocks", resume="keep"),
+         "var_type": flag_spec("reverse variance sigma_t^2: fixed_large = beta_t (the paper's CIFAR-10 setting) or "
+                               "fixed_small = beta-tilde_t", resume="keep", choices=VAR_TYPES),
+         "schedule": flag_spec("noise schedule: linear betas 1e-4 to 0.02 (the paper's) or cosine (Nichol & "
+                               "Dhariwal 2021, eq. 17)", resume="keep", choices=SCHEDULES),
+         "prediction": flag_spec("what the network predicts: eps, the noise (the paper's), or v = sqrt(ab_t) eps - "
+                                 "sqrt(1 - ab_t) x_0 (Salimans & Ho 2022, appendix D), trained on the v loss",
+                                 resume="keep", choices=PREDICTIONS),
          **{f.name: f.metadata for f in fields(TrainConfig)}}
 
 PRESETS = {
@@ -143,10 +145,6 @@ PRESETS = {
 # preset's model and recipe for 30 epochs (28,110 steps), with a slower EMA for the longer run (0.9995: of
 # 0.998, 0.999 and 0.9999 stored beside it, none beat it by the rule of docs/experiments.md).
 PRESETS["reference"] = dict(PRESETS["cpu"], n_epochs=30, ema_decay=0.9995)
-# What --eval_every samples with: the best stochastic sampler at 20 NFE (docs/sampling.md), from fixed
-# noise (per-sample streams of this seed, not the run's), the same at every evaluation and in every run.
-EVAL_SAMPLER = dict(sampler="dpm++2m-sde", sampling_steps=20, spacing="logsnr")
-EVAL_SEED = 0
 
 
 def resolve(preset="paper", class_cond=False, **overrides):
@@ -237,76 +235,3 @@ def add_train_flags(p):
 def add_speed_flags(p):
     add_flag(p, "amp", default="none")
     add_flag(p, "compile")
-
-
-def add_sampler_flags(p):
-    """--sampler and its settings, from the registry (samplers.SAMPLERS): a sampler's options are flags."""
-    from samplers import DEFAULT_STEPS, SAMPLERS, SPACINGS, options
-
-    p.add_argument("--sampler", default="ddpm", choices=list(SAMPLERS),
-                   help="; ".join(f"{s.name}: {s.help}" for s in SAMPLERS.values()))
-    p.add_argument("--sampling_steps", type=int,
-                   help=f"few-step samplers: solver steps (default {DEFAULT_STEPS}), one network evaluation each "
-                        "(edm: two, one on the last); ddpm always takes T")
-    p.add_argument("--spacing", choices=SPACINGS,
-                   help="few-step samplers: where the steps go in t (default: the sampler's own, "
-                        + ", ".join(f"{s.name} {s.spacing}" for s in SAMPLERS.values() if s.spacing) + ")")
-    for option, (names, (default, help, *choices)) in options().items():
-        only = "every sampler" if len(names) == len(SAMPLERS) else f"{' or '.join(names)} only"
-        p.add_argument(f"--{option}", type=type(default), choices=choices[0] if choices else None,
-                       help=f"{only}: {help}")
-
-
-def add_label_flags(p):
-    p.add_argument("--digits", help="class-conditional models: digits to draw, e.g. 0,1,2 (repeated to fill "
-                   "the samples), 'all' (0-9, the default), 'random' (each drawn uniformly, seeded by --seed) or "
-                   "'none' (unconditional, the null label)")
-    p.add_argument("--guidance_scale", type=float,
-                   help="class-conditional models: classifier-free guidance w, eps = (1+w) eps(x,y) - w eps(x,null) "
-                        "(default 0 = plain conditional)")
-
-
-# ---- docs/flags.md's run.py table, generated from the flags ------------------------------------------
-FLAGS_DOC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "docs", "flags.md")
-TABLE_MARKERS = ("<!-- run.py's flags: generated by `python config.py` from config.FLAGS and run.get_parser -->",
-                 "<!-- end of the generated table -->")
-RESUME_TEXT = {"keep": "the checkpoint's (a flag must match it)", "may change": "the checkpoint's, or the flag's "
-               "if given", "from flags": "the flag's"}
-
-
-def flags_table():
-    """run.py's flags (but the sampler and label flags: a table of their own) as a markdown table: flag,
-    default, meaning (with the check), what --resume does."""
-    import run
-    shared = argparse.ArgumentParser()  # its only flags: --help and the sampler and label flags
-    add_sampler_flags(shared)
-    add_label_flags(shared)
-    rows = ["| flag | default | meaning | on `--resume` |", "| --- | --- | --- | --- |"]
-    for a in run.get_parser()._actions:
-        if a.dest in {b.dest for b in shared._actions}:
-            continue
-        flag = a.option_strings[0] + (" " + "|".join(map(str, a.choices)) if a.choices else "")
-        if a.dest in FLAGS:
-            m = FLAGS[a.dest]
-            meaning = m["help"] + (f"; {m['check'][1]}" if m["check"] and not m["choices"] else "")
-            default, resume = "" if a.const else default_text(a.dest), RESUME_TEXT[m["resume"]]
-        else:
-            default, meaning, resume = "" if a.default in (None, False) else a.default, a.help, ""
-        cells = (f"`{flag}`", default, meaning, resume)
-        rows.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(rows)
-
-
-def flags_doc():
-    """docs/flags.md as it is, and as it should be (its run.py table regenerated)."""
-    with open(FLAGS_DOC) as f:
-        text = f.read()
-    head, rest = text.split(TABLE_MARKERS[0] + "\n")
-    _, tail = rest.split(TABLE_MARKERS[1])
-    return text, f"{head}{TABLE_MARKERS[0]}\n{flags_table()}\n{TABLE_MARKERS[1]}{tail}"
-
-
-if __name__ == "__main__":  # python config.py: rewrite docs/flags.md's run.py table
-    new = flags_doc()[1]
-    with open(FLAGS_DOC, "w") as f:
-        f.write(new)

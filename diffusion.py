@@ -208,11 +208,11 @@ class GaussianDiffusion:
             return extract(s.sqrt_alphas_cumprod, t, xt) * v + extract(s.sqrt_one_minus_alphas_cumprod, t, xt) * xt
         return eps
 
-    def predict_x0(self, model, xt, t, clip=True):
-        """The x_0 that eps_theta(x_t, t) implies (model: eps_theta, see eps_theta), inverting eq. 4:
+    def predict_x0(self, eps_fn, xt, t, clip=True):
+        """The x_0 that eps_theta(x_t, t) implies (eps_fn: eps_theta, see eps_theta), inverting eq. 4:
         x_0 = (x_t - sqrt(1 - alphabar_t) eps) / sqrt(alphabar_t); with `clip` clipped to the data range
         [-1, 1] (authors' code, default on), which keeps rare samples from blowing up to saturated squares."""
-        eps, s = model(xt, t).float(), self.on(t.device)
+        eps, s = eps_fn(xt, t).float(), self.on(t.device)
         x0 = extract(s.sqrt_recip_alphas_cumprod, t, xt) * xt - extract(s.sqrt_recipm1_alphas_cumprod, t, xt) * eps
         return x0.clamp(-1.0, 1.0) if clip else x0
 
@@ -224,12 +224,12 @@ class GaussianDiffusion:
         s = self.on(t.device)
         return extract(s.recip_sqrt_alphas, t, xt) * (xt - extract(s.eps_coef_eq11, t, xt) * eps)
 
-    def p_sample(self, model, xt, t, z, clip=True):
+    def p_sample(self, eps_fn, xt, t, z, clip=True):
         """Algorithm 2, lines 3-4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at the last step (the
         paper's t = 1). mu_theta is eq. 11's mean computed as q's posterior mean (eq. 7) at x_0 predicted
-        from eps_theta (model; p_mean_eq11 says why); sigma_t^2 is beta_t or beta-tilde_t (var_type).
+        from eps_theta (eps_fn; p_mean_eq11 says why); sigma_t^2 is beta_t or beta-tilde_t (var_type).
         t: (B,) timesteps; z: N(0, I) noise like x_t. samplers.sample_ddpm runs the loop (lines 1-2, 5-6)."""
-        x0 = self.predict_x0(model, xt, t, clip)
+        x0 = self.predict_x0(eps_fn, xt, t, clip)
         mean, _ = self.q_posterior_mean_variance(x0, xt, t)
         return mean + bcast(t != 0, xt) * extract(self.on(t.device).model_variance, t, xt).sqrt() * z
 

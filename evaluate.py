@@ -16,6 +16,7 @@ import torch
 
 import checkpoint
 import config
+import sample
 import utils
 from dataloader import ensure_mnist, mnist_tensors
 from diffusion import from_model_range, to_uint8
@@ -38,8 +39,8 @@ def get_parser():
     p.add_argument("--no_ema", action="store_true", help="use the raw weights instead of the EMA")
     config.add_ema_flag(p, "sample")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
-    config.add_sampler_flags(p)
-    config.add_label_flags(p)
+    sample.add_sampler_flags(p)
+    sample.add_label_flags(p)
     config.add_speed_flags(p)
     p.add_argument("--metrics", action="store_true", help="judge the samples (feature-FID, precision/recall, "
                    "classifier confidence) and compute the bits/dim bound on MNIST test images")

@@ -22,6 +22,7 @@ import torch
 
 import checkpoint
 import config
+import sample
 import utils
 from diffusion import from_model_range
 from sample import label_kwargs, network_evaluations, sample_func, sampler_kwargs, valid_guidance_scale
@@ -112,8 +113,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--batch_size", type=int, default=100, help="samples drawn in parallel")
     config.add_device_flag(p)
-    config.add_sampler_flags(p)
-    config.add_label_flags(p)
+    sample.add_sampler_flags(p)
+    sample.add_label_flags(p)
     p.add_argument("--guidance_panel", metavar="W,W,...",
                    help="class-conditional checkpoints: write only 'guidance.png', one panel per guidance scale")
     p.add_argument("--per_digit", type=int, default=4, help="--guidance_panel: samples of each digit per panel")

@@ -18,6 +18,7 @@ import torch
 
 import checkpoint
 import config
+import sample
 import utils
 from config import TrainConfig
 from dataloader import mnist_tensors
@@ -40,8 +41,8 @@ def get_parser():
                    help="class-conditional model for classifier-free guidance (Ho & Salimans 2022)")
     config.add_train_flags(p)
     p.add_argument("--n_samples", type=int, default=10, help="digits to sample after training")
-    config.add_sampler_flags(p)
-    config.add_label_flags(p)
+    sample.add_sampler_flags(p)
+    sample.add_label_flags(p)
     config.add_speed_flags(p)
     config.add_flag(p, "graph_step")
     config.add_device_flag(p)

@@ -1,6 +1,6 @@
 """Sampling from a trained model: the 1000-step ancestral reverse process (Algorithm 2 of Ho et al.
 2020) or a few-step sampler (samplers.SAMPLERS), in batches, with per-sample noise streams, mixed
-precision, torch.compile and classifier-free guidance; and the checks of the sampling flags."""
+precision, torch.compile and classifier-free guidance; and the sampling flags, each beside its check."""
 import math
 import weakref
 
@@ -8,13 +8,30 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusion import GaussianDiffusion
-from samplers import DEFAULT_STEPS, SAMPLERS, SHARED_OPTIONS, Denoiser, SampleNoise, noise_source, options
+from samplers import DEFAULT_STEPS, SAMPLERS, SHARED_OPTIONS, SPACINGS, Denoiser, SampleNoise, noise_source, options
 from utils import UserError, autocast
+
+
+def add_sampler_flags(p):
+    """--sampler and its settings, from the registry (samplers.SAMPLERS): a sampler's options are flags.
+    sampler_kwargs checks them."""
+    p.add_argument("--sampler", default="ddpm", choices=list(SAMPLERS),
+                   help="; ".join(f"{s.name}: {s.help}" for s in SAMPLERS.values()))
+    p.add_argument("--sampling_steps", type=int,
+                   help=f"few-step samplers: solver steps (default {DEFAULT_STEPS}), one network evaluation each "
+                        "(edm: two, one on the last); ddpm always takes T")
+    p.add_argument("--spacing", choices=SPACINGS,
+                   help="few-step samplers: where the steps go in t (default: the sampler's own, "
+                        + ", ".join(f"{s.name} {s.spacing}" for s in SAMPLERS.values() if s.spacing) + ")")
+    for option, (names, (default, help, *choices)) in options().items():
+        only = "every sampler" if len(names) == len(SAMPLERS) else f"{' or '.join(names)} only"
+        p.add_argument(f"--{option}", type=type(default), choices=choices[0] if choices else None,
+                       help=f"{only}: {help}")
 
 
 def sampler_kwargs(args, T):
     """Checked sampler settings {sampler, sampling_steps, spacing, options...} from parsed flags
-    (config.add_sampler_flags) for a diffusion of T steps; none is accepted and silently ignored."""
+    (add_sampler_flags) for a diffusion of T steps; none is accepted and silently ignored."""
     s, all_options = SAMPLERS[args.sampler], options()
     own = [o for o in all_options if o not in SHARED_OPTIONS]
     given = [o for o in own if getattr(args, o, None) is not None and o not in s.options]
@@ -65,6 +82,16 @@ def check_n_samples(n):
 def valid_guidance_scale(w):
     """A guidance scale w of eq. (6) in Ho & Salimans (2022) must be finite and >= 0."""
     return w >= 0 and math.isfinite(w)
+
+
+def add_label_flags(p):
+    """--digits and --guidance_scale, for class-conditional models; label_kwargs checks them."""
+    p.add_argument("--digits", help="class-conditional models: digits to draw, e.g. 0,1,2 (repeated to fill "
+                   "the samples), 'all' (0-9, the default), 'random' (each drawn uniformly, seeded by --seed) or "
+                   "'none' (unconditional, the null label)")
+    p.add_argument("--guidance_scale", type=float,
+                   help="class-conditional models: classifier-free guidance w, eps = (1+w) eps(x,y) - w eps(x,null) "
+                        "(default 0 = plain conditional)")
 
 
 def label_kwargs(args, num_classes, n_samples):

@@ -3,11 +3,11 @@
 Each sampler is one function with the discipline of k-diffusion's `sample_*` functions, on this
 repo's discrete timesteps instead of sigmas:
 
-    x_0 = sample_NAME(model, x, ts, noise, callback=None, **options)
+    x_0 = sample_NAME(denoiser, x, ts, noise, callback=None, **options)
 
-    model     the network as a denoiser (`Denoiser`): model(x, t) is its x_0 prediction at the integer
-              timestep t; model.diffusion is the schedule it was trained with, model.net its eps_theta
-              (whether the network predicts eps or v)
+    denoiser  the network as a denoiser (`Denoiser`): denoiser(x, t) is its x_0 prediction at the integer
+              timestep t; denoiser.diffusion is the schedule it was trained with, denoiser.eps_fn its
+              eps_theta (whether the network predicts eps or v)
     x         the starting noise x_T ~ N(0, I)
     ts        the timesteps it visits, in order, ending with -1 (x_0); each step goes from t to t_next,
               the next entry (`timesteps` makes them for every sampler; restart's go back up as well)
@@ -35,17 +35,17 @@ LAMBDA_MIN = math.log(0.005)
 
 # ---- the network as a denoiser, and the noise ------------------------------------------------------
 class Denoiser:
-    """model(x, t): the x_0 that eps_theta(x_t, t) implies (eq. 4 inverted), clipped to [-1, 1] with
+    """denoiser(x, t): the x_0 that eps_theta(x_t, t) implies (eq. 4 inverted), clipped to [-1, 1] with
     `clip` (the authors' code, default on). t is an int: every sample of the batch is at t.
     net: the network (or its guided form, sample.guided), whose output diffusion.eps_theta turns into
-    eps_theta (for a v-prediction model); eps_scale (scaled_eps) then divides that eps. With the paper's
-    eps-prediction and eps_scale 1, self.net is `net` itself."""
+    eps_theta (for a v-prediction model); eps_scale (scaled_eps) then divides that eps: the result is
+    self.eps_fn. With the paper's eps-prediction and eps_scale 1, self.eps_fn is `net` itself."""
 
     def __init__(self, net, diffusion, clip=True, eps_scale=1.0):
-        self.net, self.diffusion, self.clip = scaled_eps(diffusion.eps_theta(net), eps_scale), diffusion, clip
+        self.eps_fn, self.diffusion, self.clip = scaled_eps(diffusion.eps_theta(net), eps_scale), diffusion, clip
 
     def __call__(self, x, t):
-        return self.diffusion.predict_x0(self.net, x, batch_t(x, t), self.clip)
+        return self.diffusion.predict_x0(self.eps_fn, x, batch_t(x, t), self.clip)
 
     def alphabar(self, t):
         """alphabar_t as a Python float (float64); 1 at t = -1 (x_0). The samplers compute their step
@@ -61,16 +61,16 @@ class Denoiser:
         return math.sqrt((1.0 - ab) / ab)
 
 
-def scaled_eps(net, eps_scale):
-    """Epsilon scaling (Ning et al. 2024, "Elucidating the exposure bias in diffusion models"): the network
-    eps(x, t) with its prediction divided by `eps_scale`, a constant slightly above 1, at every step of every
+def scaled_eps(eps_fn, eps_scale):
+    """Epsilon scaling (Ning et al. 2024, "Elucidating the exposure bias in diffusion models"): the network's
+    eps_fn(x, t) with its prediction divided by `eps_scale`, a constant slightly above 1, at every step of every
     sampler; in float32 (a bf16 output divided by 1.005 would round the scaling away). The predicted noise
     is too large on the samples' own x_t, which drift from the training x_t (exposure bias); shrinking it
-    corrects that without retraining. 1 returns `net` itself: the outputs are bitwise those without it.
-    `net` must predict eps: Denoiser applies it to diffusion.eps_theta(net), the eps a v-prediction implies."""
+    corrects that without retraining. 1 returns `eps_fn` itself: the outputs are bitwise those without it.
+    `eps_fn` must predict eps: Denoiser applies it to diffusion.eps_theta(net), the eps a v-prediction implies."""
     if eps_scale == 1:
-        return net
-    return lambda x, t: net(x, t).float() / eps_scale
+        return eps_fn
+    return lambda x, t: eps_fn(x, t).float() / eps_scale
 
 
 def batch_t(x, t):
@@ -192,17 +192,17 @@ def restart_timesteps(diffusion, steps, spacing="logsnr", sigma_min=0.06, sigma_
 
 
 # ---- the samplers ----------------------------------------------------------------------------------
-def sample_ddpm(model, x, ts, noise, callback=None):
+def sample_ddpm(denoiser, x, ts, noise, callback=None):
     """Algorithm 2 of Ho et al. 2020: x_{t-1} = mu_theta(x_t, t) + sigma_t z at every timestep, each step
     diffusion.p_sample (the paper's sampler; ts must visit every t)."""
     for t, t_next in zip(ts[:-1], ts[1:]):
-        x = model.diffusion.p_sample(model.net, x, batch_t(x, t), noise(x.shape), model.clip)
+        x = denoiser.diffusion.p_sample(denoiser.eps_fn, x, batch_t(x, t), noise(x.shape), denoiser.clip)
         if callback:
             callback(t, t_next, x)
     return x
 
 
-def sample_ddpm_respaced(model, x, ts, noise, callback=None, variance="beta"):
+def sample_ddpm_respaced(denoiser, x, ts, noise, callback=None, variance="beta"):
     """Algorithm 2 of Ho et al. 2020 on the chain restricted to the timesteps ts (improved-diffusion's
     respacing, Nichol & Dhariwal 2021, section 4): from t to t_next the chain has its own
     beta' = 1 - ab_t / ab_next and alpha' = 1 - beta', and the step is p_sample's with them: the posterior
@@ -211,8 +211,8 @@ def sample_ddpm_respaced(model, x, ts, noise, callback=None, variance="beta"):
     timestep it is sample_ddpm with var_type fixed_large or fixed_small. Coefficients in float64 on the
     host; sigma is float32's square root of sigma^2, as p_sample takes it."""
     for t, t_next in zip(ts[:-1], ts[1:]):
-        x0 = model(x, t)
-        ab, ab_next = model.alphabar(t), model.alphabar(t_next)
+        x0 = denoiser(x, t)
+        ab, ab_next = denoiser.alphabar(t), denoiser.alphabar(t_next)
         beta = 1.0 - ab / ab_next
         c_x0, c_x = beta * math.sqrt(ab_next) / (1.0 - ab), (1.0 - ab_next) * math.sqrt(1.0 - beta) / (1.0 - ab)
         x = c_x0 * x0 + c_x * x
@@ -224,34 +224,34 @@ def sample_ddpm_respaced(model, x, ts, noise, callback=None, variance="beta"):
     return x
 
 
-def churned(model, t, gamma):
+def churned(denoiser, t, gamma):
     """The timestep EDM's churn raises t to (Karras et al. 2022, Algorithm 2, line 5): sigma_t (1 + gamma)
     rounded to the nearest timestep in log sigma, at least t and at most T-1. The network knows only the
     integer timesteps; the step then goes on from that timestep's own sigma."""
     if gamma <= 0:
         return t
-    if not hasattr(model, "_log_sigma"):
-        model._log_sigma = -log_snr(model.diffusion)  # log sigma_t = -lambda_t, increasing in t
-    target = math.log(model.sigma(t)) + math.log1p(gamma)
-    return max(t, int((model._log_sigma - target).abs().argmin()))
+    if not hasattr(denoiser, "_log_sigma"):
+        denoiser._log_sigma = -log_snr(denoiser.diffusion)  # log sigma_t = -lambda_t, increasing in t
+    target = math.log(denoiser.sigma(t)) + math.log1p(gamma)
+    return max(t, int((denoiser._log_sigma - target).abs().argmin()))
 
 
-def heun_step(model, x, t, t_next):
+def heun_step(denoiser, x, t, t_next):
     """x at sigma_t -> x at sigma_{t_next} by Heun's method (Karras et al. 2022, Algorithm 1, lines 4-8) on
     the probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma, x = x_t / sqrt(ab_t) and D the x_0
     prediction of the network at x_t; its Euler step (DDIM's) is all of the step to sigma = 0 (x_0),
     which returns D: one network evaluation there, two elsewhere."""
-    s, s_next = model.sigma(t), model.sigma(t_next)
-    x0 = model(math.sqrt(model.alphabar(t)) * x, t)
+    s, s_next = denoiser.sigma(t), denoiser.sigma(t_next)
+    x0 = denoiser(math.sqrt(denoiser.alphabar(t)) * x, t)
     if t_next < 0:
         return x0
     x_euler = (s_next / s) * x + (1.0 - s_next / s) * x0
-    x0_next = model(math.sqrt(model.alphabar(t_next)) * x_euler, t_next)
+    x0_next = denoiser(math.sqrt(denoiser.alphabar(t_next)) * x_euler, t_next)
     h = s_next - s
     return x + (0.5 * h / s) * (x - x0) + (0.5 * h / s_next) * (x_euler - x0_next)
 
 
-def sample_edm(model, x, ts, noise, callback=None, churn=30.0, s_tmin=0.01, s_tmax=1.0, s_noise=1.007):
+def sample_edm(denoiser, x, ts, noise, callback=None, churn=30.0, s_tmin=0.01, s_tmax=1.0, s_noise=1.007):
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) on the timesteps ts, in the VP model's
     sigma = sqrt((1 - ab) / ab) on x / sqrt(ab): at a step from t with s_tmin <= sigma_t <= s_tmax, the noise
     level is first raised to sigma_t (1 + gamma), gamma = min(churn / S, sqrt(2) - 1) over S steps, by
@@ -260,18 +260,18 @@ def sample_edm(model, x, ts, noise, callback=None, churn=30.0, s_tmin=0.01, s_tm
     no noise). churn = 0 is their deterministic Heun sampler (Algorithm 1). Defaults: their Table 5's
     settings for CIFAR-10 under the VP model (the same [-1, 1] pixels). NFE: 2 S - 1."""
     gamma = min(churn / (len(ts) - 1), math.sqrt(2) - 1)
-    x = (1.0 / math.sqrt(model.alphabar(ts[0]))) * x
+    x = (1.0 / math.sqrt(denoiser.alphabar(ts[0]))) * x
     for t, t_next in zip(ts[:-1], ts[1:]):
-        t_hat = churned(model, t, gamma) if s_tmin <= model.sigma(t) <= s_tmax else t
+        t_hat = churned(denoiser, t, gamma) if s_tmin <= denoiser.sigma(t) <= s_tmax else t
         if t_hat != t:
-            x = x + (s_noise * math.sqrt(model.sigma(t_hat) ** 2 - model.sigma(t) ** 2)) * noise(x.shape)
-        x = heun_step(model, x, t_hat, t_next)
+            x = x + (s_noise * math.sqrt(denoiser.sigma(t_hat) ** 2 - denoiser.sigma(t) ** 2)) * noise(x.shape)
+        x = heun_step(denoiser, x, t_hat, t_next)
         if callback:
-            callback(t, t_next, math.sqrt(model.alphabar(t_next)) * x)
+            callback(t, t_next, math.sqrt(denoiser.alphabar(t_next)) * x)
     return x
 
 
-def sample_ddim(model, x, ts, noise, callback=None, eta=0.0):
+def sample_ddim(denoiser, x, ts, noise, callback=None, eta=0.0):
     """DDIM (Song et al. 2021, eq. 12): x_next = sqrt(ab_next) x0_hat + sqrt(1 - ab_next - sigma^2) eps_hat
     + sigma z, with sigma^2 = eta^2 (1 - ab_next) / (1 - ab_t) (1 - ab_t / ab_next) (their eq. 16). eta = 0
     is deterministic given x_T (no noise drawn); eta = 1 on consecutive steps is Algorithm 2 with
@@ -279,8 +279,8 @@ def sample_ddim(model, x, ts, noise, callback=None, eta=0.0):
     x0_hat and x_t whose coefficients are computed in float64 (1 - ab_t / ab_next cancels); sigma is
     float32's square root of sigma^2."""
     for t, t_next in zip(ts[:-1], ts[1:]):
-        x0 = model(x, t)
-        ab, ab_next = model.alphabar(t), model.alphabar(t_next)
+        x0 = denoiser(x, t)
+        ab, ab_next = denoiser.alphabar(t), denoiser.alphabar(t_next)
         var = eta ** 2 * (1 - ab_next) / (1 - ab) * (1 - ab / ab_next)
         c_eps = math.sqrt(max(1 - ab_next - var, 0.0)) / math.sqrt(1 - ab)
         x = (math.sqrt(ab_next) - c_eps * math.sqrt(ab)) * x0 + c_eps * x
@@ -297,7 +297,7 @@ def alpha_sigma_lambda(ab):
     return math.sqrt(ab), math.sqrt(1.0 - ab), 0.5 * math.log(ab / (1.0 - ab))
 
 
-def dpmpp_2m_step(model, x, t, t_next, noise, history, sde=False):
+def dpmpp_2m_step(denoiser, x, t, t_next, noise, history, sde=False):
     """x_t -> x_{t_next} by DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2: data prediction, multistep,
     second order), or with sde=True by SDE-DPM-Solver++(2M) (their section 5; the "midpoint" form of
     k-diffusion's sample_dpmpp_2m_sde). With alpha = sqrt(ab), sigma = sqrt(1 - ab), the log-SNR
@@ -308,11 +308,11 @@ def dpmpp_2m_step(model, x, t, t_next, noise, history, sde=False):
     r = h_prev / h (first order on the first step: then the ODE step is DDIM with eta 0, and the SDE
     step between consecutive timesteps is Algorithm 2 with sigma^2 = beta-tilde). The step to x_0
     returns the x_0 prediction. history: the previous step's x_0 prediction and h (a dict, updated)."""
-    x0 = model(x, t)
+    x0 = denoiser(x, t)
     if t_next < 0:
         return x0
-    _, s, lam = alpha_sigma_lambda(float(model.alphabar(t)))
-    a_next, s_next, lam_next = alpha_sigma_lambda(float(model.alphabar(t_next)))
+    _, s, lam = alpha_sigma_lambda(float(denoiser.alphabar(t)))
+    a_next, s_next, lam_next = alpha_sigma_lambda(float(denoiser.alphabar(t_next)))
     h = lam_next - lam
     decay = -math.expm1(-2 * h) if sde else -math.expm1(-h)  # 1 - e^-2h or 1 - e^-h
     x = (s_next / s * (math.exp(-h) if sde else 1.0)) * x + (a_next * decay) * x0
@@ -324,17 +324,17 @@ def dpmpp_2m_step(model, x, t, t_next, noise, history, sde=False):
     return x
 
 
-def sample_dpmpp_2m(model, x, ts, noise, callback=None, sde=False):
+def sample_dpmpp_2m(denoiser, x, ts, noise, callback=None, sde=False):
     """DPM-Solver++(2M), one network evaluation a step (dpmpp_2m_step), or with sde=True its SDE form."""
     history = {}
     for t, t_next in zip(ts[:-1], ts[1:]):
-        x = dpmpp_2m_step(model, x, t, t_next, noise, history, sde)
+        x = dpmpp_2m_step(denoiser, x, t, t_next, noise, history, sde)
         if callback:
             callback(t, t_next, x)
     return x
 
 
-def sample_restart(model, x, ts, noise, callback=None):
+def sample_restart(denoiser, x, ts, noise, callback=None):
     """Restart sampling (Xu et al. 2023, Algorithm 1) with DPM-Solver++(2M) as its ODE solver (the paper
     uses Heun's, two network evaluations a step; 2M takes one), on restart_timesteps. A step up
     (t_next > t) is the forward process itself, q(x_next | x_t) = N(sqrt(ab_next / ab_t) x_t,
@@ -344,10 +344,10 @@ def sample_restart(model, x, ts, noise, callback=None):
     for t, t_next in zip(ts[:-1], ts[1:]):
         if t_next > t:
             history.clear()
-            r = float(model.alphabar(t_next) / model.alphabar(t))
+            r = float(denoiser.alphabar(t_next) / denoiser.alphabar(t))
             x = math.sqrt(r) * x + math.sqrt(1.0 - r) * noise(x.shape)
         else:
-            x = dpmpp_2m_step(model, x, t, t_next, noise, history)
+            x = dpmpp_2m_step(denoiser, x, t, t_next, noise, history)
         if callback:
             callback(t, t_next, x)
     return x
@@ -405,10 +405,21 @@ SAMPLERS = {s.name: s for s in [
 ]}
 
 
-# The recommended fast sampler, as evaluate.py flags: the best measured at 100 NFE or fewer (docs/sampling.md).
-# The experiments that judge with "the recommended sampler" read it here; the README, load_and_eval.sh and the
-# notebook name it in their text.
-RECOMMENDED = ["--sampler", "dpm++2m-sde", "--sampling_steps", "50"]
+# ---- the sampler settings the repo uses, as sample_func's keyword arguments (as_flags: as flags) ------------
+# The recommended fast sampler: the best measured at 100 NFE or fewer (docs/sampling.md). The experiments that
+# judge with "the recommended sampler" read it here; the README, load_and_eval.sh and the notebook name it in
+# their text.
+RECOMMENDED = dict(sampler="dpm++2m-sde", sampling_steps=50)
+# What --eval_every samples with: the best stochastic sampler at 20 NFE (docs/sampling.md), from fixed
+# noise (per-sample streams of this seed, not the run's), the same at every evaluation and in every run.
+EVAL_SAMPLER = dict(sampler="dpm++2m-sde", sampling_steps=20, spacing="logsnr")
+EVAL_SEED = 0
+
+
+def as_flags(setting):
+    """A setting as the flags of evaluate.py and run.py: {"sampler": "ddim", "eta": 1.0} -> ["--sampler", "ddim",
+    "--eta", "1.0"]."""
+    return [arg for k, v in setting.items() for arg in (f"--{k}", str(v))]
 
 
 # The options every sampler takes, applied to the network by its Denoiser (scaled_eps, on the eps a v-prediction

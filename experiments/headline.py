@@ -29,7 +29,7 @@ from metrics import JUDGE_SHA256
 from utils import atomic_write
 
 OUT = os.path.join(ROOT, "docs", "results")
-SAMPLER = [*samplers.RECOMMENDED, "--n_samples", "1000", "--batch_size", str(common.SAMPLE_BATCH)]
+SAMPLER = [*samplers.as_flags(samplers.RECOMMENDED), "--n_samples", "1000", "--batch_size", str(common.SAMPLE_BATCH)]
 RETRAIN = "ca76ca5"  # the commit whose checkpoints/in_progress/reference30.pt is the retrain's last state
 COND30 = "9419ba0"  # the commit whose checkpoints/in_progress/cond30.pt is the class-conditional run's last state
 RESTORED = {  # a row's checkpoint file -> (commit, path) it is restored from when missing

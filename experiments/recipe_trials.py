@@ -214,9 +214,9 @@ def main(argv=None):
     p.add_argument("n", nargs="?", type=int, default=1000, help="samples to judge each trial with (default 1000)")
     p.add_argument("--trials", nargs="+", default=TRIALS, metavar="NAME:SEED:FLAGS",
                    help="FLAGS with + for spaces (default: " + " ".join(TRIALS) + ")")
-    p.add_argument("--sampler_flags", default=" ".join(samplers.RECOMMENDED),
+    p.add_argument("--sampler_flags", default=" ".join(samplers.as_flags(samplers.RECOMMENDED)),
                    help="the judge's sampler flags, also run.py's for its final digits (default: the recommended "
-                        f"sampler, samplers.RECOMMENDED: {' '.join(samplers.RECOMMENDED)})")
+                        "sampler, samplers.RECOMMENDED: %(default)s)")
     p.add_argument("--data_dir", default="./data", help="the MNIST folder")
     p.add_argument("--dir", default="trials", help="the output folder")
     p.add_argument("--baseline", help="the trials every option is compared with (default: the first trial's name)")

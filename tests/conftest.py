@@ -150,5 +150,5 @@ def gaussian_samples(d, sampler, steps=None, n=4000, seed=0, spacing=None, net=N
     from samplers import SAMPLERS, Denoiser, noise_source
 
     s, noise = SAMPLERS[sampler], noise_source(torch.Generator().manual_seed(seed))
-    model = Denoiser(net or optimal_net(d), d, clip=False, eps_scale=eps_scale)
-    return s.fn(model, noise((n, 1, 2, 2)), s.timesteps(d, steps, spacing), noise, **s.fixed, **options)
+    denoiser = Denoiser(net or optimal_net(d), d, clip=False, eps_scale=eps_scale)
+    return s.fn(denoiser, noise((n, 1, 2, 2)), s.timesteps(d, steps, spacing), noise, **s.fixed, **options)

@@ -99,7 +99,7 @@ def test_eps_scale_acts_on_the_eps_that_v_implies():
     eps-network's divided by c, and the samples widen as on the eps-network (0.2045 against 0.2005)."""
     dv, de = GaussianDiffusion(prediction="v"), GaussianDiffusion()
     x, t = torch.randn(3, 1, 2, 2), torch.tensor([5, 400, 999])
-    torch.testing.assert_close(Denoiser(GaussianV(dv), dv, eps_scale=1.25).net(x, t), GaussianEps(de)(x, t) / 1.25,
+    torch.testing.assert_close(Denoiser(GaussianV(dv), dv, eps_scale=1.25).eps_fn(x, t), GaussianEps(de)(x, t) / 1.25,
                                rtol=0, atol=1e-6)
     wide = gaussian_samples(dv, "dpm++2m-sde", 50, eps_scale=1.02)
     torch.testing.assert_close(wide, gaussian_samples(de, "dpm++2m-sde", 50, eps_scale=1.02), rtol=0, atol=1e-4)
@@ -119,7 +119,7 @@ def test_guidance_on_v_is_guidance_on_the_eps_it_implies():
     def eps_of(v):  # the eps a constant v implies at x, t
         return d.eps_theta(lambda x_, t_: v)(x, t)
     want = (1 + w) * eps_of(v_cond) - w * eps_of(v_null)
-    got = Denoiser(guided(net, torch.tensor([3, 7]), w, null), d).net(x, t)
+    got = Denoiser(guided(net, torch.tensor([3, 7]), w, null), d).eps_fn(x, t)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 

@@ -32,8 +32,8 @@ def one_step(fn, d, eps, xt, t, t_next, clip, seed=0, **kw):
     return fn(Denoiser(ConstEps(eps), d, clip), xt, [t, t_next], lambda shape: torch.randn(shape, generator=g), **kw)
 
 
-def dpmpp_first_step(model, x, ts, noise, sde=False):
-    return dpmpp_2m_step(model, x, ts[0], ts[1], noise, {}, sde)
+def dpmpp_first_step(denoiser, x, ts, noise, sde=False):
+    return dpmpp_2m_step(denoiser, x, ts[0], ts[1], noise, {}, sde)
 
 
 @pytest.mark.parametrize("clip", [False, True])
@@ -167,12 +167,12 @@ def test_restart_jump_is_the_forward_process():
     q(x_{t_up}); the jump calls no network."""
     d = GaussianDiffusion()
     g = torch.Generator().manual_seed(0)
-    model = Denoiser(lambda x, t: pytest.fail("the jump calls the network"), d)
+    denoiser = Denoiser(lambda x, t: pytest.fail("the jump calls the network"), d)
     for t, t_up in ((14, 88), (0, 999), (300, 301)):
         ab, ab_up = float(d.alphas_cumprod[t]), float(d.alphas_cumprod[t_up])
         x0 = MU + S * torch.randn(40000, generator=g)
         x = math.sqrt(ab) * x0 + math.sqrt(1 - ab) * torch.randn(40000, generator=g)
-        y = sample_restart(model, x, [t, t_up], lambda shape: torch.randn(shape, generator=g))
+        y = sample_restart(denoiser, x, [t, t_up], lambda shape: torch.randn(shape, generator=g))
         assert abs(y.mean().item() - math.sqrt(ab_up) * MU) < 0.01
         assert abs(y.std().item() - math.sqrt(ab_up * S ** 2 + 1 - ab_up)) < 0.01
 
@@ -201,9 +201,9 @@ def test_respaced_ancestral_sampler_with_beta_tilde_is_ddim_with_eta_1():
     d = GaussianDiffusion()
     for steps, spacing in ((10, "uniform"), (20, "logsnr")):
         ts = timesteps(d, steps, spacing)
-        model = Denoiser(GaussianEps(d), d, clip=False)
-        a = sample_ddpm_respaced(model, noise_of(0)((500, 1, 2, 2)), ts, noise_of(1), variance="beta_tilde")
-        torch.testing.assert_close(a, sample_ddim(model, noise_of(0)((500, 1, 2, 2)), ts, noise_of(1), eta=1.0),
+        denoiser = Denoiser(GaussianEps(d), d, clip=False)
+        a = sample_ddpm_respaced(denoiser, noise_of(0)((500, 1, 2, 2)), ts, noise_of(1), variance="beta_tilde")
+        torch.testing.assert_close(a, sample_ddim(denoiser, noise_of(0)((500, 1, 2, 2)), ts, noise_of(1), eta=1.0),
                                    rtol=1e-5, atol=1e-5)
     wide, narrow = (gaussian_samples(d, "ddpm-respaced", 50, variance=v).std().item() for v in ("beta", "beta_tilde"))
     assert narrow < S - 0.02 < S + 0.01 < wide < S + 0.04, (narrow, wide)  # 0.158, 0.225
@@ -241,14 +241,14 @@ def test_edm_churn_draws_noise_and_keeps_gaussian_data_in_place():
 
 def test_edm_churn_rounds_to_the_nearest_timestep_in_log_sigma():
     d = GaussianDiffusion()
-    model, log_sigma = Denoiser(None, d), -log_snr(d)
+    denoiser, log_sigma = Denoiser(None, d), -log_snr(d)
     for t, gamma in ((100, 0.2), (500, 0.05), (10, 0.4), (998, 0.4)):
-        t_hat = churned(model, t, gamma)
-        target = math.log(model.sigma(t) * (1 + gamma))
+        t_hat = churned(denoiser, t, gamma)
+        target = math.log(denoiser.sigma(t) * (1 + gamma))
         assert t <= t_hat <= d.T - 1 and (log_sigma - target).abs().argmin().item() in (t_hat, t_hat + 1), (t, t_hat)
         assert abs(log_sigma[t_hat] - target) <= abs(log_sigma[t_hat - 1] - target) or t_hat == t
-    assert churned(model, 500, 1e-6) == 500 and churned(model, 500, 0.0) == 500  # too small to move: no churn
-    assert churned(model, d.T - 1, 0.4) == d.T - 1
+    assert churned(denoiser, 500, 1e-6) == 500 and churned(denoiser, 500, 0.0) == 500  # too small to move: no churn
+    assert churned(denoiser, d.T - 1, 0.4) == d.T - 1
 
 
 def test_eps_scale_divides_the_networks_prediction():
