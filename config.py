@@ -16,7 +16,6 @@ from dataclasses import dataclass, field, fields
 
 from diffusion import LOSS_WEIGHTS, PREDICTIONS, SCHEDULES, VAR_TYPES, GaussianDiffusion
 from model import UNet
-from samplers import EVAL_SAMPLER, EVAL_SEED  # noqa: F401 - re-exported until train.py moves
 from utils import AMP_MODES, UserError
 
 LR_DECAYS = ("none", "cosine")

@@ -17,10 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 import checkpoint
-from config import EVAL_SAMPLER, EVAL_SEED
 from dataloader import epoch_permutation
 from diffusion import to_model_range, to_uint8
 from sample import sample_func
+from samplers import EVAL_SAMPLER, EVAL_SEED
 from utils import UserError, autocast, cpu_model, git_commit, rank_world
 
 
