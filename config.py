@@ -167,6 +167,37 @@ def resolve(preset="paper", class_cond=False, **overrides):
     return model_args, {k: val[k] for k in DIFFUSION_FLAGS}, cfg
 
 
+def resolve_resume(ckpt, path, class_cond=False, **flags):
+    """--resume: the settings of the run saved in the checkpoint dict `ckpt` (read from `path`), as resolve()
+    returns them. Each flag's --resume rule (flag_spec) decides: "keep" (the model, the diffusion, the data
+    order and the set of EMAs) comes from the checkpoint and a flag that differs is refused, naming the
+    difference; "may change" comes from the checkpoint unless the flag is given; "from flags" (how to run:
+    --amp, --compile, --graph_step) always comes from the flags. Older checkpoints lack some settings: the
+    defaults (linear schedule, eps prediction) are theirs."""
+    import checkpoint  # the checkpoint format's predicates (no cycle: checkpoint imports no script)
+    if not checkpoint.is_resumable(ckpt):
+        raise UserError(f"--resume: {path} holds weights only (no optimizer state); it cannot be resumed")
+    saved = {**DEFAULTS, **{flag: ckpt["model_args"][key] for flag, key in MODEL_FLAGS.items()},
+             **ckpt["diffusion_args"], **ckpt["train_config"]}
+    diffs = [f"--{k} {_norm(flags[k])} but the checkpoint has {_norm(saved[k])}"
+             for k, spec in FLAGS.items() if spec["resume"] == "keep" and flags.get(k) is not None
+             and _norm(flags[k]) != _norm(saved[k])]
+    if ckpt["model_args"].get("num_classes") is None and (class_cond or flags.get("p_uncond") is not None):
+        diffs.append(f"--{'class_cond' if class_cond else 'p_uncond'} but the checkpoint is unconditional")
+    if diffs:
+        raise UserError("cannot resume with a different model, data order or set of EMAs: " + "; ".join(diffs))
+    for f in fields(TrainConfig):
+        rule, given = f.metadata["resume"], flags.get(f.name)
+        if rule == "from flags" or (rule == "may change" and given is not None):
+            saved[f.name] = given if given is not None else f.default
+    cfg = TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig)})
+    return dict(ckpt["model_args"]), ckpt["diffusion_args"], cfg
+
+
+def _norm(v):
+    return tuple(v) if isinstance(v, (list, tuple)) else v
+
+
 def check_model_args(model_args):
     """Build the UNet once on the meta device (no memory, no time) so that a bad layout is refused
     with the network's own message before any data is loaded."""

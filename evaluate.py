@@ -101,7 +101,7 @@ def load(args, device):
     lkw = label_kwargs(args, ckpt["model_args"].get("num_classes"), args.n_samples)
     model, diffusion = checkpoint.build_model(ckpt, use_ema=not args.no_ema, device=device,
                                               source=args.checkpoint, ema=args.ema)
-    skw = sampler_kwargs(args, diffusion.T)
+    skw = sampler_kwargs(args, diffusion)
     if args.metrics:  # fail before minutes of sampling, not after
         ensure_mnist(args.data_dir)
         args.judge = load_judge(args.judge)

@@ -94,7 +94,7 @@ def guidance_panel(args, device):
     if model.num_classes is None:
         raise UserError(f"{args.checkpoint} is unconditional; --guidance_panel needs a checkpoint trained with "
                         f"--class_cond")
-    skw = sampler_kwargs(args, diffusion.T)
+    skw = sampler_kwargs(args, diffusion)
     labels = torch.arange(model.num_classes).repeat_interleave(args.per_digit)
     t0 = time.time()
     panels = {w: sample_func(model, len(labels), diffusion, seed=args.seed, device=device, batch_size=args.batch_size,
@@ -133,7 +133,7 @@ def main(argv=None):
     if ckpt.get("loss_history") is None or len(ckpt["loss_history"]) == 0:
         raise UserError(f"{args.checkpoint} has no loss history; use a checkpoint written by run.py or export.py")
     model, diffusion = checkpoint.build_model(ckpt, device=device, source=args.checkpoint)
-    lkw, skw = label_kwargs(args, model.num_classes, args.n_samples), sampler_kwargs(args, diffusion.T)
+    lkw, skw = label_kwargs(args, model.num_classes, args.n_samples), sampler_kwargs(args, diffusion)
 
     utils.plot_loss(ckpt["loss_history"], paths["train loss.png"], evals=ckpt.get("eval_history"))
     t0 = time.time()

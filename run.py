@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -59,7 +59,7 @@ def get_parser():
 class Plan:
     """Everything a run uses, resolved and checked before any data is loaded."""
     model_args: dict
-    diffusion_args: dict
+    diffusion: GaussianDiffusion
     cfg: TrainConfig
     meta: dict
     resume: dict  # the checkpoint to continue, or None
@@ -70,7 +70,7 @@ class Plan:
 
     def summary(self, args, device, world):
         return {"preset": self.meta.get("preset"), "device": str(device), "processes": world,
-                "model": self.model_args, "train": asdict(self.cfg), "diffusion": self.diffusion_args,
+                "model": self.model_args, "train": asdict(self.cfg), "diffusion": self.diffusion.args,
                 "n_samples": args.n_samples, "sampler": self.sampler, "guidance_scale": self.labels["guidance_scale"],
                 "checkpoint": args.checkpoint, "resume": args.resume, "data_dir": args.data_dir}
 
@@ -79,21 +79,22 @@ def configure(args, device, world):
     """Resolve the preset and the flags (or, with --resume, the checkpoint and the flags) into a Plan;
     every value is checked here, before the data is loaded and before any file is written."""
     utils.check_amp(device, args.amp)
+    flags = {k: getattr(args, k, None) for k in config.DEFAULTS}
     if args.resume:
-        ckpt = resume_checkpoint(args)
-        model_args, diffusion_args, meta = dict(ckpt["model_args"]), ckpt["diffusion_args"], ckpt.get("meta", {})
-        cfg = train_config_for_resume(args, ckpt)
+        ckpt = checkpoint.load(args.checkpoint, missing=f"--resume: no checkpoint at {args.checkpoint}; drop "
+                                                        "--resume to start a new run")
+        model_args, diffusion_args, cfg = config.resolve_resume(ckpt, args.checkpoint, args.class_cond, **flags)
+        meta = ckpt.get("meta", {})
     else:
         ckpt, meta = None, {"preset": args.preset}
-        flags = {k: getattr(args, k, None) for k in config.DEFAULTS}
         model_args, diffusion_args, cfg = config.resolve(args.preset, args.class_cond, **flags)
-        diffusion_args = GaussianDiffusion(**diffusion_args).args
+    diffusion = GaussianDiffusion(**diffusion_args)  # built once: checked here, trained and sampled with below
     check_batch_divides(cfg.batch_size, world)
     if cfg.graph_step and (world > 1 or cfg.amp == "fp16"):
         raise UserError("--graph_step runs in one process and without --amp fp16 (whose GradScaler decides on the "
                         "host whether to skip a step); drop it")
     check_n_samples(args.n_samples)
-    plan = Plan(model_args, diffusion_args, cfg, meta, ckpt, sampler_kwargs(args, diffusion_args["T"]),
+    plan = Plan(model_args, diffusion, cfg, meta, ckpt, sampler_kwargs(args, diffusion),
                 label_kwargs(args, model_args.get("num_classes"), args.n_samples),
                 os.path.join(args.out_dir, "generated_samples.jpg"), os.path.join(args.out_dir, "train_loss.png"))
     for path in (args.checkpoint, plan.samples_path, plan.loss_path):
@@ -106,47 +107,6 @@ def check_batch_divides(batch_size, world):
     if batch_size % world:
         raise UserError(f"--batch_size {batch_size} is the global batch and must divide evenly over the "
                         f"{world} processes")
-
-
-def resume_checkpoint(args):
-    """The checkpoint --resume continues, refused if it cannot be resumed or if the flags contradict it."""
-    ckpt = checkpoint.load(args.checkpoint, missing=f"--resume: no checkpoint at {args.checkpoint}; drop --resume "
-                                                    "to start a new run")
-    if not checkpoint.is_resumable(ckpt):
-        raise UserError(f"--resume: {args.checkpoint} holds weights only (no optimizer state); it cannot be resumed")
-    check_resume_args(args, ckpt)
-    return ckpt
-
-
-def check_resume_args(args, ckpt):
-    """--resume: the model, the diffusion, the data order and the extra EMAs (config.FLAGS with resume "keep")
-    come from the checkpoint; explicit flags that would change them are refused, naming the difference."""
-    saved = {**{flag: ckpt["model_args"][key] for flag, key in config.MODEL_FLAGS.items()},
-             # older checkpoints lack schedule and prediction: linear and eps, the defaults
-             **{k: ckpt["diffusion_args"].get(k, config.DEFAULTS[k]) for k in config.DIFFUSION_FLAGS},
-             **{f.name: f.default for f in fields(TrainConfig)}, **ckpt["train_config"]}  # older: the defaults
-    diffs = [f"--{k} {_norm(getattr(args, k))} but the checkpoint has {_norm(saved[k])}"
-             for k, m in config.FLAGS.items() if m["resume"] == "keep" and getattr(args, k, None) is not None
-             and _norm(getattr(args, k)) != _norm(saved[k])]
-    if ckpt["model_args"].get("num_classes") is None and (args.class_cond or args.p_uncond is not None):
-        diffs.append(f"--{'class_cond' if args.class_cond else 'p_uncond'} but the checkpoint is unconditional")
-    if diffs:
-        raise UserError("cannot resume with a different model, data order or set of EMAs: " + "; ".join(diffs))
-
-
-def _norm(v):
-    return tuple(v) if isinstance(v, (list, tuple)) else v
-
-
-def train_config_for_resume(args, ckpt):
-    """The checkpoint's training settings, with every flag given explicitly taking precedence (config.FLAGS'
-    resume "may change"); how to run (resume "from flags": --amp, --compile) always comes from the flags."""
-    saved = dict(ckpt["train_config"])
-    for f in fields(TrainConfig):
-        given, rule = getattr(args, f.name, None), f.metadata["resume"]
-        if rule == "from flags" or (rule == "may change" and given is not None):
-            saved[f.name] = given
-    return TrainConfig(**{f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved})
 
 
 def protect_existing(path, keep_copy=True):
@@ -229,7 +189,7 @@ def main(argv=None):
             protect_existing(args.checkpoint, keep_copy=rank == 0)
         images, labels = load_data(args.data_dir, rank, world)
         torch.manual_seed(plan.cfg.seed)
-        model, diffusion = UNet(**plan.model_args), GaussianDiffusion(**plan.diffusion_args)
+        model, diffusion = UNet(**plan.model_args), plan.diffusion
         log(f"UNet with {count_parameters(model) / 1e6:.2f}M parameters; {len(images)} training images")
         state, ema = train(args, plan, model, diffusion, images, labels, device, log)
         if rank == 0:

@@ -29,10 +29,11 @@ def add_sampler_flags(p):
                        help=f"{only}: {help}")
 
 
-def sampler_kwargs(args, T):
+def sampler_kwargs(args, diffusion):
     """Checked sampler settings {sampler, sampling_steps, spacing, options...} from parsed flags
-    (add_sampler_flags) for a diffusion of T steps; none is accepted and silently ignored."""
-    s, all_options = SAMPLERS[args.sampler], options()
+    (add_sampler_flags) for `diffusion` (its T and schedule place the steps); none is accepted and silently
+    ignored."""
+    s, all_options, T = SAMPLERS[args.sampler], options(), diffusion.T
     own = [o for o in all_options if o not in SHARED_OPTIONS]
     given = [o for o in own if getattr(args, o, None) is not None and o not in s.options]
     if s.spacing is None:  # every timestep: the paper's sampler
@@ -47,7 +48,7 @@ def sampler_kwargs(args, T):
     kw = {"sampler": s.name, "sampling_steps": DEFAULT_STEPS if args.sampling_steps is None else args.sampling_steps,
           "spacing": args.spacing or s.spacing}
     try:
-        s.timesteps(GaussianDiffusion(T=T), kw["sampling_steps"], kw["spacing"])
+        s.timesteps(diffusion, kw["sampling_steps"], kw["spacing"])
     except ValueError as e:
         raise UserError(f"--sampling_steps {kw['sampling_steps']}: {e}") from None
     for o, (default, _, *choices) in s.options.items():

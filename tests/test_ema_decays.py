@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import checkpoint
+import config
 import evaluate
 import export
 import run
@@ -66,8 +67,8 @@ def test_resume_keeps_the_extra_emas(runs, capsys, monkeypatch):
     del old["ema_extra"]
     old["train_config"] = {k: v for k, v in old["train_config"].items() if k != "ema_decays"}
     args = run.get_parser().parse_args(["--resume", "--ema_decays", ""])
-    run.check_resume_args(args, old)
-    assert run.train_config_for_resume(args, old).ema_decays == ()
+    flags = {k: getattr(args, k, None) for k in config.DEFAULTS}
+    assert config.resolve_resume(old, "one.pt", **flags)[2].ema_decays == ()
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import checkpoint
+import config
 import run
 from checkpoint import load as load_checkpoint
 from checkpoint import load_weights
@@ -138,7 +139,7 @@ def test_resume_with_other_model_or_data_order_is_refused(work, reference, capsy
 
 def test_resume_honours_explicit_default_values(work, reference):
     args = run.get_parser().parse_args(["--resume", "--max_steps", "0", "--save_every", "1000"])
-    cfg = run.train_config_for_resume(args, reference)
+    cfg = config.resolve_resume(reference, "ref.pt", **{k: getattr(args, k, None) for k in config.DEFAULTS})[2]
     assert cfg.max_steps == 0 and cfg.save_every == 1000 and cfg.batch_size == 16  # not the saved 30 / 10
 
 

@@ -112,7 +112,7 @@ def test_sampler_kwargs_take_eps_scale_for_every_sampler():
     from utils import UserError
 
     def skw(*argv):
-        return sampler_kwargs(evaluate.get_parser().parse_args(list(argv)), 1000)
+        return sampler_kwargs(evaluate.get_parser().parse_args(list(argv)), GaussianDiffusion())
     assert skw("--eps_scale", "1.005") == {"sampler": "ddpm", "eps_scale": 1.005}
     assert skw("--eps_scale", "1") == {"sampler": "ddpm"}  # off: recorded as before
     assert skw("--sampler", "edm", "--eps_scale", "1.003", "--churn", "5") == {
