@@ -21,7 +21,8 @@ Where to find the paper here (equation numbers are the DDPM paper's unless anoth
     Algorithm 2   sampling: one step                                  p_sample (the loop: samplers.sample_ddpm)
     eq. 5         the variational bound L_T + sum L_{t-1} + L_0       prior_bpd, vb_term_bpd
     eq. 13        the discrete decoder p_theta(x_0 | x_1)             discretized_gaussian_log_likelihood
-The faster samplers of later papers (DDIM, DPM-Solver++, Restart) are in samplers.py.
+The faster samplers of later papers (DDIM, DPM-Solver++, Restart) are in samplers.py; the chain of some of
+the timesteps (respacing, Nichol & Dhariwal 2021) is respace.py's GaussianDiffusion.
 """
 import math
 from types import SimpleNamespace
@@ -131,11 +132,16 @@ class GaussianDiffusion:
             raise ValueError(f"prediction must be eps or v, got {prediction!r}")
         self.args = dict(T=T, beta_start=beta_start, beta_end=beta_end, var_type=var_type, schedule=schedule,
                          prediction=prediction)
-        self.T, self.var_type, self.prediction = T, var_type, prediction
-        b = self.betas = linear_betas(T, beta_start, beta_end) if schedule == "linear" else cosine_betas(T)
+        b = linear_betas(T, beta_start, beta_end) if schedule == "linear" else cosine_betas(T)
+        self.set_schedule(b, torch.cumprod(1.0 - b, 0), var_type, prediction)
+
+    def set_schedule(self, b, alphas_cumprod, var_type, prediction):
+        """Every coefficient below, from the betas b and alphabar_t = prod_{s<=t} (1 - beta_s). alphabar is an
+        argument so that respace.SpacedDiffusion, the chain of some of these timesteps, keeps their alphabar_t
+        as they are (its product of its own betas would differ in the last bits)."""
+        self.T, self.var_type, self.prediction = len(b), var_type, prediction
         assert ((b > 0) & (b <= 1)).all(), "betas must lie in (0, 1]"
-        self.alphas = 1.0 - b
-        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+        self.betas, self.alphas, self.alphas_cumprod = b, 1.0 - b, alphas_cumprod
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
@@ -148,16 +154,17 @@ class GaussianDiffusion:
         self.eps_coef_eq11 = b / (1.0 - self.alphas_cumprod).sqrt()
         # Posterior q(x_{t-1} | x_t, x_0) = N(mean, beta-tilde_t I), eqs. 6-7.
         self.posterior_variance = b * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
-        # beta-tilde_0 = 0; clip the log as the authors' code does, so fixed_small stays finite.
-        self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        # beta-tilde_0 = 0; clip the log as the authors' code does, so fixed_small stays finite (a chain of
+        # one step, respace.py's, has no beta-tilde_1: its 0 stays, and its one step adds no noise).
+        pv_1 = self.posterior_variance[1:2] if self.T > 1 else self.posterior_variance[:1]
+        self.posterior_log_variance_clipped = torch.log(torch.cat([pv_1, self.posterior_variance[1:]]))
         self.posterior_mean_coef1 = b * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
         # sigma_t^2 of the reverse process. At the paper's t = 1 (our index 0) both choices use
         # beta-tilde_1, as the authors' code does, so the decoder's variance is not 0
         # (beta-tilde is 0 there; the sampler adds no noise at that step either way).
         if var_type == "fixed_large":
-            self.model_variance = torch.cat([self.posterior_variance[1:2], b[1:]])
+            self.model_variance = torch.cat([pv_1, b[1:]])
         else:
             self.model_variance = torch.exp(self.posterior_log_variance_clipped)
         self._on = {}
@@ -228,7 +235,8 @@ class GaussianDiffusion:
         """Algorithm 2, lines 3-4: x_{t-1} = mu_theta(x_t, t) + sigma_t z, with z = 0 at the last step (the
         paper's t = 1). mu_theta is eq. 11's mean computed as q's posterior mean (eq. 7) at x_0 predicted
         from eps_theta (eps_fn; p_mean_eq11 says why); sigma_t^2 is beta_t or beta-tilde_t (var_type).
-        t: (B,) timesteps; z: N(0, I) noise like x_t. samplers.sample_ddpm runs the loop (lines 1-2, 5-6)."""
+        t: (B,) timesteps; z: N(0, I) noise like x_t. samplers.sample_ddpm runs the loop (lines 1-2, 5-6), and
+        samplers.sample_ddpm_respaced on a chain of fewer steps (respace.SpacedDiffusion)."""
         x0 = self.predict_x0(eps_fn, xt, t, clip)
         mean, _ = self.q_posterior_mean_variance(x0, xt, t)
         return mean + bcast(t != 0, xt) * extract(self.on(t.device).model_variance, t, xt).sqrt() * z

@@ -25,6 +25,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from respace import SpacedDiffusion
+
 SPACINGS = ("uniform", "quadratic", "logsnr", "karras")
 DEFAULT_STEPS = 50  # the few-step samplers' steps when --sampling_steps is not given
 # The log-SNR below which the logsnr and karras spacings place no step but the first: alpha_t = 0.005,
@@ -204,21 +206,15 @@ def sample_ddpm(denoiser, x, ts, noise, callback=None):
 
 def sample_ddpm_respaced(denoiser, x, ts, noise, callback=None, variance="beta"):
     """Algorithm 2 of Ho et al. 2020 on the chain restricted to the timesteps ts (improved-diffusion's
-    respacing, Nichol & Dhariwal 2021, section 4): from t to t_next the chain has its own
-    beta' = 1 - ab_t / ab_next and alpha' = 1 - beta', and the step is p_sample's with them: the posterior
-    mean (eq. 7) at the clipped x_0 prediction, plus sigma z with sigma^2 = beta' ("beta", default) or
-    beta-tilde' = beta' (1 - ab_next) / (1 - ab_t) ("beta_tilde"); no noise on the step to x_0. On every
-    timestep it is sample_ddpm with var_type fixed_large or fixed_small. Coefficients in float64 on the
-    host; sigma is float32's square root of sigma^2, as p_sample takes it."""
-    for t, t_next in zip(ts[:-1], ts[1:]):
-        x0 = denoiser(x, t)
-        ab, ab_next = denoiser.alphabar(t), denoiser.alphabar(t_next)
-        beta = 1.0 - ab / ab_next
-        c_x0, c_x = beta * math.sqrt(ab_next) / (1.0 - ab), (1.0 - ab_next) * math.sqrt(1.0 - beta) / (1.0 - ab)
-        x = c_x0 * x0 + c_x * x
-        if t_next >= 0:
-            var = beta if variance == "beta" else beta * (1.0 - ab_next) / (1.0 - ab)
-            x = x + float(torch.tensor(var, dtype=torch.float32).sqrt()) * noise(x.shape)
+    respacing, Nichol & Dhariwal 2021, section 4): each step is diffusion.p_sample on respace.SpacedDiffusion,
+    the chain whose step from t to t_next has its own beta' = 1 - ab_t / ab_next, with sigma^2 = beta'
+    ("beta", default) or beta-tilde' = beta' (1 - ab_next) / (1 - ab_t) ("beta_tilde"); no noise on the step
+    to x_0 (none drawn). On every timestep it is sample_ddpm with var_type fixed_large or fixed_small."""
+    chain = SpacedDiffusion(denoiser.diffusion, ts[:-1], "fixed_large" if variance == "beta" else "fixed_small")
+    eps_fn = chain.wrap(denoiser.eps_fn)
+    for i, t, t_next in zip(range(chain.T - 1, -1, -1), ts[:-1], ts[1:]):  # the chain's step i: t_i -> t_{i-1}
+        z = noise(x.shape) if t_next >= 0 else torch.zeros_like(x)
+        x = chain.p_sample(eps_fn, x, batch_t(x, i), z, denoiser.clip)
         if callback:
             callback(t, t_next, x)
     return x

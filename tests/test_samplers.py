@@ -9,6 +9,7 @@ import torch
 
 from conftest import MU, ConstEps, GaussianEps, S, gaussian_samples
 from diffusion import GaussianDiffusion
+from respace import SpacedDiffusion
 from samplers import (
     SAMPLERS,
     Denoiser,
@@ -180,6 +181,40 @@ def test_restart_jump_is_the_forward_process():
 def noise_of(seed):
     g = torch.Generator().manual_seed(seed)
     return lambda shape: torch.randn(shape, generator=g)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("var_type", ["fixed_large", "fixed_small"])
+def test_respaced_diffusion_on_every_timestep_is_the_diffusion(schedule, var_type):
+    """On all T timesteps the respaced chain is the diffusion itself: its alphabar are the diffusion's, and its
+    betas 1 - ab_t / ab_{t-1} and every coefficient computed from them agree to 1e-12 in float64 and exactly in
+    the float32 that meets a batch (bcast)."""
+    d = GaussianDiffusion(var_type=var_type, schedule=schedule)
+    spaced = SpacedDiffusion(d, range(d.T), var_type)
+    assert spaced.T == d.T and torch.equal(spaced.alphas_cumprod, d.alphas_cumprod)
+    arrays = [k for k, v in vars(d).items() if isinstance(v, torch.Tensor)]
+    assert len(arrays) > 15 and set(arrays) == {k for k, v in vars(spaced).items() if isinstance(v, torch.Tensor)}
+    for k in arrays:
+        torch.testing.assert_close(getattr(spaced, k), getattr(d, k), rtol=1e-12, atol=0, msg=k)
+        assert torch.equal(getattr(spaced, k).float(), getattr(d, k).float()), k
+
+
+def test_respaced_diffusion_keeps_the_kept_timesteps_alphabar_and_calls_the_network_there():
+    """On a subsequence t_0 < ... < t_{S-1}: alphabar'_i = alphabar_{t_i} exactly, the chain's betas multiply back
+    to them (only to 5e-9 at t = 999, where ab = 2e-9 and 1 - beta' cancels: why the chain keeps alphabar as
+    given), and its step i calls the network at t_i. One step (S = 1) is the x_0 prediction, with no noise."""
+    d, ts = GaussianDiffusion(schedule="cosine"), [999, 640, 300, 77, 0]
+    spaced = SpacedDiffusion(d, ts, "fixed_small")
+    assert spaced.timestep_map == ts[::-1] and torch.equal(spaced.alphas_cumprod, d.alphas_cumprod[ts[::-1]])
+    torch.testing.assert_close(torch.cumprod(spaced.alphas, 0), spaced.alphas_cumprod, rtol=1e-8, atol=0)
+    called = []
+    spaced.wrap(lambda x, t: called.append(t.tolist()))(None, torch.tensor([0, 2, 4]))
+    assert called == [[0, 300, 999]]
+    x = torch.randn(3, 1, 4, 4)
+    for variance in ("beta", "beta_tilde"):
+        one = sample_ddpm_respaced(Denoiser(ConstEps(torch.tensor(0.3)), d), x, [999, -1],
+                                   lambda shape: pytest.fail("a noise draw"), variance=variance)
+        assert torch.equal(one, Denoiser(ConstEps(torch.tensor(0.3)), d)(x, 999))
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])

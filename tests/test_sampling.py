@@ -107,6 +107,18 @@ def test_eps_scale_changes_the_digits_and_1_changes_nothing(sampler):
     assert not torch.equal(sample_func(model, 3, d, eps_scale=1.05, **kw)[0], ref)
 
 
+def test_the_repos_sampler_settings_are_the_flags_as_flags_gives():
+    """samplers.RECOMMENDED and EVAL_SAMPLER, sample_func's keyword arguments, and their flags (as_flags) are one
+    setting: the flags parse back to the setting itself (with the sampler's own spacing filled in)."""
+    import evaluate
+    import samplers
+
+    for setting in (samplers.RECOMMENDED, samplers.EVAL_SAMPLER):
+        args = evaluate.get_parser().parse_args(samplers.as_flags(setting))
+        assert sampler_kwargs(args, 1000) == {"spacing": SAMPLERS[setting["sampler"]].spacing, **setting}
+    assert samplers.as_flags(samplers.RECOMMENDED) == ["--sampler", "dpm++2m-sde", "--sampling_steps", "50"]
+
+
 def test_sampler_kwargs_take_eps_scale_for_every_sampler():
     import evaluate
     from utils import UserError
