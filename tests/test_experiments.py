@@ -366,16 +366,26 @@ def test_benchmark_sample_only(tmp_path, capsys, monkeypatch):
     benchmark.main(["--preset", "tiny", "--device", "cpu", "--sample_only", "--json", str(tmp_path / "b.json")])
     r = common.read_json(tmp_path / "b.json")
     assert r["preset"] == "tiny" and r["sample_10_s"] > 0 and r["flops_per_forward"] > 0 and "full_step_s" not in r
-    assert "sample 100 digits, DDIM 50 steps" in capsys.readouterr().out
+    assert f"sample_100_ddim50_s      {r['sample_100_ddim50_s']:.4g}" in capsys.readouterr().out
 
 
-def test_benchmark_probe(capsys, monkeypatch):
-    """--probe (speed_probe.py folded in): one line per window after the first."""
+def test_benchmark_training(tmp_path, capsys, monkeypatch):
+    """The bare step (train.make_step) and the full one (train_func's ledger: its speed is rounded there) on a
+    tiny preset; the matmul peak, the profile and the sampling figures are stubbed (test_benchmark_sample_only
+    times the sampling)."""
     import benchmark
     monkeypatch.setitem(config.PRESETS, "tiny", TINY_PRESET)
-    benchmark.main(["--preset", "tiny", "--device", "cpu", "--probe", "6", "--window", "2", "--batch_size", "8"])
-    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == [
-        "flush=True steps 2-4", "flush=True steps 4-6"]
+    monkeypatch.setattr(benchmark, "peak_matmul_flops", lambda device, dtype: 1e9)
+    monkeypatch.setattr(benchmark, "sample_time", lambda *args: 1.0)
+    monkeypatch.setattr(benchmark, "dense_op_share", lambda *args: None)
+    monkeypatch.setattr(benchmark, "WARMUP", 2)  # the first logging point: the full step's speed counts from it
+    benchmark.main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--batch_size", "8", "--json",
+                    str(tmp_path / "b.json")])
+    r = common.read_json(tmp_path / "b.json")
+    assert r["bare_step_s"] > 0 and r["train_img_per_s"] == pytest.approx(8 / r["full_step_s"])
+    assert 1 / r["full_step_s"] == pytest.approx(round(1 / r["full_step_s"], 3), abs=1e-9)  # the ledger's figure
+    assert r["commit"] and r["cpu"] == cpu_model()
+    assert f"full_step_s              {r['full_step_s']:.4g}" in capsys.readouterr().out
 
 
 def test_headline(tmp_path, in_process, capsys, monkeypatch):
@@ -422,7 +432,7 @@ def test_floors(tmp_path, capsys):
     ("recipe_trials", ["--trials", "a:0:", "--baseline", "b"], "--baseline b is none of the --trials' names"),
     ("floors", ["--n", "5"], "--n values must be in 10..10000"),
     ("headline", ["--rows", "nope"], "--rows must name rows"),
-    ("benchmark", ["--probe", "0"], "must be >= 1"),
+    ("benchmark", ["--steps", "0"], "--batch_size and --steps must be >= 1"),
 ])
 def test_bad_input(script, argv, match, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
