@@ -317,44 +317,27 @@ def test_guidance_sweep(tmp_path, in_process, capsys):
     assert len(in_process) == 2 and capsys.readouterr().out.count("done before, skipped") == 2
 
 
-@slow  # 10-11 s on a shared 2-core machine (the 1000-step sampler from the exported file)
-def test_gpu_paper_on_the_cpu(tmp_path, in_process, capsys):
-    """The documented dry run with a tiny model: both trainings, the losses, the export, the four npz files."""
-    import gpu_paper
-    data, out = write_tiny_mnist(str(tmp_path / "data")), tmp_path / "g"
-    published = tiny_checkpoint(tmp_path / "published.pt", T=10)
-    extra = " ".join(TINY_FLAGS + ["--max_steps", "2", "--batch_size", "8", "--data_dir", data])
-    gpu_paper.main(["--out", str(out), "--work", str(tmp_path / "w"), "--device", "cpu", "--n_samples", "2",
-                    "--loss_steps", "2", "--speed", "--amp bf16", "--extra", extra, "--published", published])
-    assert sorted(os.listdir(out)) == ["ddim50.npz", "ddim50_eta1.npz", "ddpm1000.npz", "ddpm_paper.pt",
-                                       "ddpm_paper.pt.sha256", "losses.npz", "trained_ddpm1000.npz"]
-    losses = np.load(out / "losses.npz")
-    assert len(losses["fp32_eager"]) == len(losses["bf16_compile"]) == 2
-    assert checkpoint.load(out / "ddpm_paper.pt")["train_config"]["amp"] == "bf16"
-    assert "loss, first 2 steps" in capsys.readouterr().out and [c[0] for c in in_process][:3] == [
-        "run.py", "run.py", "export.py"]
-
-
-def test_bench_gpu_dry_run_in_a_real_process_from_another_folder(tmp_path):
-    lines = sh([os.path.join(ROOT, "experiments", "bench_gpu.py"), "--dry_run", "--out", "o"], cwd=tmp_path
-               ).stdout.splitlines()
-    assert [line.split()[0] for line in lines] == ["run.py", "evaluate.py", "evaluate.py", *["experiments/benchmark.py"]
-                                                   * 3]
-    assert lines[-1].endswith("--amp bf16 --compile --json o/bench_ampbf16compile.json")
-    assert all(os.path.exists(os.path.join(ROOT, line.split()[0])) for line in lines)
-
-
-def test_gpu_check_dry_run_on_the_cpu(tmp_path, capsys):
-    """The device check end to end on a CPU with a tiny model: both paths' speeds, the CUDA-only row skipped
-    with its reason, the resume row (bitwise on a CPU: difference 0), the projections, the JSON."""
-    import gpu_check
-    gpu_check.main(["--device", "cpu", "--tiny", "--steps", "3", "--warmup", "1", "--log_every", "2",
-                    "--resume_steps", "2", "--batch_size", "8", "--json", str(tmp_path / "g.json"),
-                    "--data_dir", write_tiny_mnist(str(tmp_path / "data"))])
-    r, out = common.read_json(tmp_path / "g.json"), capsys.readouterr().out
-    assert r["data"] == "MNIST" and r["today_steps_per_s"] > 0 and r["new_steps_per_s"] > 0
-    assert r["gpu_step_ms"] is None and "skipped  no CUDA" in out
-    assert r["resume_rel_diff"] == 0 and r["resume_steps"] == 2 and "paper's 46,800 steps, new path" in out
+def test_gpu_dry_run_in_a_real_process_from_another_folder(tmp_path):
+    """The documented dry run, as a user runs it (plus the data): both paths' speeds from their ledgers, the
+    choice and its reason, the resume (bitwise on a CPU: difference 0), the run stopped by its budget with its
+    checkpoint saved and resumable, the float16 export, the samples, the JSON."""
+    write_tiny_mnist(str(tmp_path / "data"))
+    out = sh([os.path.join(ROOT, "experiments", "gpu.py"), "--device", "cpu", "--tiny", "--out", "g"],
+             cwd=tmp_path).stdout
+    r, g = common.read_json(tmp_path / "g" / "gpu.json"), tmp_path / "g"
+    assert r["device"] == "cpu" and r["commit"] and r["cpu"] == cpu_model()
+    assert all(r["speed"][p] > 0 for p in ("default", "graph_step")) and r["path"] in r["speed"]
+    assert (r["path"] == "graph_step") == (r["speed"]["graph_step"] > r["speed"]["default"])
+    assert f"training on the {r['path']} path: {r['why']}" in out and ("falling back" in r["why"]) == (
+        r["path"] == "default")
+    run = checkpoint.load(g / "ddpm_run.pt")
+    assert run["step"] == r["steps"] > 3 and run["total_steps"] == 1600 and checkpoint.is_unfinished(run)
+    assert [(s["from_step"], s["to_step"]) for s in run["sessions"]] == [(0, 3), (3, r["steps"])]  # resumed at 3
+    assert "interrupted by signal 15" in out and r["resume_rel_diff"] == 0  # steps 3 on, against the speed row's
+    assert r["exported_sha256"] == sha256_file(g / "ddpm_paper.pt") and checkpoint.load(g / "ddpm_paper.pt")[
+        "meta"]["weights_dtype"] == "float16"
+    samples = np.load(g / "samples.npz")
+    assert samples["samples"].shape == (10, 28, 28) and '"sampler": "dpm++2m-sde"' in str(samples["meta"])
 
 
 @slow  # 11-14 s on a shared 2-core machine: the sampling figures (1000-step sampler, 100 digits with DDIM-50)
@@ -433,6 +416,8 @@ def test_floors(tmp_path, capsys):
     ("floors", ["--n", "5"], "--n values must be in 10..10000"),
     ("headline", ["--rows", "nope"], "--rows must name rows"),
     ("benchmark", ["--steps", "0"], "--batch_size and --steps must be >= 1"),
+    ("gpu", ["--tiny", "--speed_steps", "4"], "--speed_steps > 4"),
+    ("gpu", ["--budget", "0"], "--budget and --n_samples must be > 0"),
 ])
 def test_bad_input(script, argv, match, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
