@@ -51,7 +51,7 @@ from utils import UserError, resolve_device
 TINY = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_res=(14,))  # every part of the network, small
 # The defaults of the paper-size run and of --tiny; log_every: the logging points (the speed counts from the first)
 DEFAULTS = {False: dict(budget=300, speed_steps=300, n_samples=1000, batch_size=128, log_every=25),
-            True: dict(budget=1, speed_steps=6, n_samples=10, batch_size=8, log_every=2)}
+            True: dict(budget=0.5, speed_steps=5, n_samples=10, batch_size=8, log_every=2)}
 STOP_AT = 0.95  # of --budget: SIGTERM then, so that the last checkpoint is written within the budget
 RESUME_TOL = 0.02  # the largest relative difference of a loss after the resume from the uninterrupted run's (bf16)
 
@@ -147,8 +147,8 @@ def get_args(argv):
     p = common.parser(__doc__)
     p.add_argument("--device", default="auto", help="cuda (default where there is one) or cpu (the dry run)")
     p.add_argument("--tiny", action="store_true", help="a tiny model, batch 8 and small counts: a dry run")
-    p.add_argument("--budget", type=float, help="seconds of step 3's training run (default 300; --tiny 1)")
-    p.add_argument("--speed_steps", type=int, help="steps of each path in step 1 (default 300; --tiny 6)")
+    p.add_argument("--budget", type=float, help="seconds of step 3's training run (default 300; --tiny 0.5)")
+    p.add_argument("--speed_steps", type=int, help="steps of each path in step 1 (default 300; --tiny 5)")
     p.add_argument("--n_samples", type=int, help="digits to sample in step 5 (default 1000; --tiny 10)")
     p.add_argument("--data_dir", default="./data", help="where MNIST is")
     p.add_argument("--out", default="./gpu_results", help="results folder (created)")
