@@ -1,21 +1,20 @@
-"""Throughput of training and sampling for a preset, device and batch size.
+"""Throughput of training and sampling for a preset, device and batch size: the one timing tool.
 
     python experiments/benchmark.py --preset cpu --batch_size 128
-    python experiments/benchmark.py --preset paper --device cuda --json bench.json
+    python experiments/benchmark.py --preset paper --device cuda --amp bf16 --compile --json bench.json
     python experiments/benchmark.py --preset cpu --sample_only --compile   # sampling alone, compiled
-    python experiments/benchmark.py --probe 6000 --preset paper --device cuda --amp bf16 --compile
 
-Reports: the bare training step (forward, backward, Adam) against the full `train_func` step
-(adds batch drawing, EMA, LR schedule, loss bookkeeping), training images/s, FLOPs per forward
-(torch.utils.flop_counter), achieved FLOP/s against the peak matmul FLOP/s measured in the same
-run, the time to sample 10 digits with the 1000-step sampler and 100 with 50 DDIM steps, and peak memory.
-
---probe STEPS: instead, the steps/s of the full training step (`train.Trainer.train_step`) in windows of
---window steps (500), to see whether the speed drifts over a run (docs/gpu.md): one line per window after
-the first. The loss is moved to the host every 25 steps, as in training (--no_flush: never). Random
-images stand in for MNIST (the speed does not depend on them); no checkpoint is written.
+Reports: the bare training step (train.make_step, the repo's step: the batch by index, the draws, forward,
+backward, clipping, Adam and the EMA, called back to back on one batch) against the full `train_func` step
+(adds the data order, the learning-rate schedule, moving the losses to the host every few steps), training
+images/s, FLOPs per forward (torch.utils.flop_counter), achieved FLOP/s against the peak matmul FLOP/s
+measured in the same run, the time to sample 10 digits with the 1000-step sampler and 100 with 50 DDIM
+steps, and peak memory. The full step's speed is train_func's own, from its checkpoint's ledger (steps_per_s:
+from the first logging point, after WARMUP steps of compilation and CUDA graphs, set-up left out). Random
+images stand in for MNIST (the speed does not depend on them). For the GPU's training paths (the default
+--compile against --graph_step) over a longer run, see experiments/gpu.py.
 """
-import contextlib
+import dataclasses
 import os
 import resource
 import tempfile
@@ -26,46 +25,23 @@ import common  # first: the repo's modules onto sys.path
 # isort: split
 import torch
 
+import checkpoint
 import config
-from diffusion import GaussianDiffusion
+from diffusion import GaussianDiffusion, to_model_range
 from model import UNet, count_parameters
 from sample import sample_func
-from train import Trainer, make_optimizer_and_net, train_func
-from utils import autocast, check_amp, resolve_device
+from train import Run, make_optimizer, make_step, train_func
+from utils import check_amp, resolve_device
 
-REPORT = (  # (label, the figure from the results) of the printed table
-    ("bare step (fwd+bwd+Adam)", lambda r: f"{r['bare_step_s'] * 1e3:.1f} ms"),
-    ("full train_func step", lambda r: f"{r['full_step_s'] * 1e3:.1f} ms"),
-    ("loop overhead (data, EMA, logging)", lambda r: f"{100 * r['overhead_fraction']:.1f} %"),
-    ("training images/s", lambda r: f"{r['train_img_per_s']:.0f}"),
-    ("training steps/s", lambda r: f"{1 / r['full_step_s']:.1f}"),
-    ("GFLOP per forward / per training image",
-     lambda r: f"{r['flops_per_forward'] / 1e9:.3f} / {r['flops_per_train_image'] / 1e9:.3f}"),
-    ("achieved GFLOP/s (training)", lambda r: f"{r['achieved_flops'] / 1e9:.1f}"),
-    ("peak matmul GFLOP/s (measured)", lambda r: f"{r['peak_matmul_flops'] / 1e9:.1f}"),
-    ("fraction of peak", lambda r: f"{100 * r['fraction_of_peak']:.0f} %"),
-    ("sample 10 digits, DDPM 1000 steps", lambda r: f"{r['sample_10_s']:.1f} s"),
-    ("sample 100 digits, DDIM 50 steps", lambda r: f"{r['sample_100_ddim50_s']:.1f} s"),
-    ("sampling images x NFE / s (batch 100)", lambda r: f"{r['sample_img_nfe_per_s']:.0f}"),
-    ("conv/matmul/attention share, eager fwd",
-     lambda r: "-" if r["dense_op_share_b100"] is None else f"{100 * r['dense_op_share_b100']:.0f} %"),
-    ("peak memory", lambda r: f"{r['peak_mem_mb']:.0f} MB"),
-)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
+WARMUP = 10  # steps before the timed ones (compilation, CUDA graphs); the full step's first logging point
 
 
 def timed(device, fn):
     """Seconds that fn() takes, the device synchronised before and after."""
-    sync(device)
+    common.sync(device)
     t0 = time.perf_counter()
     fn()
-    sync(device)
+    common.sync(device)
     return time.perf_counter() - t0
 
 
@@ -111,32 +87,28 @@ def peak_matmul_flops(device, dtype=torch.float32):
     return max(2 * n ** 3 * reps / timed(device, lambda: [a @ b for _ in range(reps)]) for _ in range(3))
 
 
-def bare_step_time(model, diffusion, batch, device, steps, amp="none", compile=False):
-    """Forward, backward and Adam on one fixed batch: the floor for a training step."""
-    opt, net = make_optimizer_and_net(model, device, 1e-4, compile)  # as train_func sets them up
-    x0 = torch.rand(batch, 1, 28, 28, device=device) * 2 - 1
-    g = torch.Generator(device=device).manual_seed(0)
-
-    def step():
-        with autocast(device, amp):
-            loss = diffusion.training_losses(net, x0, g).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-    for _ in range(3):  # warm-up
-        step()
-    return timed(device, lambda: [step() for _ in range(steps)]) / steps
+def bare_step_time(model, diffusion, device, cfg, steps):
+    """Seconds per call of the repo's training step (train.make_step, without an EMA) on one batch, called
+    back to back after WARMUP calls, nothing moved to the host: the floor for a training step."""
+    opt, net = make_optimizer(model, device, cfg)  # as train_func sets them up
+    run = Run(model, {}, opt, torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16"),
+              torch.Generator(device=device).manual_seed(0))
+    images = to_model_range(common.random_images(cfg.batch_size).to(device).float() / 255).unsqueeze(1)
+    step = make_step(run, net, diffusion, cfg, images, None, slice(None))
+    idx = torch.arange(cfg.batch_size, device=device)  # the whole batch, every step
+    for _ in range(WARMUP):
+        step(idx, cfg.lr, [])
+    return timed(device, lambda: [step(idx, cfg.lr, []) for _ in range(steps)]) / steps
 
 
-def full_step_time(model, diffusion, batch, device, steps, tmp_ckpt, amp="none", compile=False):
-    """train_func itself (data by index, EMA, schedule, logging), minus a short run's fixed cost."""
-    images = torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8)
-    cfg = dict(n_epochs=1, batch_size=batch, save_every=10 ** 9, warmup=100, amp=amp, compile=compile)
-    times = [timed(device, lambda n=n: train_func(UNet(**model.model_args), diffusion, images, config.TrainConfig(
-        max_steps=n, **cfg), tmp_ckpt, device=device, progress=False))
-        for n in ((3, 3, 3 + steps) if compile else (3, 3 + steps))]  # with compile, a first call warms its cache
-    return (times[-1] - times[-2]) / steps
+def full_step_time(model_args, diffusion, device, cfg, steps):
+    """Seconds per step of train_func itself over `steps` steps after WARMUP, from its checkpoint's ledger
+    (written before the file is: the save is not timed)."""
+    cfg = dataclasses.replace(cfg, max_steps=WARMUP + steps, log_every=WARMUP, save_every=10 ** 9)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_func(UNet(**model_args), diffusion, common.random_images(), cfg, os.path.join(tmp, "b.pt"),
+                   device=device, progress=False)
+        return 1 / checkpoint.load(os.path.join(tmp, "b.pt"))["sessions"][-1]["steps_per_s"]
 
 
 def sample_time(net, n, sampler, device, amp, compile):
@@ -147,36 +119,13 @@ def sample_time(net, n, sampler, device, amp, compile):
                                              sampling_steps=50 if sampler == "ddim" else None, **kw))
 
 
-def probe(model_args, device, args):
-    """--probe: steps/s of Trainer.train_step in windows of --window steps."""
-    _, dargs, cfg = config.resolve(args.preset, amp=args.amp, compile=args.compile, save_every=10 ** 9,
-                                   max_steps=args.probe, batch_size=args.batch_size)
-    images = torch.randint(0, 256, (60000, 28, 28), dtype=torch.uint8)
-    tr = Trainer(UNet(**model_args), GaussianDiffusion(**dargs), images, None, cfg,
-                 os.path.join(tempfile.gettempdir(), "_ddpm_probe.pt"), device)
-    tr.start()
-    t_prev, s_prev = None, 0
-    while tr.step < args.probe:
-        tr.train_step(tr.batch())
-        if not args.no_flush and tr.step % 25 == 0:
-            tr.flush()
-        if tr.step % args.window == 0:
-            sync(device)
-            now = time.perf_counter()
-            if t_prev is not None:
-                print(f"flush={not args.no_flush} steps {s_prev}-{tr.step}: "
-                      f"{(tr.step - s_prev) / (now - t_prev):.1f} steps/s", flush=True)
-            t_prev, s_prev = now, tr.step
-
-
 def training_figures(model, diffusion, device, args, flops_per_train_image):
     """Peak matmul FLOP/s, bare and full training step times, and what follows from them."""
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.amp, torch.float32)
     res = {"peak_matmul_flops": peak_matmul_flops(device, dtype)}
-    speed = dict(amp=args.amp, compile=args.compile)
-    res["bare_step_s"] = bare_step_time(model, diffusion, args.batch_size, device, args.steps, **speed)
-    res["full_step_s"] = full_step_time(model, diffusion, args.batch_size, device, args.steps,
-                                        os.path.join(tempfile.gettempdir(), "_ddpm_bench.pt"), **speed)
+    model_args, _, cfg = config.resolve(args.preset, batch_size=args.batch_size, amp=args.amp, compile=args.compile)
+    res["full_step_s"] = full_step_time(model_args, diffusion, device, cfg, args.steps)
+    res["bare_step_s"] = bare_step_time(model, diffusion, device, cfg, args.steps)
     res["overhead_fraction"] = 1 - res["bare_step_s"] / res["full_step_s"]
     res["train_img_per_s"] = args.batch_size / res["full_step_s"]
     res["achieved_flops"] = flops_per_train_image * res["train_img_per_s"]  # forward + backward
@@ -193,17 +142,12 @@ def main(argv=None):
     config.add_speed_flags(p)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--sample_only", action="store_true", help="skip the training measurements")
-    p.add_argument("--probe", type=int, metavar="STEPS", help="only the training step's speed over STEPS steps")
-    p.add_argument("--window", type=int, default=500, help="--probe: steps per speed figure")
-    p.add_argument("--no_flush", action="store_true", help="--probe: never move the loss to the host")
     args = p.parse_args(argv)
-    if min(args.batch_size, args.steps, args.window, 1 if args.probe is None else args.probe) < 1:
-        raise common.UserError("--batch_size, --steps, --window and --probe must be >= 1")
+    if min(args.batch_size, args.steps) < 1:
+        raise common.UserError("--batch_size and --steps must be >= 1")
     device = resolve_device(args.device)
     check_amp(device, args.amp)
     torch.manual_seed(0)
-    if args.probe is not None:
-        return probe(config.resolve(args.preset)[0], device, args)
     model = UNet(**config.resolve(args.preset)[0]).to(device)
     res = {"preset": args.preset, "device": str(device), "batch_size": args.batch_size, "amp": args.amp,
            "compile": args.compile, "threads": torch.get_num_threads(), "params": count_parameters(model)}
@@ -219,11 +163,10 @@ def main(argv=None):
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{res['threads']} threads"
     print(f"{args.preset} preset, {res['params'] / 1e6:.2f}M params, batch {args.batch_size}, {device} ({name}), "
           f"amp {args.amp}, compile {args.compile}")
-    for label, cell in REPORT:
-        with contextlib.suppress(KeyError):  # a figure this run did not measure (--sample_only: training)
-            print(f"  {label:<38} {cell(res):>12}")
+    for key, value in res.items():  # seconds (_s), per second (_per_s), FLOPs, fractions, MB
+        print(f"  {key:<24} {value:.4g}" if isinstance(value, float) else f"  {key:<24} {value}")
     if args.json:
-        common.write_json(args.json, res)
+        common.write_json(args.json, common.stamp(res))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """What the experiments share: the repo's modules on sys.path (so that `python experiments/x.py` runs from
-the repo root), the provenance stamp of a result, a result row made once, running a repo script as a
-subprocess, the machine's description, and the small pieces of their command lines, tables and plots."""
+the repo root), the provenance stamp of a result, the sweep runner (`run_rows`), running a repo script as a
+subprocess, the machine's description, the device's clock, random images standing in for MNIST, and the
+small pieces of their command lines, tables and plots. Lists on a command line are parsed by config.int_list
+and config.float_list (argparse types), the repo's one list parser."""
 import contextlib
 import glob
 import json
 import os
 import subprocess
 import sys
-import threading
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The batch the judged experiments sample at: about 25% faster on 2 CPU cores than 250 (docs/sampling.md),
@@ -23,35 +24,48 @@ from utils import OneLineArgumentParser, UserError, atomic_write, cpu_model, git
 
 def stamp(record, checkpoint_path=None):
     """Add to the dict `record` what it was measured with: the checkpoint's SHA-256 (if a path is given),
-    the commit, the CPU and the torch version. Returns it."""
+    the commit, the CPU and the torch version, each unless the record has it already (samples scored here
+    keep the CPU and torch that drew them, from their .npz). Returns it. Every result of experiments/ is
+    stamped here."""
     if checkpoint_path is not None:
         record["checkpoint_sha256"] = sha256_file(checkpoint_path)
-    record.update(commit=git_commit(), cpu=cpu_model(), torch=torch.__version__)
+    for key, value in (("commit", git_commit()), ("cpu", cpu_model()), ("torch", torch.__version__)):
+        record.setdefault(key, value)
     return record
 
 
-def make_row(path, measure, checkpoint_path=None):
-    """The result row PATH (a .json), unless it exists (then it is skipped, and said so): measure(tmp) writes
-    evaluate.py's metrics to the file tmp and returns a dict of more fields (or anything falsy: none); the row
-    is both, stamped."""
-    if os.path.exists(path):
-        return print(f"{os.path.basename(path)[:-5]}: done before, skipped")
-    more = measure(path + ".tmp") or {}
-    write_json(path, stamp({**read_json(path + ".tmp"), **more}, checkpoint_path))
-    os.remove(path + ".tmp")
+def run_rows(rows, measure, done=os.path.exists, skip=None):
+    """The sweep runner: each row of `rows`, (path of its .json, checkpoint path or None, row), in order.
+    A row is skipped when done(path) (said so), or when skip(row) gives a reason (printed; asked only when
+    the row's turn comes, so it may read the rows done before it). Else measure(row, tmp) writes evaluate.py's
+    metrics to the file tmp and returns a dict of more fields (or None), and the row's JSON is both, stamped
+    with the checkpoint, written atomically (a row file exists only when complete, so an interrupted sweep
+    resumes where it stopped). Returns the paths of the rows measured now."""
+    measured = []
+    for path, checkpoint_path, row in rows:
+        if done(path):
+            print(f"{os.path.basename(path)[:-5]}: done before, skipped")
+            continue
+        why = skip(row) if skip else None
+        if why:
+            print(why)
+            continue
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        more = measure(row, tmp) or {}
+        write_json(path, stamp({**read_json(tmp), **more}, checkpoint_path))
+        os.remove(tmp)
+        measured.append(path)
+    return measured
 
 
-def run_script(script, *args, log=None, show=None, stop_after=None, check=True, cwd=None):
+def run_script(script, *args, log=None, show=None, check=True, cwd=None):
     """Run `python SCRIPT ARGS` (a .py SCRIPT is the repo's; else, say, "-m") and return its exit code.
     Its output (stderr too) is appended to the file `log` if one is given, and printed line by line where
-    show(line) is true (default: every line when there is no log). After `stop_after` seconds it gets
-    SIGTERM (run.py then saves its checkpoint and stops). With `check`, a failure is a UserError."""
+    show(line) is true (default: every line when there is no log). With `check`, a failure is a UserError."""
     path = os.path.join(ROOT, script) if script.endswith(".py") else script
     p = subprocess.Popen([sys.executable, "-u", path, *map(str, args)], stdout=subprocess.PIPE,
                          stderr=subprocess.STDOUT, text=True, cwd=cwd)
-    timer = threading.Timer(stop_after, p.terminate) if stop_after is not None else None
-    if timer:
-        timer.start()
     with open(log, "a") if log else contextlib.nullcontext() as f:
         for line in p.stdout:
             if f:
@@ -59,8 +73,6 @@ def run_script(script, *args, log=None, show=None, stop_after=None, check=True, 
             if show(line) if show else not log:
                 print(line, end="", flush=True)
     rc = p.wait()
-    if timer:
-        timer.cancel()
     if check and rc != 0:
         where = f"in {log}" if log else "above"
         raise UserError(f"{script} {' '.join(map(str, args))} exited {rc} (its output is {where})")
@@ -68,19 +80,30 @@ def run_script(script, *args, log=None, show=None, stop_after=None, check=True, 
 
 
 def machine():
-    """Print the GPU (by nvidia-smi, where there is one), the versions of torch, torchvision and CUDA, the commit."""
-    import torchvision
+    """Print the GPU (by nvidia-smi, where there is one), the versions of torch, torchvision and CUDA, the
+    CPU and the commit."""
+    from importlib.metadata import version  # torchvision's, without the seconds of importing it
 
     with contextlib.suppress(OSError):
         subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv"])
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    print(f"torch {torch.__version__} torchvision {torchvision.__version__} cuda {torch.version.cuda} {gpu}; "
-          f"commit {stamp({})['commit']}", flush=True)
+    s = stamp({})
+    print(f"torch {s['torch']} torchvision {version('torchvision')} cuda {torch.version.cuda} {gpu}; "
+          f"{s['cpu']}; commit {s['commit']}", flush=True)
 
 
-def without_config(line):
-    """For run_script's show: run.py's lines without its printed configuration (indented lines and braces)."""
-    return not line.startswith((" ", "{", "}"))
+def sync(device):
+    """Wait for the device's queued work (a no-op on a CPU): what a timing needs before reading the clock."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def random_images(n=60000):
+    """Random uint8 (n, 28, 28) images, MNIST's shape: the stand-in where only the speed is measured (it
+    does not depend on the pixels)."""
+    return torch.randint(0, 256, (n, 28, 28), dtype=torch.uint8)
 
 
 def evaluate(*args, in_process=False, **kw):
@@ -118,14 +141,6 @@ def parser(doc, passes_on=False):
                                  epilog="other flags go to evaluate.py" if passes_on else None)
 
 
-def split_list(text, flag, kind=int, what="integers"):
-    """'1,2' -> [1, 2] (each a `kind`), or a one-line UserError naming the flag."""
-    try:
-        return [kind(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UserError(f"{flag} must be comma-separated {what}, got {text!r}") from None
-
-
 def mean_std(values):
     """(mean, standard deviation) of a list of numbers; the deviation of one number is nan."""
     v = torch.tensor(values, dtype=torch.float64)
@@ -142,8 +157,8 @@ QUALITY = f"{'prec':>7}{'recall':>8}{'conf':>7}"
 
 @contextlib.contextmanager
 def figure(path, size, dpi=100, legend=None, **axes):
-    """A matplotlib figure whose axes the block draws on; then its axes set (`axes`), a grid and a legend,
-    saved to path."""
+    """The experiments' one figure helper: a matplotlib figure whose axes the block draws on; then its axes
+    set (`axes`), a grid and a legend, saved to path."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -154,4 +169,5 @@ def figure(path, size, dpi=100, legend=None, **axes):
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
+    plt.close(fig)
     print(f"wrote {path}")

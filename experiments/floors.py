@@ -15,9 +15,9 @@ import common  # first: the repo's modules onto sys.path
 # isort: split
 import torch
 
+import config
 import metrics
 from dataloader import mnist_tensors
-from utils import cpu_model
 
 METRICS = ("fid", "precision", "recall", "confidence")
 
@@ -49,25 +49,26 @@ def floors(real, n, subsets):
 
 def main(argv=None):
     p = common.parser(__doc__)
-    p.add_argument("--n", default="200,500,1000,5000", help="comma-separated set sizes (10 to 10000)")
+    p.add_argument("--n", type=config.int_list, default="200,500,1000,5000",
+                   help="comma-separated set sizes (10 to 10000)")
     p.add_argument("--subsets", type=int, default=10, help="real subsets per n (seeds 0..subsets-1)")
     p.add_argument("--data_dir", default="./data")
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args(argv)
-    sizes = common.split_list(args.n, "--n")
-    if not all(10 <= n <= 10000 for n in sizes) or args.subsets < 2:
+    if not all(10 <= n <= 10000 for n in args.n) or args.subsets < 2:
         raise common.UserError("--n values must be in 10..10000 and --subsets >= 2")
     judge, t0 = metrics.Judge(), time.time()
     real = RealFeatures(judge, args.data_dir)
-    table = {n: floors(real, n, args.subsets) for n in sizes}
+    table = {n: floors(real, n, args.subsets) for n in args.n}
     print(f"floors of the {judge.label}, {args.subsets} subsets of held-out images per n (mean +- std):")
     print("| n | " + " | ".join(METRICS) + " |\n| --- |" + " --- |" * len(METRICS))
     for n, vals in table.items():
         print(f"| {n} | " + " | ".join("{:.3f} +- {:.3f}".format(*common.mean_std(vals[k])) for k in METRICS) + " |")
-    print(f"{time.time() - t0:.0f} s on {cpu_model()}, torch {torch.__version__}")
+    record = common.stamp({"judge_sha256": judge.sha256, "subsets": args.subsets, "seconds": round(time.time() - t0),
+                           "floors": {str(n): vals for n, vals in table.items()}})
+    print(f"{record['seconds']} s on {record['cpu']}, torch {record['torch']}, commit {record['commit']}")
     if args.json:
-        common.write_json(args.json, common.stamp({"judge_sha256": judge.sha256, "subsets": args.subsets,
-                                                   "floors": {str(n): vals for n, vals in table.items()}}))
+        common.write_json(args.json, record)
 
 
 if __name__ == "__main__":

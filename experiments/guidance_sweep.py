@@ -4,15 +4,17 @@ w = 0, 0.5, 1, 2, 4 (digits 0-9 in turn), beside an unconditional checkpoint, N 
 
     python experiments/guidance_sweep.py COND_CKPT UNCOND_CKPT [N] [--scales 0,0.5,1,2,4] [evaluate.py flags]
 
-Writes guidance/<setting>.json (--dir) and prints the table. N = 1000 with the default 1000-step sampler:
-about 7.5 hours on 2 CPU cores (estimate: about 95 min per guided w, 31 unguided, on an AMD EPYC with
-AVX-512); with --sampler ddim --sampling_steps 50, 1,471 s there.
+Writes guidance/<setting>.json (--dir; a setting whose file exists is skipped, so a rerun continues where it
+stopped) and prints the table. N = 1000 with the default 1000-step sampler: about 7.5 hours on 2 CPU cores
+(estimate: about 95 min per guided w, 31 unguided, on an AMD EPYC with AVX-512); with --sampler ddim
+--sampling_steps 50, 1,471 s there.
 """
 import os
 
 import common  # first: the repo's modules onto sys.path
 
 # isort: split
+import config
 
 
 def table(rows):
@@ -33,17 +35,19 @@ def main(argv=None):
     p.add_argument("cond", metavar="COND_CKPT")
     p.add_argument("uncond", metavar="UNCOND_CKPT")
     p.add_argument("n", nargs="?", type=int, default=1000, help="samples per setting (default 1000)")
-    p.add_argument("--scales", default="0,0.5,1,2,4", help="guidance scales w, comma-separated")
+    p.add_argument("--scales", type=config.float_list, default="0,0.5,1,2,4",
+                   help="guidance scales w, comma-separated")
     p.add_argument("--dir", default="guidance", help="where the settings go (default guidance)")
     args, extra = p.parse_known_args(argv)
-    common.split_list(args.scales, "--scales", float, "numbers")
-    settings = [(f"cond_w{w.strip()}", args.cond, ["--digits", "all", "--guidance_scale", w.strip()])
-                for w in args.scales.split(",") if w.strip()] + [("uncond", args.uncond, [])]
-    os.makedirs(args.dir, exist_ok=True)
-    for name, ckpt, flags in settings:
-        out = os.path.join(args.dir, name)
+    settings = [(f"cond_w{w:g}", args.cond, ["--digits", "all", "--guidance_scale", w]) for w in args.scales]
+    settings.append(("uncond", args.uncond, []))
+
+    def measure(row, tmp):
+        name, ckpt, flags = row
         common.evaluate("--checkpoint", ckpt, "--metrics", "--n_samples", args.n, "--bpd_images", 0, "--no_progress",
-                        "--nrow", 20, *flags, "--out", out + ".png", "--metrics_out", out + ".json", *extra)
+                        "--nrow", 20, *flags, "--out", os.path.join(args.dir, name + ".png"), "--metrics_out", tmp,
+                        *extra)
+    common.run_rows([(os.path.join(args.dir, s[0] + ".json"), s[1], s) for s in settings], measure)
     table(common.read_rows(args.dir))
 
 

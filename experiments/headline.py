@@ -6,13 +6,15 @@
 
 The samples are committed (docs/results/ROW_seedS.npz, uint8, compressed), so a later change of the
 judge is a re-score (`evaluate.py --metrics --from_samples`), not a re-sample. A seed whose .npz
-exists is not sampled again; its scores go to docs/results/ROW_seedS.json. A row whose checkpoint is
+exists is not sampled again; its scores go to docs/results/ROW_seedS.json (by the sweep runner,
+common.run_rows: a score is made again only when it is missing, older than its samples, not by the published
+judge, or --rescore asks for it). A row whose checkpoint is
 no longer in the tree (a previous published one, the retrain's or the class-conditional run's training
 checkpoint) restores it from git history when the file is missing (RESTORED: `git show COMMIT:PATH > FILE`).
 
 The rows r30_emaD are the 30-epoch retrain's EMAs (`evaluate.py --ema D`), for the rule that picked the
 published one (docs/experiments.md): `--rows r30_ema0.998,r30_ema0.999,r30_ema0.9995,r30_ema0.9999`
-prints the rule's verdict for each stored EMA against the main 0.9995 (paired by sampling seed). The
+prints the rule's verdict (rules.ema_verdict) for each stored EMA against the main 0.9995 (paired by sampling seed). The
 published checkpoints/ddpm_trained.pt is that main EMA exported (the same weights, so the same digits):
 its README row is r30_ema0.9995.
 """
@@ -22,7 +24,8 @@ import subprocess
 import common  # first: the repo's modules onto sys.path
 
 # isort: split
-import recipe_trials
+import config
+import rules
 import samplers
 from common import ROOT
 from metrics import JUDGE_SHA256
@@ -79,23 +82,24 @@ def ensure_checkpoint(name):
 def run_row(name, seeds, rescore, data_dir):
     """Sample (if missing) and score each seed of a row; returns the list of score dicts."""
     ckpt, extra, _ = ROWS[name]
-    scores = []
-    for seed in seeds:
-        npz_at, js_at, png_at = (os.path.join(OUT, f) for f in (f"{name}_seed{seed}.npz", f"{name}_seed{seed}.json",
-                                                                 f".{name}_seed{seed}.png"))  # the png: a hidden scrap
+    at = {seed: os.path.join(OUT, f"{name}_seed{seed}") for seed in seeds}  # + .npz, .json
+
+    def fresh(js):  # a score is re-made when missing, older than its samples, or not by the published judge
+        npz = js[:-5] + ".npz"
+        return not rescore and os.path.exists(npz) and os.path.exists(js) and \
+            os.path.getmtime(js) >= os.path.getmtime(npz) and common.read_json(js).get("judge_sha256") == JUDGE_SHA256
+
+    def measure(seed, tmp):
         # evaluate.py runs in the repo root and gets paths relative to it: the scores record them, not this machine's
-        npz, js, png = (os.path.relpath(p, ROOT) for p in (npz_at, js_at, png_at))
-        if not os.path.exists(npz_at):
+        npz, png = (os.path.relpath(p, ROOT) for p in (at[seed] + ".npz", os.path.join(OUT, f".{name}_seed{seed}.png")))
+        if not os.path.exists(at[seed] + ".npz"):
             common.evaluate("--checkpoint", ensure_checkpoint(ckpt), *SAMPLER, *extra, "--seed", seed, "--no_progress",
                             "--out", png, "--save_samples", npz, cwd=ROOT)
-            os.remove(png_at)
-        # a score is re-made when missing, older than its samples, or not by the published judge
-        if rescore or not os.path.exists(js_at) or os.path.getmtime(js_at) < os.path.getmtime(npz_at) or (
-                common.read_json(js_at).get("judge_sha256") != JUDGE_SHA256):
-            common.evaluate("--metrics", "--from_samples", npz, "--seed", seed, "--no_progress", "--metrics_out", js,
-                            "--data_dir", data_dir, cwd=ROOT)
-        scores.append(common.read_json(js_at))
-    return scores
+            os.remove(os.path.join(ROOT, png))  # the grid is a hidden scrap: the samples are the npz
+        common.evaluate("--metrics", "--from_samples", npz, "--seed", seed, "--no_progress", "--metrics_out", tmp,
+                        "--data_dir", data_dir, cwd=ROOT)
+    common.run_rows([(at[seed] + ".json", None, seed) for seed in seeds], measure, done=fresh)
+    return [common.read_json(at[seed] + ".json") for seed in seeds]
 
 
 def summary(scores):
@@ -107,18 +111,18 @@ def main(argv=None):
     p = common.parser(__doc__)
     p.add_argument("--rows", default=",".join(README_ROWS),
                    help=f"comma-separated, of {', '.join(ROWS)} (default: the README's Results)")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated sampling seeds")
+    p.add_argument("--seeds", type=config.int_list, default="0,1,2", help="comma-separated sampling seeds")
     p.add_argument("--rescore", action="store_true", help="score every seed again (a new judge)")
     p.add_argument("--data_dir", default="./data", help="MNIST, for the floors (relative to the repo root)")
     args = p.parse_args(argv)
     rows = args.rows.split(",")
     if any(r not in ROWS for r in rows):
         raise common.UserError(f"--rows must name rows of {', '.join(ROWS)}, got {args.rows!r}")
-    seeds = common.split_list(args.seeds, "--seeds")
     os.makedirs(OUT, exist_ok=True)
-    results = {name: run_row(name, seeds, args.rescore, args.data_dir) for name in rows}
+    results = {name: run_row(name, args.seeds, args.rescore, args.data_dir) for name in rows}
     first = results[rows[0]][0]
-    print(f"\nmean +- std over sampling seeds {args.seeds}, n = {first['n_samples']}, {first['judge']}")
+    seeds = ",".join(map(str, args.seeds))
+    print(f"\nmean +- std over sampling seeds {seeds}, n = {first['n_samples']}, {first['judge']}")
     print("| checkpoint | " + " | ".join(label for _, label, _ in METRICS) + " |")
     print("| --- |" + " --- |" * len(METRICS))
     for name, scores in results.items():
@@ -128,7 +132,7 @@ def main(argv=None):
     main_ema = results.get(f"r30_ema{MAIN_EMA}")
     for d in EMAS:  # the rule that picks the retrain's published EMA (docs/experiments.md)
         if main_ema and d != MAIN_EMA and f"r30_ema{d}" in results:
-            print(recipe_trials.ema_verdict(d, list(zip(main_ema, results[f"r30_ema{d}"])), unit="seeds"))
+            print(rules.ema_verdict(d, list(zip(main_ema, results[f"r30_ema{d}"])), unit="seeds"))
     machines = sorted({f"{sc.get('cpu')}, torch {sc.get('torch')}" for sc in sum(results.values(), [])})
     print("sampled on: " + "; ".join(machines))
 

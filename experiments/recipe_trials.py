@@ -12,10 +12,11 @@ about 3 minutes), so rerunning continues where it stopped.
 Run it alone: the times are part of the table (about 45 minutes a trial on 2 cores of an AMD EPYC;
 docs/experiments.md). train_seconds is the training's wall time over all its sessions, evaluations
 included, from the checkpoint's ledger (checkpoint.training_time; `sessions` in the JSON lists each
-session's CPU and steps); steps_per_second is the last "average speed" line run.py wrote to
-DIR/NAME-sSEED.log (the last session's, set-up, compilation and evaluations left out).
+session's CPU and steps); steps_per_second is the last session's steps_per_s in that ledger (from its
+first logging point: set-up, compilation and evaluations left out). run.py's output goes to
+DIR/NAME-sSEED.log.
 
-The rule, fixed before the runs: the trials named --baseline (default: the first trial's name) are the
+The rule (rules.beats), fixed before the runs: the trials named --baseline (default: the first trial's name) are the
 baseline; an option wins if every seed of it beats every baseline seed on feature-FID and on precision;
 of several winners, the one with the lowest mean feature-FID. An option's later seeds are not
 trained once its first seed in the list has lost by that rule (it can no longer win). Then the table of
@@ -23,18 +24,18 @@ every trial in DIR with its --eval_every curve, each option's verdict, and DIR/r
 
 The EMA length: every trial that stores more EMAs (--ema_decays) is judged again with each of them
 (evaluate.py --ema D, the same sampler and noise: a paired comparison with its main EMA), rows in
-DIR/ema/. The rule, fixed before any of them was scored: a stored EMA replaces the cpu preset's
+DIR/ema/. The rule (rules.ema_verdict), fixed before any of them was scored: a stored EMA replaces the cpu preset's
 --ema_decay if it beats the main EMA on feature-FID and on precision in every trial that stores it, and
-its mean feature-FID is lower by more than SPREAD (the recommended sampler's standard deviation over
+its mean feature-FID is lower by more than rules.SPREAD (the recommended sampler's standard deviation over
 sampling seeds at n = 1000, docs/sampling.md).
 """
 import os
-import re
 
 import common  # first: the repo's modules onto sys.path
 
 # isort: split
 import checkpoint
+import rules
 import samplers
 
 # The baseline is the cpu preset as it is (the cosine schedule); the options go on top of it. The first
@@ -44,14 +45,14 @@ import samplers
 # Shorter only: within 2,811 steps the warm-up min(decay, (1+n)/(10+n)) stays below 0.997, so every decay from
 # there up (the preset's 0.999 too) gives the same average.
 EMA = "+--ema_decays+0.99,0.995"
-SPREAD = 1.11  # feature-FID: dpm++2m-sde at 50 NFE, seeds 0-2, n = 1000 (docs/sampling.md, "The report")
 TRIALS = ["cosine:0:", "cosine:1:" + EMA, "min_snr:0:--loss_weight+min_snr" + EMA, "v:0:--prediction+v" + EMA,
           "min_snr:1:--loss_weight+min_snr" + EMA, "v:1:--prediction+v" + EMA]
 
 
-def beats(row, baseline):
-    """The rule: `row` beats every baseline row on feature-FID and on precision."""
-    return all(row["fid"] < b["fid"] and row["precision"] > b["precision"] for b in baseline)
+def run_name(trial):
+    """NAME-sSEED, the name of a trial NAME:SEED:FLAGS's files in DIR."""
+    name, seed, _ = trial.split(":", 2)
+    return f"{name}-s{seed}"
 
 
 def seeds_of(args, name):
@@ -73,7 +74,7 @@ def lost_already(args, trial):
     if name == args.baseline or first_seed == seed or not os.path.exists(first) or \
             len(rows_of(args, args.baseline)) < len(seeds_of(args, args.baseline)):
         return None
-    if not beats(common.read_json(first), rows_of(args, args.baseline)):
+    if not rules.beats(common.read_json(first), rows_of(args, args.baseline)):
         return f"{name}-s{seed}: not trained, its seed {first_seed} already lost to {args.baseline} by the rule"
     return None
 
@@ -81,66 +82,53 @@ def lost_already(args, trial):
 def judge(args, pt, out, tmp, *extra):
     """Score the checkpoint pt (its main EMA, or extra: --ema D) with N samples of the judge's sampler: the metrics
     to the file tmp, the digits to OUT/samples.png. Every trial and every stored EMA is judged by this one call."""
+    os.makedirs(out, exist_ok=True)
     common.evaluate("--checkpoint", pt, *extra, "--metrics", "--n_samples", args.n, "--batch_size",
                     common.SAMPLE_BATCH, "--bpd_images", 0, "--data_dir", args.data_dir, "--no_progress", "--out",
                     os.path.join(out, "samples.png"), "--nrow", 25, "--metrics_out", tmp, *args.sampler_flags.split())
 
 
-def run_trial(args, trial):
-    """Train (or resume) one trial, judge it, and write DIR/NAME-sSEED.json; skipped when that file exists or
-    when its option already lost."""
-    name, seed, flags = trial.split(":", 2)
-    why = None if os.path.exists(os.path.join(args.dir, f"{name}-s{seed}.json")) else lost_already(args, trial)
-    if why:
-        return print(why)
-    run, sampler = os.path.join(args.dir, f"{name}-s{seed}"), args.sampler_flags.split()
+# run.py's lines a trial prints (the rest goes to its log): the evaluations, the speed, the training's summary
+SHOWN = ("eval at", "average speed", "evaluations", "trained")
 
-    def measure(tmp):
+
+def run_trials(args, trials):
+    """Train (or resume) each trial, judge it, and write DIR/NAME-sSEED.json, by the sweep runner: a trial is
+    skipped when that file exists or when its option already lost."""
+    def measure(trial, tmp):
+        _, seed, flags = trial.split(":", 2)
+        run = os.path.join(args.dir, run_name(trial))
         resume = ["--resume"] if os.path.exists(run + ".pt") else []
         os.makedirs(run, exist_ok=True)
         log = run + ".log"
         if common.run_script("run.py", "--preset", "cpu", "--seed", seed, *flags.replace("+", " ").split(),
                              "--eval_every", 937, "--save_every", 250, "--checkpoint", run + ".pt", "--out_dir", run,
-                             "--n_samples", 10, *sampler, "--no_progress", "--data_dir", args.data_dir, *resume,
-                             log=log, check=False):
+                             "--n_samples", 10, *args.sampler_flags.split(), "--no_progress", "--data_dir",
+                             args.data_dir, *resume, log=log, show=lambda line: line.startswith(SHOWN), check=False):
             print("".join(open(log).readlines()[-3:]), end="")
             raise common.UserError(f"trial {trial}: run.py failed (the end of {log} is above)")
-        text = open(log).read()
-        lines = re.findall(r"^(?:eval at|average speed|evaluations|trained to|trained [0-9]).*\n", text, re.M)
-        print("".join(lines), end="")
-        sessions = checkpoint.load(run + ".pt")["sessions"]
+        sessions = checkpoint.load(run + ".pt")["sessions"]  # the ledger
         judge(args, run + ".pt", run, tmp)
-        speed = re.findall(r"average speed: ([0-9.]+) steps/s", text)
         return dict(trial=trial, train_seconds=round(sum(s["seconds"] for s in sessions)), sessions=sessions,
-                    steps_per_second=float(speed[-1]) if speed else None)
-    common.make_row(run + ".json", measure)
+                    steps_per_second=sessions[-1]["steps_per_s"])
+    paths = {t: os.path.join(args.dir, run_name(t)) for t in trials}
+    common.run_rows([(p + ".json", p + ".pt", t) for t, p in paths.items()], measure,
+                    skip=lambda trial: lost_already(args, trial))
 
 
 def trial_paths(args):
     """(NAME-sSEED, checkpoint path, row) of every judged trial, in --trials order."""
-    names = [f"{n}-s{s}" for n, s, _ in (t.split(":", 2) for t in args.trials)]
+    names = [run_name(t) for t in args.trials]
     return [(r, os.path.join(args.dir, r + ".pt"), common.read_json(os.path.join(args.dir, r + ".json")))
             for r in names if os.path.exists(os.path.join(args.dir, r + ".json"))]
 
 
 def judge_emas(args):
     """Judge every stored extra EMA of each judged trial (evaluate.py --ema D) like its main EMA: DIR/ema/."""
-    for run, pt, _ in trial_paths(args):
-        for key in checkpoint.load(pt).get("ema_extra", {}):
-            out = os.path.join(args.dir, "ema", f"{run}-ema{key}")
-            os.makedirs(out, exist_ok=True)
-            common.make_row(out + ".json", lambda tmp, pt=pt, key=key, out=out: judge(args, pt, out, tmp, "--ema", key))
-
-
-def ema_verdict(key, pairs, unit="trials"):
-    """The EMA rule for the stored decay `key`; pairs: (main EMA's row, that EMA's row) of each trial storing it
-    (unit="seeds": of each sampling seed of one run)."""
-    change = common.mean_std([r["fid"] - m["fid"] for m, r in pairs])[0]
-    better = all(r["fid"] < m["fid"] and r["precision"] > m["precision"] for m, r in pairs)
-    verdict = "wins by the rule" if better and -change > SPREAD else \
-        f"does not win by the rule (better on FID and precision in every one: {better}; gain above {SPREAD}: " \
-        f"{-change > SPREAD})"
-    return f"EMA {key}: feature-FID {change:+.2f} against the main EMA, mean of {len(pairs)} {unit}; {verdict}"
+    rows = [(os.path.join(args.dir, "ema", f"{run}-ema{key}.json"), pt, (pt, key, f"{run}-ema{key}"))
+            for run, pt, _ in trial_paths(args) for key in checkpoint.load(pt).get("ema_extra", {})]
+    common.run_rows(rows, lambda row, tmp: judge(args, row[0], os.path.join(args.dir, "ema", row[2]), tmp,
+                                                 "--ema", row[1]))
 
 
 def ema_table(args):
@@ -159,7 +147,7 @@ def ema_table(args):
     for key, rows in by_decay.items():
         for run, ema, main, row in rows:
             print(f"{run:<16}{ema:>8}{common.quality(main)}\n{'':<16}{key:>8}{common.quality(row)}")
-        print(ema_verdict(key, [(main, row) for _, _, main, row in rows]))
+        print(rules.ema_verdict(key, [(main, row) for _, _, main, row in rows]))
 
 
 def cpus(row):
@@ -168,19 +156,18 @@ def cpus(row):
 
 
 def verdicts(args):
-    """Each option's verdict by the rule, one line each."""
+    """Each option's verdict by the rule (rules.option_verdict), one line each."""
     base, lines = rows_of(args, args.baseline), []
-    names = dict.fromkeys(t.split(":", 1)[0] for t in args.trials if t.split(":", 1)[0] != args.baseline)
-    for name in names:
-        done, want = rows_of(args, name), len(seeds_of(args, name))
-        if not base or not done:
+    for name in dict.fromkeys(t.split(":", 1)[0] for t in args.trials if t.split(":", 1)[0] != args.baseline):
+        done = rows_of(args, name)
+        verdict = rules.option_verdict(done, base, len(seeds_of(args, name)))
+        if verdict == "undecided":
             lines.append(f"{name}: undecided (no rows yet)")
-            continue
-        change = common.mean_std([r["fid"] for r in done])[0] / common.mean_std([b["fid"] for b in base])[0] - 1
-        if not all(beats(r, base) for r in done):
+        elif verdict == "loses":
             lines.append(f"{name}: loses (a seed does not beat every {args.baseline} seed on FID and precision)")
         else:
-            lines.append(f"{name}: {'wins' if len(done) == want else 'leads, seeds still to run'} "
+            change = common.mean_std([r["fid"] for r in done])[0] / common.mean_std([b["fid"] for b in base])[0] - 1
+            lines.append(f"{name}: {'wins' if verdict == 'wins' else 'leads, seeds still to run'} "
                          f"(mean feature-FID {change:+.0%} against {args.baseline}'s)")
     return lines
 
@@ -227,8 +214,7 @@ def main(argv=None):
     if not seeds_of(args, args.baseline):
         raise common.UserError(f"--baseline {args.baseline} is none of the --trials' names")
     os.makedirs(args.dir, exist_ok=True)
-    for trial in args.trials:
-        run_trial(args, trial)
+    run_trials(args, args.trials)
     judge_emas(args)
     table(args)
     ema_table(args)

@@ -10,7 +10,8 @@ The NFE grid (default; docs/sampling.md's table, measured on the linear-schedule
 until 8179394: git show 8179394:checkpoints/ddpm_trained.pt > ddpm_linear.pt): each few-step sampler at
 its own spacing at --nfe's targets (default 10, 20, 50, 100), the other spacings at 20, seed 0, and the
 paper's 1000-step sampler (31-72 minutes for N = 1000 on 2 cores of an AMD EPYC): --no_ddpm skips it,
---ddpm_npz FILE.npz scores 1000-step samples drawn elsewhere (say, by experiments/gpu_paper.py) instead.
+--ddpm_npz FILE.npz scores 1000-step samples drawn elsewhere (say, on a GPU with evaluate.py
+--save_samples) instead.
 
 The selection protocol (--protocol select, then --protocol report), for the stochastic samplers
 (--samplers, default ddpm-respaced, ddim with eta 1, dpm++2m-sde, restart and edm):
@@ -46,6 +47,8 @@ from collections import namedtuple
 import common  # first: the repo's modules onto sys.path
 
 # isort: split
+import config
+import rules
 import samplers
 from utils import UserError
 
@@ -109,31 +112,31 @@ def setting_flags(setting, nfe):
     return flags + [x for k, v in setting.items() for x in (f"--{k}", str(v))]
 
 
+def setting_row(name, st, nfe, seed, extra=(), checkpoint=None, record=None):
+    """The Row of setting `st` at the steps nearest to `nfe` NFE and sampling seed `seed` (extra: more flags;
+    record: more fields, over the setting, seed and target NFE)."""
+    steps = steps_for_nfe(st["sampler"], nfe)
+    return Row(name, [*setting_flags(st, nfe), *extra, "--seed", str(seed)], samplers.SAMPLERS[st["sampler"]].nfe(
+        steps), checkpoint, {"setting": label(st), "seed": seed, "target_nfe": nfe, **(record or {})})
+
+
 def select_rows(args):
-    return [Row(f"select/{label(st)}-s{seed}", [*setting_flags(st, args.select_nfe), "--seed", str(seed)],
-                samplers.SAMPLERS[st["sampler"]].nfe(steps_for_nfe(st["sampler"], args.select_nfe)), None,
-                {"setting": label(st), "seed": seed, "target_nfe": args.select_nfe})
+    return [setting_row(f"select/{label(st)}-s{seed}", st, args.select_nfe, seed)
             for sts in settings(args).values() for st in sts for seed in args.select_seeds]
 
 
-def by_setting(rows):
-    """{setting label: [rows]} of the rows that carry a setting."""
-    out = {}
-    for r in rows:
-        if "setting" in r:
-            out.setdefault(r["setting"], []).append(r)
-    return out
-
-
 def chosen(args, done):
-    """{sampler: (setting, mean FID)}: each sampler's setting with the lowest mean FID over the selection
-    seeds; a setting counts once all its seeds are done. None for a sampler with no complete setting."""
-    groups = by_setting(done)
-    out = {}
+    """{sampler: (setting, its rows)}: each sampler's setting of the lowest mean FID over the selection seeds
+    (rules.lowest_mean_fid); a setting counts once all its seeds are done. None for a sampler with no complete
+    setting."""
+    groups, out = {}, {}
+    for r in done:
+        groups.setdefault(r.get("setting"), []).append(r)
     for name, sts in settings(args).items():
-        full = [(st, common.mean_std([r["fid"] for r in groups[label(st)]])[0]) for st in sts
-                if set(args.select_seeds) <= {r["seed"] for r in groups.get(label(st), [])}]
-        out[name] = min(full, key=lambda x: x[1]) if full else None
+        full = {label(st): st for st in sts
+                if set(args.select_seeds) <= {r["seed"] for r in groups.get(label(st), [])}}
+        pick = rules.lowest_mean_fid({key: groups[key] for key in full})
+        out[name] = (full[pick[0]], groups[pick[0]]) if pick else None
     return out
 
 
@@ -144,9 +147,7 @@ def report_rows(args, picks):
     for n in args.nfe:  # every sampler at one NFE before the next NFE: a partial report compares them
         for name, pick in picks.items():
             st = pick[0] if pick else {"sampler": name}
-            nfe = samplers.SAMPLERS[name].nfe(steps_for_nfe(name, n))
-            out += [Row(f"report/{name}-nfe{n}-s{seed}", [*setting_flags(st, n), "--seed", str(seed)], nfe, None,
-                        {"setting": label(st), "seed": seed, "target_nfe": n}) for seed in args.report_seeds]
+            out += [setting_row(f"report/{name}-nfe{n}-s{seed}", st, n, seed) for seed in args.report_seeds]
     if args.ddpm_npz:
         out.append(Row("report/ddpm-1000", ["--from_samples", args.ddpm_npz], 0, None, {"setting": "ddpm-1000"}))
     elif not args.no_ddpm:  # drawn once, on the first report seed
@@ -154,15 +155,15 @@ def report_rows(args, picks):
         out.append(Row("report/ddpm-1000", ["--sampler", "ddpm", "--seed", str(seed)], 1000, None,
                        {"setting": "ddpm-1000", "seed": seed}))
     if args.cond:
-        done = [p for p in picks.values() if p]
-        st = min(done, key=lambda p: p[1])[0] if len(done) == len(picks) else {"sampler": args.samplers[0]}
+        done = {label(p[0]): p for p in picks.values() if p}
+        winner = rules.lowest_mean_fid({key: rows for key, (_, rows) in done.items()})  # of the whole selection
+        st = done[winner[0]][0] if len(done) == len(picks) else {"sampler": args.samplers[0]}
         w = args.guidance_scale or 0.0
         label_flags = ["--guidance_scale", str(w)] + (["--digits", args.digits] if args.digits else [])
-        nfe = samplers.SAMPLERS[st["sampler"]].nfe(steps_for_nfe(st["sampler"], args.select_nfe)) * (2 if w else 1)
-        out += [Row(f"report/cond-{label(st)}-w{w:g}-s{seed}", [*setting_flags(st, args.select_nfe), *label_flags,
-                                                               "--seed", str(seed)], nfe, args.cond,
-                    {"setting": f"cond {label(st)} w {w:g}", "seed": seed, "target_nfe": args.select_nfe})
-                for seed in args.report_seeds]
+        for seed in args.report_seeds:
+            row = setting_row(f"report/cond-{label(st)}-w{w:g}-s{seed}", st, args.select_nfe, seed, label_flags,
+                              args.cond, {"setting": f"cond {label(st)} w {w:g}"})
+            out.append(row._replace(nfe=row.nfe * (2 if w else 1)))  # guidance: two network evaluations a step
     return out
 
 
@@ -208,83 +209,62 @@ def print_plan(args, plan):
           f"per 1000 digits ({source})", flush=True)
 
 
-def run_row(args, extra, row):
-    """One row into DIR/<name>.json (skipped when that file exists), stamped with what it was measured with."""
-    path = row_path(args, row)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    flags = [*row.flags, *extra] if row.flags[0] == "--from_samples" else [
-        "--checkpoint", row.checkpoint or args.checkpoint, "--n_samples", args.n, "--bpd_images", 0,
-        "--out", path[:-5] + ".png", "--nrow", 25, *row.flags, *extra]
-    common.make_row(path, lambda tmp: common.evaluate("--metrics", "--no_progress", "--metrics_out", tmp, *flags,
-                                                      in_process=args.in_process) or row.record,
-                    row.checkpoint or args.checkpoint)
+def run(args, extra, plan):
+    """The plan's rows through the sweep runner (common.run_rows): each into DIR/<name>.json, stamped with the
+    checkpoint it samples; a row whose file exists is skipped."""
+    def measure(row, tmp):
+        path = row_path(args, row)
+        flags = [*row.flags, *extra] if row.flags[0] == "--from_samples" else [
+            "--checkpoint", row.checkpoint or args.checkpoint, "--n_samples", args.n, "--bpd_images", 0,
+            "--out", path[:-5] + ".png", "--nrow", 25, *row.flags, *extra]
+        common.evaluate("--metrics", "--no_progress", "--metrics_out", tmp, *flags, in_process=args.in_process)
+        return row.record
+    common.run_rows([(row_path(args, r), r.checkpoint or args.checkpoint, r) for r in plan], measure)
 
 
-def table(rows):
-    """Print the NFE grid's rows (sorted by sampler, NFE, spacing; the 1000-step sampler last) and which is the
-    cheapest within 10% of the 1000-step sampler's FID. Returns the 1000-step row or None."""
-    rows.sort(key=lambda r: (r["sampler"]["sampler"] == "ddpm", r["sampler"]["sampler"], r.get("nfe", 1000),
-                             r["sampler"].get("spacing", "")))
-    ref = next((r for r in rows if r["sampler"]["sampler"] == "ddpm"), None)
-    print(f"n = {rows[0]['n_samples']}, feature-FID floor {rows[0]['fid_floor']:.2f}; rows at the nearest NFE")
-    print(f"{'sampler':<15}{'spacing':<10}{'NFE':>5}{'FID':>8}{common.QUALITY}{'s/100':>7}  device")
-    for r in rows:
-        s, sec = r["sampler"], r.get("sampling_seconds")
-        per100 = f"{100 * sec / r['n_samples']:.1f}" if sec is not None else "-"
-        print(f"{s['sampler']:<15}{s.get('spacing', '-'):<10}{r.get('nfe', 1000):>5}{common.quality(r)}{per100:>7}"
-              f"  {r.get('device', '?')}")
-    if ref:
-        ok = [r for r in rows if r is not ref and r["fid"] <= 1.1 * ref["fid"]]
-        best = min(ok, key=lambda r: r.get("nfe", 1000)) if ok else None
-        print("fewest NFE within 10% of the 1000-step sampler's FID: " +
-              (f"{best['sampler']['sampler']} ({best['sampler']['spacing']}), NFE {best['nfe']}" if best else "none"))
-    return ref
+def setting_of(r):
+    """A row's setting: its own (the protocol's rows), or its sampler and spacing (the NFE grid's)."""
+    s = r.get("sampler") or {"sampler": "ddpm"}  # samples scored from an npz without their settings: ddpm-1000
+    return r.get("setting") or ("ddpm-1000" if s["sampler"] == "ddpm" else f"{s['sampler']}_{s.get('spacing')}")
 
 
-def protocol_table(rows, picked=()):
-    """Each setting's (at each target NFE) mean and spread over its seeds; the `picked` settings marked *."""
+def table(rows, picked=(), grid=False):
+    """Each setting's (at each target NFE) mean and spread over its seeds, the `picked` settings marked *; for
+    the NFE grid, which row is the cheapest within 10% of the 1000-step sampler's FID (rules.fewest_nfe_within)."""
     groups = {}
     for r in rows:
-        groups.setdefault((r["setting"], r.get("target_nfe", 1000)), []).append(r)
+        groups.setdefault((setting_of(r), r.get("target_nfe", r.get("nfe", 1000))), []).append(r)
     floors = sorted({round(r["fid_floor"], 2) for r in rows})  # one per seed: the real subsets follow the seed
     floor = f"{floors[0]:.2f}" if len(floors) == 1 else f"{floors[0]:.2f}-{floors[-1]:.2f} by seed"
     print(f"n = {rows[0]['n_samples']}, feature-FID floor {floor}; the mean over the seeds, "
           f"their std and range; rows at the nearest NFE; * = chosen")
-    print(f"{'setting':<36}{'NFE':>5}{'seeds':>6}{'FID':>8}{'std':>7}{'min-max':>16}{common.QUALITY}")
+    print(f"{'setting':<36}{'NFE':>5}{'seeds':>6}{'FID':>8}{'std':>7}{'min-max':>16}{common.QUALITY}{'s/100':>7}")
     for (name, _), rs in sorted(groups.items()):
         mean = {k: common.mean_std([r[k] for r in rs])[0] for k in ("fid", "precision", "recall", "confidence")}
-        fids = [r["fid"] for r in rs]
+        fids, sec = [r["fid"] for r in rs], [100 * r["sampling_seconds"] / r["n_samples"] for r in rs
+                                             if r.get("sampling_seconds") is not None]
         print(f"{'*' if name in picked else ' '}{name:<35}{rs[0].get('nfe', 1000):>5}{len(rs):>6}{mean['fid']:>8.2f}"
-              f"{common.mean_std(fids)[1]:>7.2f}{f'{min(fids):.2f}-{max(fids):.2f}':>16}"
-              f"{mean['precision']:>7.3f}{mean['recall']:>8.3f}{mean['confidence']:>7.3f}")
-    local = sorted({r["setting"] for r in rows if not r.get("judge_published", True)})
+              f"{common.mean_std(fids)[1]:>7.2f}{f'{min(fids):.2f}-{max(fids):.2f}':>16}{mean['precision']:>7.3f}"
+              f"{mean['recall']:>8.3f}{mean['confidence']:>7.3f}{f'{statistics.fmean(sec):.1f}' if sec else '-':>7}")
+    local = sorted({setting_of(r) for r in rows if not r.get("judge_published", True)})
     if local:
         print(f"not judged by the published judge: {', '.join(local)}")
+    ref = next((r for r in rows if setting_of(r) == "ddpm-1000"), None)
+    if grid and ref:
+        best = rules.fewest_nfe_within(rows, ref)
+        print("fewest NFE within 10% of the 1000-step sampler's FID: " +
+              (f"{setting_of(best)}, NFE {best['nfe']}" if best else "none"))
 
 
-def plot(rows, ref, path):
-    """FID against NFE, one line per sampler at its own spacing; the 1000-step sampler and the floor as marks."""
-    with common.figure(path, (6, 4), legend=7, xscale="log", xlabel="network evaluations per sample (NFE)",
-                       ylabel="feature-FID (lower is better)") as ax:
-        for s in samplers.SAMPLERS.values():
-            pts = sorted((r["nfe"], r["fid"]) for r in rows if r["sampler"]["sampler"] == s.name
-                         and s.spacing is not None and r["sampler"].get("spacing") == s.spacing)
-            if pts:
-                ax.plot(*zip(*pts), "o-", label=f"{s.name} ({s.spacing})")
-        if ref:
-            ax.plot([1000], [ref["fid"]], "k*", markersize=10, label="ddpm, Algorithm 2 (1000 steps)")
-            ax.axhline(1.1 * ref["fid"], color="k", lw=0.8, ls=":", label="10% above the 1000-step sampler")
-        ax.axhline(rows[0]["fid_floor"], color="gray", lw=0.8, ls="--",
-                   label=f"real-data floor (n = {rows[0]['n_samples']})")
-
-
-def protocol_plot(rows, path):
-    """The report: each sampler's mean FID over its seeds against NFE, the bars its seeds' range; the 1000-step
-    sampler and the floor as lines."""
+def plot(rows, path):
+    """Feature-FID against NFE: each setting's mean over its seeds, the bars their range (the NFE grid: each
+    sampler at its own spacing); the 1000-step sampler and the real-data floor as lines."""
     groups = {}
     for r in rows:
-        if r["setting"] != "ddpm-1000" and not r["setting"].startswith("cond "):
-            groups.setdefault(r["sampler"]["sampler"], {}).setdefault(r["nfe"], []).append(r["fid"])
+        s, name = r.get("sampler") or {}, setting_of(r)
+        if name != "ddpm-1000" and not name.startswith("cond ") and (
+                "setting" in r or s.get("spacing") == samplers.SAMPLERS[s["sampler"]].spacing):
+            groups.setdefault(name, {}).setdefault(r["nfe"], []).append(r["fid"])
     with common.figure(path, (6, 4), legend=7, xscale="log", xlabel="network evaluations per sample (NFE)",
                        ylabel="feature-FID, mean of the seeds (lower is better)") as ax:
         for name, by_nfe in sorted(groups.items()):
@@ -293,7 +273,7 @@ def protocol_plot(rows, path):
             err = [[m - min(by_nfe[n]) for n, m in zip(nfe, mean)], [max(by_nfe[n]) - m for n, m in zip(nfe, mean)]]
             ax.errorbar(nfe, mean, yerr=err, fmt="o-", capsize=3, label=name)
         for r in rows:
-            if r["setting"] == "ddpm-1000":
+            if setting_of(r) == "ddpm-1000":
                 ax.axhline(r["fid"], color="k", lw=0.8, ls=":", label="ddpm, Algorithm 2 (1000 steps, one draw)")
         floors = {r.get("real_subsets_seed"): r["fid_floor"] for r in rows}  # one per seed
         ax.axhline(statistics.fmean(floors.values()), color="gray", lw=0.8, ls="--",
@@ -305,7 +285,8 @@ def get_args(argv):
     p.add_argument("checkpoint", nargs="?", default="checkpoints/ddpm_trained.pt")
     p.add_argument("n", nargs="?", type=int, default=1000, help="samples per row (default 1000)")
     p.add_argument("--protocol", choices=("select", "report"), help="the selection protocol (default: the NFE grid)")
-    p.add_argument("--nfe", help="target NFE of the rows (default 10,20,50,100; --protocol report 20,50,100)")
+    p.add_argument("--nfe", type=config.int_list,
+                   help="target NFE of the rows (default 10,20,50,100; --protocol report 20,50,100)")
     p.add_argument("--no_ddpm", action="store_true", help="the NFE grid or the report without the 1000-step row")
     p.add_argument("--ddpm_npz", metavar="FILE.npz", help="score the 1000-step row from samples drawn elsewhere")
     p.add_argument("--dir", default="sweep", help="where the rows go (default sweep)")
@@ -313,19 +294,20 @@ def get_args(argv):
     p.add_argument("--in_process", action="store_true", help="run evaluate.py in this process (one start for all "
                    "rows: for a GPU, where a process's start costs more than a row's sampling)")
     p.add_argument("--samplers", default=STOCHASTIC, help=f"the protocol's samplers (default {STOCHASTIC})")
-    p.add_argument("--eps_scales", default="1.0,1.003,1.006", help="selection: --eps_scale values (default 1.0,"
-                   "1.003,1.006)")
-    p.add_argument("--churns", default="2,5,30", help="selection: edm's churn values (default 2,5,30)")
+    p.add_argument("--eps_scales", type=config.float_list, default="1.0,1.003,1.006",
+                   help="selection: --eps_scale values (default 1.0,1.003,1.006)")
+    p.add_argument("--churns", type=config.float_list, default="2,5,30",
+                   help="selection: edm's churn values (default 2,5,30)")
     p.add_argument("--select_nfe", type=int, default=50, help="selection (and --cond): target NFE (default 50)")
-    p.add_argument("--select_seeds", default="10,11,12", help="selection: sampling seeds (default 10,11,12)")
-    p.add_argument("--report_seeds", default="0,1,2", help="report: sampling seeds (default 0,1,2)")
+    p.add_argument("--select_seeds", type=config.int_list, default="10,11,12",
+                   help="selection: sampling seeds (default 10,11,12)")
+    p.add_argument("--report_seeds", type=config.int_list, default="0,1,2",
+                   help="report: sampling seeds (default 0,1,2)")
     p.add_argument("--cond", metavar="CKPT", help="report: also the winner on this class-conditional checkpoint")
     p.add_argument("--guidance_scale", type=float, help="with --cond: evaluate.py's --guidance_scale")
     p.add_argument("--digits", help="with --cond: evaluate.py's --digits")
     args, extra = p.parse_known_args(argv)
-    args.nfe = common.split_list(args.nfe or ("20,50,100" if args.protocol else "10,20,50,100"), "--nfe")
-    for k, kind in (("eps_scales", float), ("churns", float), ("select_seeds", int), ("report_seeds", int)):
-        setattr(args, k, common.split_list(getattr(args, k), f"--{k}", kind, "numbers"))
+    args.nfe = args.nfe or ((20, 50, 100) if args.protocol else (10, 20, 50, 100))
     args.samplers = [n.strip() for n in args.samplers.split(",") if n.strip()]
     bad = [n for n in args.samplers if n not in samplers.SAMPLERS or samplers.SAMPLERS[n].spacing is None]
     if bad:
@@ -342,21 +324,20 @@ def main(argv=None):
     if args.plan:
         return
     os.makedirs(args.dir, exist_ok=True)
-    for row in filter(is_select, plan):
-        run_row(args, extra, row)
+    run(args, extra, list(filter(is_select, plan)))
     if args.protocol == "report" and any(map(is_select, plan)):
         plan = protocol_rows(args)  # the report's rows with the settings the selection has now chosen
         print_plan(args, plan)
-    for row in [r for r in plan if not is_select(r)]:
-        run_row(args, extra, row)
+    run(args, extra, [r for r in plan if not is_select(r)])
     if not args.protocol:
         done = common.read_rows(args.dir)
-        return plot(done, table(done), os.path.join(args.dir, "fid_vs_nfe.png"))
+        table(done, grid=True)
+        return plot(done, os.path.join(args.dir, "fid_vs_nfe.png"))
     picks = chosen(args, rows_in(os.path.join(args.dir, "select")))
     done = rows_in(os.path.join(args.dir, args.protocol))
-    protocol_table(done, {label(p[0]) for p in picks.values() if p})
+    table(done, {label(p[0]) for p in picks.values() if p})
     if args.protocol == "report":
-        protocol_plot(done, os.path.join(args.dir, "report", "fid_vs_nfe.png"))
+        plot(done, os.path.join(args.dir, "report", "fid_vs_nfe.png"))
 
 
 if __name__ == "__main__":

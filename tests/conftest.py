@@ -16,7 +16,7 @@ from model import UNet  # noqa: E402
 from utils import run_main  # noqa: E402
 
 # Tests that take half a minute of a 2-core machine each and guard what another test guards in part: run
-# with DDPM_SLOW_TESTS=1 (experiments/bench_gpu.py does), skipped by bash .ci/run to keep it under 5 minutes.
+# with DDPM_SLOW_TESTS=1 (as docs/gpu.md does on a GPU), skipped by bash .ci/run to keep it under 5 minutes.
 slow = pytest.mark.skipif(os.environ.get("DDPM_SLOW_TESTS") != "1", reason="slow; run with DDPM_SLOW_TESTS=1")
 
 # The smallest UNet that still has every part: 2 levels (28 -> 14), attention at 14 and in the middle.

@@ -43,7 +43,7 @@ from conftest import ROOT
 
 # Scripts that other branches add and this one documents already. A command naming one is skipped (with
 # the reason) only while its file is missing; empty this set once they are merged.
-PENDING = {"experiments/gpu.py", "experiments/flags_doc.py"}
+PENDING = {"experiments/flags_doc.py"}
 
 LAUNCHERS = {"python", "python3", "sh", "bash", "torchrun"}
 SPLIT = {";", "&&", "||", "|", "&"}

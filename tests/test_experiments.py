@@ -4,9 +4,9 @@ process (the `in_process` fixture: no second torch import per call); common.run_
 tested on its own, and one script runs as a real process from another folder."""
 import contextlib
 import importlib
+import io
 import os
 import sys
-import time
 import types
 
 import numpy as np
@@ -22,6 +22,7 @@ from utils import UserError, cpu_model
 
 sys.path.insert(0, os.path.join(ROOT, "experiments"))
 import common  # noqa: E402
+import rules  # noqa: E402
 
 TINY_PRESET = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_res=(14,), dropout=0.0)
 
@@ -37,31 +38,33 @@ def tiny_checkpoint(path, T=100, num_classes=None):
 
 @pytest.fixture
 def in_process(monkeypatch):
-    """common.run_script calling the repo script's main() here (its output to the log, if any).
-    Returns the list of calls, each (script, *flags)."""
+    """common.run_script calling the repo script's main() here: its output to the log, if any, and printed
+    where show(line) is true (every line without a log), as run_script does. Returns the list of calls,
+    each (script, *flags)."""
     calls = []
 
-    def run_script(script, *args, log=None, check=True, cwd=None, **_):
+    def run_script(script, *args, log=None, show=None, check=True, cwd=None, **_):
         calls.append((os.path.basename(script), *map(str, args)))
         module = importlib.import_module(os.path.basename(script)[:-3])
-        with open(log, "a") if log else contextlib.nullcontext(sys.stdout) as f, contextlib.redirect_stdout(f), (
-                contextlib.chdir(cwd) if cwd else contextlib.nullcontext()):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.chdir(cwd) if cwd else contextlib.nullcontext():
             module.main([str(a) for a in args])
+        if log:
+            with open(log, "a") as f:
+                f.write(out.getvalue())
+        print("".join(line for line in out.getvalue().splitlines(True) if (show(line) if show else not log)), end="")
         return 0
     monkeypatch.setattr(common, "run_script", run_script)
     return calls
 
 
-def test_run_script_prints_logs_stops_and_fails(tmp_path, capsys):
+def test_run_script_prints_logs_and_fails(tmp_path, capsys):
     code = "print('shown'); print(' hidden'); import sys; sys.exit(3)"
-    assert common.run_script("-c", code, show=common.without_config, check=False) == 3
+    assert common.run_script("-c", code, show=lambda line: not line.startswith(" "), check=False) == 3
     assert capsys.readouterr().out == "shown\n"
     with pytest.raises(UserError, match="-c .* exited 3 .its output is in .*x.log"):
         common.run_script("-c", code, log=str(tmp_path / "x.log"))
     assert (tmp_path / "x.log").read_text() == "shown\n hidden\n" and capsys.readouterr().out == ""
-    t0 = time.time()
-    assert common.run_script("-c", "import time; time.sleep(60)", stop_after=0.5, check=False) == -15  # SIGTERM
-    assert time.time() - t0 < 30
 
 
 def test_stamp(tmp_path):
@@ -69,6 +72,42 @@ def test_stamp(tmp_path):
     r = common.stamp({"fid": 1.0}, path)
     assert r["checkpoint_sha256"] == sha256_file(path) and r["cpu"] == cpu_model() and r["torch"] == torch.__version__
     assert r["fid"] == 1.0 and "commit" in r and "checkpoint_sha256" not in common.stamp({})
+    assert common.stamp({"cpu": "the machine that drew the samples"})["cpu"] == "the machine that drew the samples"
+
+
+def test_run_rows_skips_done_rows_asks_skip_in_turn_stamps_and_writes(tmp_path, capsys):
+    """The sweep runner: a done row is skipped (said so), skip() is asked only when a row's turn comes (it
+    sees the rows written before it), each row is measure()'s metrics plus its fields, stamped, no .tmp left."""
+    path = tiny_checkpoint(tmp_path / "c.pt")
+    common.write_json(tmp_path / "a.json", {"fid": 0.0})
+    rows = [(str(tmp_path / f"{n}.json"), path, n) for n in ("a", "b", "c", "d")]
+
+    def measure(row, tmp):
+        common.write_json(tmp, {"fid": 1.0, "row": "measure's"})
+        return {"row": row}
+
+    def skip(row):  # d runs only if c has not been written: it has
+        return "d: skipped, c is in" if row == "d" and os.path.exists(tmp_path / "c.json") else None
+    assert common.run_rows(rows, measure, skip=skip) == [str(tmp_path / "b.json"), str(tmp_path / "c.json")]
+    assert capsys.readouterr().out == "a: done before, skipped\nd: skipped, c is in\n"
+    b = common.read_json(tmp_path / "b.json")
+    assert b["fid"] == 1.0 and b["row"] == "b" and b["checkpoint_sha256"] == sha256_file(path)
+    assert b["cpu"] == cpu_model()
+    assert common.read_json(tmp_path / "a.json") == {"fid": 0.0} and not list(tmp_path.glob("*.tmp"))
+    assert common.run_rows(rows[1:3], measure, done=lambda p: False) == [rows[1][0], rows[2][0]]  # done() decides
+
+
+def test_rules():
+    """Each rule picks what its docstring says, and refuses a tie."""
+    base = [{"fid": 10.0, "precision": 0.8}, {"fid": 11.0, "precision": 0.81}]
+    assert rules.beats({"fid": 9.0, "precision": 0.82}, base)
+    assert not rules.beats({"fid": 9.0, "precision": 0.81}, base)  # a tie on precision
+    assert not rules.beats({"fid": 10.5, "precision": 1.0}, base)
+    groups = {"x": [{"fid": 3.0}, {"fid": 5.0}], "y": [{"fid": 4.5}, {"fid": 3.0}], "z": [{"fid": 2.0}, {"fid": 9.0}]}
+    assert rules.lowest_mean_fid(groups) == ("y", 3.75) and rules.lowest_mean_fid({}) is None
+    ref = {"fid": 10.0, "nfe": 1000}
+    grid = [ref, {"fid": 11.0, "nfe": 50}, {"fid": 10.9, "nfe": 20}, {"fid": 11.2, "nfe": 10}]
+    assert rules.fewest_nfe_within(grid, ref) is grid[2] and rules.fewest_nfe_within([ref], ref) is None
 
 
 def test_sampler_sweep_rows_come_from_the_registry(monkeypatch):
@@ -180,10 +219,11 @@ def test_sampler_sweep_protocol(tmp_path, in_process, capsys):
     assert len(in_process) == 12 and "edm-nfe2-s0: done before, skipped" in capsys.readouterr().out
 
 
-def test_recipe_trials(tmp_path, in_process, capsys):
-    """A trial trains with --eval_every, is judged, gets a row with its time and CPU; the table shows the
-    curve from its checkpoint; its extra EMA is judged too; a trial done before is skipped."""
+def test_recipe_trials(tmp_path, in_process, capsys, monkeypatch):
+    """A trial trains with --eval_every, is judged, gets a row with its time, speed (the ledger's) and CPU; the
+    table shows the curve from its checkpoint; its extra EMA is judged too; a trial done before is skipped."""
     import recipe_trials
+    monkeypatch.setitem(config.DEFAULTS, "log_every", 1)  # a logging point after the first: the ledger's speed
     data = write_tiny_mnist(str(tmp_path / "data"))
     tiny = "+".join(TINY_FLAGS[:-2] + ["--batch_size", "16", "--max_steps", "3", "--eval_samples", "10"])
     argv = ["10", "--trials", f"min_snr:0:{tiny}+--loss_weight+min_snr+--ema_decays+0.9", "--sampler_flags",
@@ -195,7 +235,8 @@ def test_recipe_trials(tmp_path, in_process, capsys):
     assert ckpt["train_config"]["loss_weight"] == "min_snr" and "eval at step 3" in out
     assert f"curve (feature-FID, n = 10): {ckpt['eval_history'][0]['fid']:.2f} at 3" in out
     r = common.read_json(tmp_path / "trials" / "min_snr-s0.json")
-    assert r["trial"].startswith("min_snr:0:") and r["train_seconds"] >= 0 and "steps_per_second" in r
+    assert r["trial"].startswith("min_snr:0:") and r["train_seconds"] >= 0
+    assert r["steps_per_second"] == ckpt["sessions"][-1]["steps_per_s"] > 0 and r["checkpoint_sha256"]
     assert [(s["from_step"], s["cpu"]) for s in r["sessions"]] == [(0, cpu_model())]
     assert r["cpu"] == cpu_model() and r["sampler"]["sampler"] == "ddim" and r["n_samples"] == 10
     assert (tmp_path / "trials" / "recipe_curves.png").stat().st_size > 0
@@ -210,11 +251,10 @@ def test_recipe_trials(tmp_path, in_process, capsys):
 
 def test_ema_rule():
     """A stored EMA wins if it beats the main one on FID and precision in every trial, by more than SPREAD."""
-    import recipe_trials
-    main, spread = {"fid": 30.0, "precision": 0.70}, recipe_trials.SPREAD
+    main, spread = {"fid": 30.0, "precision": 0.70}, rules.SPREAD
 
     def verdict(*rows):
-        return recipe_trials.ema_verdict("0.99", [(main, {"fid": f, "precision": p}) for f, p in rows])
+        return rules.ema_verdict("0.99", [(main, {"fid": f, "precision": p}) for f, p in rows])
     assert verdict((30 - 2 * spread, 0.71), (30 - spread / 2, 0.72)).endswith("; wins by the rule")  # mean gain 1.25x
     assert "gain above 1.11: False" in verdict((30 - spread / 2, 0.71))
     assert "every one: False" in verdict((30 - 3 * spread, 0.71), (30 - 3 * spread, 0.70))  # precision ties
@@ -236,7 +276,7 @@ def test_recipe_trials_rule(tmp_path, in_process, capsys):
     assert recipe_trials.lost_already(args, "b:1:y") is None  # base-s1 not in yet: nothing is decided
     row("base-s1", 11.0, 0.81)
     assert recipe_trials.lost_already(args, "a:1:x") is None and recipe_trials.lost_already(args, "a:0:x") is None
-    recipe_trials.run_trial(args, "b:1:y")  # skipped: nothing trained, nothing judged
+    recipe_trials.run_trials(args, ["b:1:y"])  # skipped: nothing trained, nothing judged
     assert not in_process and "b-s1: not trained, its seed 0 already lost to base" in capsys.readouterr().out
     assert recipe_trials.verdicts(args) == [
         "a: leads, seeds still to run (mean feature-FID -14% against base's)",
@@ -272,46 +312,32 @@ def test_guidance_sweep(tmp_path, in_process, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[-2].split()[:2] == ["conditional", "0.5"] and lines[-1].split()[:2] == ["unconditional", "-"]
     assert [c[0] for c in in_process] == ["evaluate.py", "evaluate.py"] and "--guidance_scale" in in_process[0]
+    assert common.read_json(tmp_path / "g" / "cond_w0.5.json")["checkpoint_sha256"] == sha256_file(cond)
+    guidance_sweep.main([cond, uncond, "10", "--scales", "0.5", "--dir", str(tmp_path / "g")])  # done: only the table
+    assert len(in_process) == 2 and capsys.readouterr().out.count("done before, skipped") == 2
 
 
-@slow  # 10-11 s on a shared 2-core machine (the 1000-step sampler from the exported file)
-def test_gpu_paper_on_the_cpu(tmp_path, in_process, capsys):
-    """The documented dry run with a tiny model: both trainings, the losses, the export, the four npz files."""
-    import gpu_paper
-    data, out = write_tiny_mnist(str(tmp_path / "data")), tmp_path / "g"
-    published = tiny_checkpoint(tmp_path / "published.pt", T=10)
-    extra = " ".join(TINY_FLAGS + ["--max_steps", "2", "--batch_size", "8", "--data_dir", data])
-    gpu_paper.main(["--out", str(out), "--work", str(tmp_path / "w"), "--device", "cpu", "--n_samples", "2",
-                    "--loss_steps", "2", "--speed", "--amp bf16", "--extra", extra, "--published", published])
-    assert sorted(os.listdir(out)) == ["ddim50.npz", "ddim50_eta1.npz", "ddpm1000.npz", "ddpm_paper.pt",
-                                       "ddpm_paper.pt.sha256", "losses.npz", "trained_ddpm1000.npz"]
-    losses = np.load(out / "losses.npz")
-    assert len(losses["fp32_eager"]) == len(losses["bf16_compile"]) == 2
-    assert checkpoint.load(out / "ddpm_paper.pt")["train_config"]["amp"] == "bf16"
-    assert "loss, first 2 steps" in capsys.readouterr().out and [c[0] for c in in_process][:3] == [
-        "run.py", "run.py", "export.py"]
-
-
-def test_bench_gpu_dry_run_in_a_real_process_from_another_folder(tmp_path):
-    lines = sh([os.path.join(ROOT, "experiments", "bench_gpu.py"), "--dry_run", "--out", "o"], cwd=tmp_path
-               ).stdout.splitlines()
-    assert [line.split()[0] for line in lines] == ["run.py", "evaluate.py", "evaluate.py", *["experiments/benchmark.py"]
-                                                   * 3]
-    assert lines[-1].endswith("--amp bf16 --compile --json o/bench_ampbf16compile.json")
-    assert all(os.path.exists(os.path.join(ROOT, line.split()[0])) for line in lines)
-
-
-def test_gpu_check_dry_run_on_the_cpu(tmp_path, capsys):
-    """The device check end to end on a CPU with a tiny model: both paths' speeds, the CUDA-only row skipped
-    with its reason, the resume row (bitwise on a CPU: difference 0), the projections, the JSON."""
-    import gpu_check
-    gpu_check.main(["--device", "cpu", "--tiny", "--steps", "3", "--warmup", "1", "--log_every", "2",
-                    "--resume_steps", "2", "--batch_size", "8", "--json", str(tmp_path / "g.json"),
-                    "--data_dir", write_tiny_mnist(str(tmp_path / "data"))])
-    r, out = common.read_json(tmp_path / "g.json"), capsys.readouterr().out
-    assert r["data"] == "MNIST" and r["today_steps_per_s"] > 0 and r["new_steps_per_s"] > 0
-    assert r["gpu_step_ms"] is None and "skipped  no CUDA" in out
-    assert r["resume_rel_diff"] == 0 and r["resume_steps"] == 2 and "paper's 46,800 steps, new path" in out
+def test_gpu_dry_run_in_a_real_process_from_another_folder(tmp_path):
+    """The documented dry run, as a user runs it (plus the data): both paths' speeds from their ledgers, the
+    choice and its reason, the resume (bitwise on a CPU: difference 0), the run stopped by its budget with its
+    checkpoint saved and resumable, the float16 export, the samples, the JSON."""
+    write_tiny_mnist(str(tmp_path / "data"))
+    out = sh([os.path.join(ROOT, "experiments", "gpu.py"), "--device", "cpu", "--tiny", "--out", "g"],
+             cwd=tmp_path).stdout
+    r, g = common.read_json(tmp_path / "g" / "gpu.json"), tmp_path / "g"
+    assert r["device"] == "cpu" and r["commit"] and r["cpu"] == cpu_model()
+    assert all(r["speed"][p] > 0 for p in ("default", "graph_step")) and r["path"] in r["speed"]
+    assert (r["path"] == "graph_step") == (r["speed"]["graph_step"] > r["speed"]["default"])
+    assert f"training on the {r['path']} path: {r['why']}" in out and ("falling back" in r["why"]) == (
+        r["path"] == "default")
+    run = checkpoint.load(g / "ddpm_run.pt")
+    assert run["step"] == r["steps"] > 2 and run["total_steps"] == 1600 and checkpoint.is_unfinished(run)
+    assert [(s["from_step"], s["to_step"]) for s in run["sessions"]] == [(0, 2), (2, r["steps"])]  # resumed at 2
+    assert "interrupted by signal 15" in out and r["resume_rel_diff"] == 0  # steps 2 on, against the speed row's
+    assert r["exported_sha256"] == sha256_file(g / "ddpm_paper.pt") and checkpoint.load(g / "ddpm_paper.pt")[
+        "meta"]["weights_dtype"] == "float16"
+    samples = np.load(g / "samples.npz")
+    assert samples["samples"].shape == (10, 28, 28) and '"sampler": "dpm++2m-sde"' in str(samples["meta"])
 
 
 @slow  # 11-14 s on a shared 2-core machine: the sampling figures (1000-step sampler, 100 digits with DDIM-50)
@@ -323,16 +349,26 @@ def test_benchmark_sample_only(tmp_path, capsys, monkeypatch):
     benchmark.main(["--preset", "tiny", "--device", "cpu", "--sample_only", "--json", str(tmp_path / "b.json")])
     r = common.read_json(tmp_path / "b.json")
     assert r["preset"] == "tiny" and r["sample_10_s"] > 0 and r["flops_per_forward"] > 0 and "full_step_s" not in r
-    assert "sample 100 digits, DDIM 50 steps" in capsys.readouterr().out
+    assert f"sample_100_ddim50_s      {r['sample_100_ddim50_s']:.4g}" in capsys.readouterr().out
 
 
-def test_benchmark_probe(capsys, monkeypatch):
-    """--probe (speed_probe.py folded in): one line per window after the first."""
+def test_benchmark_training(tmp_path, capsys, monkeypatch):
+    """The bare step (train.make_step) and the full one (train_func's ledger: its speed is rounded there) on a
+    tiny preset; the matmul peak, the profile and the sampling figures are stubbed (test_benchmark_sample_only
+    times the sampling)."""
     import benchmark
     monkeypatch.setitem(config.PRESETS, "tiny", TINY_PRESET)
-    benchmark.main(["--preset", "tiny", "--device", "cpu", "--probe", "6", "--window", "2", "--batch_size", "8"])
-    assert [line.split(":")[0] for line in capsys.readouterr().out.splitlines()] == [
-        "flush=True steps 2-4", "flush=True steps 4-6"]
+    monkeypatch.setattr(benchmark, "peak_matmul_flops", lambda device, dtype: 1e9)
+    monkeypatch.setattr(benchmark, "sample_time", lambda *args: 1.0)
+    monkeypatch.setattr(benchmark, "dense_op_share", lambda *args: None)
+    monkeypatch.setattr(benchmark, "WARMUP", 2)  # the first logging point: the full step's speed counts from it
+    benchmark.main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--batch_size", "8", "--json",
+                    str(tmp_path / "b.json")])
+    r = common.read_json(tmp_path / "b.json")
+    assert r["bare_step_s"] > 0 and r["train_img_per_s"] == pytest.approx(8 / r["full_step_s"])
+    assert 1 / r["full_step_s"] == pytest.approx(round(1 / r["full_step_s"], 3), abs=1e-9)  # the ledger's figure
+    assert r["commit"] and r["cpu"] == cpu_model()
+    assert f"full_step_s              {r['full_step_s']:.4g}" in capsys.readouterr().out
 
 
 def test_headline(tmp_path, in_process, capsys, monkeypatch):
@@ -371,15 +407,17 @@ def test_floors(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("script, argv, match", [
-    ("sampler_sweep", ["--nfe", "1,x"], "--nfe must be comma-separated integers"),
+    ("sampler_sweep", ["--nfe", "1,x"], "argument --nfe: expected comma-separated integers, got '1,x'"),
     ("sampler_sweep", ["--protocol", "report", "--digits", "3"], "--guidance_scale and --digits are for --cond"),
     ("sampler_sweep", ["--samplers", "ddpm"], "--samplers must name few-step samplers"),
-    ("guidance_sweep", ["c.pt", "u.pt", "--scales", "1,x"], "--scales must be comma-separated numbers"),
+    ("guidance_sweep", ["c.pt", "u.pt", "--scales", "1,x"], "argument --scales: expected comma-separated numbers"),
     ("recipe_trials", ["--trials", "base"], "--trials are NAME:SEED:FLAGS"),
     ("recipe_trials", ["--trials", "a:0:", "--baseline", "b"], "--baseline b is none of the --trials' names"),
     ("floors", ["--n", "5"], "--n values must be in 10..10000"),
     ("headline", ["--rows", "nope"], "--rows must name rows"),
-    ("benchmark", ["--probe", "0"], "must be >= 1"),
+    ("benchmark", ["--steps", "0"], "--batch_size and --steps must be >= 1"),
+    ("gpu", ["--tiny", "--speed_steps", "4"], "--speed_steps > 4"),  # a step after the first logging point
+    ("gpu", ["--budget", "0"], "--budget and --n_samples must be > 0"),
 ])
 def test_bad_input(script, argv, match, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
