@@ -203,7 +203,7 @@ def test_old_unconditional_checkpoint_without_num_classes_still_loads(tmp_path):
 def test_make_pics_guidance_panel(cond_run, tmp_path):
     import make_pics
     work, ckpt = cond_run
-    ckpt = short_chain(ckpt, tmp_path / "short.pt")
+    ckpt = short_chain(ckpt, tmp_path / "short.pt", T=50)
     make_pics.main(["--checkpoint", ckpt, "--out_dir", str(tmp_path), "--guidance_panel", "2", "--per_digit", "1",
                     "--no_progress", "--device", "cpu"])
     assert (tmp_path / "guidance.png").stat().st_size > 1000
