@@ -15,6 +15,14 @@ from dataloader import RAW_FILES, _write_idx  # noqa: E402
 from model import UNet  # noqa: E402
 from utils import run_main  # noqa: E402
 
+# One thread, in this process and in the processes the tests start (torch reads OMP_NUM_THREADS when it
+# loads). The tests' networks are tiny: a second thread has little to share, and when the cores are busy with
+# other work (the other test processes, CI neighbours) the threads wait on each other at every operation; on a
+# loaded 2-core machine a step of the tiny UNet took 10 to 40 times as long on 2 threads as on 1. A test about
+# the number of threads sets it itself (tests/test_judge.py).
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
 # Tests that take half a minute of a 2-core machine each and guard what another test guards in part: run
 # with DDPM_SLOW_TESTS=1 (as docs/gpu.md does on a GPU), skipped by bash .ci/run to keep it under 5 minutes.
 slow = pytest.mark.skipif(os.environ.get("DDPM_SLOW_TESTS") != "1", reason="slow; run with DDPM_SLOW_TESTS=1")

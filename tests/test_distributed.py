@@ -17,9 +17,11 @@ import evaluate
 import run
 from conftest import ROOT, TINY_FLAGS, slow, write_tiny_mnist
 
-STEPS = 30
-FLAGS = [*TINY_FLAGS, "--batch_size", "32", "--lr", "1e-3", "--warmup", "10", "--n_samples", "1", "--sampler", "ddim",
-         "--sampling_steps", "2", "--no_progress", "--device", "cpu", "--save_every", "10"]
+# 20 steps of a global batch of 16 (8 per process) on 128 images, 8 steps an epoch, saved every 5: the run is killed
+# after its first save, in the middle of an epoch and of the warm-up, and the resumed run crosses epochs and saves.
+STEPS, BATCH = 20, 16
+FLAGS = [*TINY_FLAGS, "--batch_size", str(BATCH), "--lr", "1e-3", "--warmup", "10", "--n_samples", "1", "--sampler",
+         "ddim", "--sampling_steps", "2", "--no_progress", "--device", "cpu", "--save_every", "5"]
 
 
 def flags(work, ckpt, *extra):
@@ -96,7 +98,7 @@ def test_two_processes_match_one_at_the_same_global_batch(runs):
     torch.testing.assert_close(two["loss_history"], one["loss_history"], rtol=1e-4, atol=0)
     for k in one["ema"]:
         torch.testing.assert_close(two["ema"][k], one["ema"][k], rtol=1e-3, atol=1e-4)
-    assert set(one) == set(two) and two["train_config"]["batch_size"] == 32  # same format, global batch
+    assert set(one) == set(two) and two["train_config"]["batch_size"] == BATCH  # same format, global batch
 
 
 def test_killed_two_process_run_resumes(runs):
@@ -132,7 +134,7 @@ def test_batch_that_does_not_divide_is_a_clear_error(runs, tmp_path):
 @slow  # 26 s on 2 cores; test_killed_two_process_run_resumes covers resuming a 2-process run
 def test_sigterm_to_one_process_stops_all_at_the_same_step_and_resumes(runs):
     work, res = runs
-    ckpt, total = work / "term.pt", 60  # 15 epochs of 4 steps; the lr is constant after warm-up
+    ckpt, total = work / "term.pt", 60  # 7.5 epochs of 8 steps; the lr is constant after warm-up
     p = launch(work, ckpt, 2, "--max_steps", str(total), wait=False)
     deadline = time.time() + 120
     while not ckpt.exists() and p.poll() is None and time.time() < deadline:

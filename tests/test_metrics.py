@@ -62,7 +62,7 @@ def test_bpd_terms_sum_and_training_lowers_it():
 
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     x0 = images.float().div(255).mul(2).sub(1).unsqueeze(1)
-    for _ in range(30):  # 5.3 -> 3.3 bits/dim
+    for _ in range(15):  # 5.3 -> 4.4 bits/dim (3.3 after 30 steps)
         loss = d.training_losses(model, x0).mean()
         opt.zero_grad()
         loss.backward()

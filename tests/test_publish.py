@@ -58,9 +58,8 @@ def test_exported_checkpoint_samples_but_cannot_resume_or_give_raw_weights(train
 
 def test_make_pics_writes_the_four_pictures(trained):
     work, src = trained
-    src = short_chain(src, work / "short.pt")
-    pics = work / "pics"
-    pics.mkdir()
+    src = short_chain(src, work / "short.pt", T=50)  # the reverse process's 10 columns stay distinct timesteps
+    pics = work / "pics"  # a folder that does not exist yet: make_pics.py creates it
     make_pics.main(["--checkpoint", src, "--out_dir", str(pics), "--n_samples", "10", "--n_reverse", "2",
                     "--no_progress", "--device", "cpu"])
     for name in ("train loss.png", "generated samples.png", "reverse process.png", "generated_samples.jpg"):
@@ -73,8 +72,9 @@ def test_make_pics_writes_the_four_pictures(trained):
     assert (fast / "generated samples.png").read_bytes() != (pics / "generated samples.png").read_bytes()
     with pytest.raises(UserError, match="--eta is for --sampler ddim"):
         make_pics.main(["--checkpoint", src, "--out_dir", str(fast), "--sampler", "dpm++2m", "--eta", "1"])
-    with pytest.raises(UserError, match="does not exist"):
-        make_pics.main(["--checkpoint", src, "--out_dir", str(work / "nope")])
+    (work / "afile").write_text("x")  # a folder that cannot be made is refused before sampling
+    with pytest.raises(UserError, match="afile is a file, not a folder"):
+        make_pics.main(["--checkpoint", src, "--out_dir", str(work / "afile" / "pics")])
 
 
 def test_float16_export_halves_the_file_and_loads_as_float32(trained):

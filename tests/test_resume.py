@@ -15,15 +15,20 @@ import run
 from checkpoint import load as load_checkpoint
 from checkpoint import load_weights
 from config import TrainConfig
-from conftest import ROOT, TINY, TINY_FLAGS, expect_user_error, same_weights, sh, write_tiny_mnist
+from conftest import ROOT, TINY, TINY_FLAGS, expect_user_error, same_weights, write_tiny_mnist
 from diffusion import GaussianDiffusion
 from model import UNet
 from train import TrainingDiverged, train_func
 from utils import UserError, cpu_model
 
+# 15 steps of batch 16 on 128 images (8 per epoch), saved every 5: a crash after step 7 or 10 resumes from step 5,
+# in the middle of an epoch, and crosses an epoch's end and a save (step 8, step 10) after the resume.
+STEPS, SAVE_EVERY = 15, 5
 TRAIN = [os.path.join(ROOT, "run.py"), "--device", "cpu", *TINY_FLAGS, "--dropout", "0.1", "--batch_size", "16",
-         "--max_steps", "30", "--save_every", "10", "--n_samples", "1", "--sampler", "ddim", "--sampling_steps", "2",
-         "--no_progress"]
+         "--max_steps", str(STEPS), "--save_every", str(SAVE_EVERY), "--n_samples", "1", "--sampler", "ddim",
+         "--sampling_steps", "2", "--no_progress"]
+KILL_AT = (7, 10)  # inside a save interval, and just before a save
+ONE_THREAD = dict(os.environ, OMP_NUM_THREADS="1")  # processes side by side: one thread each, as in this process
 
 
 def wait_for(path, proc, timeout=120):
@@ -34,6 +39,16 @@ def wait_for(path, proc, timeout=120):
         time.sleep(0.02)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """This module's runs, in this process and in the processes it starts, on one thread each: the killed runs
+    train side by side with the reference, and a resumed run is compared bitwise with one of the same threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
     w = tmp_path_factory.mktemp("resume")
@@ -42,10 +57,25 @@ def work(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(work):
-    """The uninterrupted run, trained in this process (run.main, as `python run.py` runs it)."""
+def killed(work):
+    """The runs SIGKILLed after optimizer step k (KILL_AT), started side by side: {k: its process}, each
+    with its checkpoint k{k}.pt as the kill left it; while they run, the reference trains (fixture below)."""
+    procs = {}
+    for k in KILL_AT:
+        argv = TRAIN[1:] + ["--data_dir", "data", "--checkpoint", f"k{k}.pt"]
+        procs[k] = subprocess.Popen([sys.executable, "-c", KILL_AT_STEP.format(root=ROOT, kill_at=k, argv=argv)],
+                                    cwd=work, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ONE_THREAD)
+    return procs
+
+
+@pytest.fixture(scope="module")
+def reference(work, killed):
+    """The uninterrupted run, trained in this process (run.main, as `python run.py` runs it), while the killed
+    runs train; their processes have ended when it returns."""
     run.main([*TRAIN[1:], "--data_dir", str(work / "data"), "--checkpoint", str(work / "ref.pt"),
               "--out_dir", str(work)])
+    for p in killed.values():
+        p.stdout_stderr = p.communicate(timeout=240)
     return checkpoint.load(work / "ref.pt")
 
 
@@ -70,25 +100,23 @@ run.main({argv!r})
 """
 
 
-@pytest.mark.parametrize("kill_at", [17, 20])  # inside a save interval, and just before a save
-def test_sigkill_then_resume_is_bitwise_identical(work, reference, kill_at, monkeypatch):
+@pytest.mark.parametrize("kill_at", KILL_AT)
+def test_sigkill_then_resume_is_bitwise_identical(work, killed, reference, kill_at, monkeypatch):
     print(f"SIGKILL after optimizer step {kill_at}")
-    argv = TRAIN[1:] + ["--data_dir", "data", "--checkpoint", f"k{kill_at}.pt"]
-    script = KILL_AT_STEP.format(root=ROOT, kill_at=kill_at, argv=argv)
-    p = sh(["-c", script], cwd=work, check=False)
-    assert p.returncode == -signal.SIGKILL, p.stderr[-2000:]
-    killed = checkpoint.load(work / f"k{kill_at}.pt")
-    assert killed["step"] == 10 * ((kill_at - 1) // 10)  # the last save before the crash (save_every 10)
+    p = killed[kill_at]
+    assert p.returncode == -signal.SIGKILL, p.stdout_stderr[1][-2000:]
+    killed_ckpt = checkpoint.load(work / f"k{kill_at}.pt")
+    start = SAVE_EVERY * ((kill_at - 1) // SAVE_EVERY)  # the last save before the crash
+    assert killed_ckpt["step"] == start
     monkeypatch.chdir(work)  # resumed in this process: a new process would add only its start-up
     run.main(["--resume", "--checkpoint", f"k{kill_at}.pt", "--data_dir", "data", "--device", "cpu", "--n_samples",
               "1", "--sampler", "ddim", "--sampling_steps", "2", "--no_progress"])
     resumed = checkpoint.load(work / f"k{kill_at}.pt")
-    assert resumed["step"] == 30 and torch.equal(resumed["loss_history"], reference["loss_history"])
+    assert resumed["step"] == STEPS and torch.equal(resumed["loss_history"], reference["loss_history"])
     same_weights(resumed, reference)
     # the ledger: the killed session up to its last save, then the resumed one, each with its machine
-    start = killed["step"]
-    assert [(s["from_step"], s["to_step"]) for s in resumed["sessions"]] == [(0, start), (start, 30)]
-    assert killed["sessions"] == resumed["sessions"][:1] and all(s["seconds"] > 0 for s in resumed["sessions"])
+    assert [(s["from_step"], s["to_step"]) for s in resumed["sessions"]] == [(0, start), (start, STEPS)]
+    assert killed_ckpt["sessions"] == resumed["sessions"][:1] and all(s["seconds"] > 0 for s in resumed["sessions"])
     assert resumed["sessions"][1]["cpu"] == cpu_model() and resumed["sessions"][1]["device"] == "cpu"
     assert f"in 2 sessions: steps 0-{start} on " in checkpoint.training_time(resumed)
 
@@ -101,7 +129,7 @@ def test_sigint_saves_and_exits_cleanly(work):
         runs[name] = sig, code, subprocess.Popen(
             [sys.executable, *TRAIN, "--data_dir", "data", "--checkpoint", f"{name}.pt", "--out_dir", name,
              "--max_steps", "100000", "--save_every", "2"], cwd=work, text=True, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            stderr=subprocess.PIPE, env=ONE_THREAD)
     for name, (sig, _, proc) in runs.items():
         wait_for(work / f"{name}.pt", proc)
         proc.send_signal(sig)
@@ -123,7 +151,7 @@ def test_kill_during_save_keeps_previous_checkpoint(work, reference):
     p = subprocess.run([sys.executable, "-c", script], cwd=work)
     assert p.returncode == -signal.SIGKILL
     assert (work / "ref.pt").read_bytes() == before
-    assert load_checkpoint(str(work / "ref.pt"))["step"] == 30
+    assert load_checkpoint(str(work / "ref.pt"))["step"] == STEPS
 
 
 @pytest.mark.parametrize("flags, match", [
@@ -140,16 +168,16 @@ def test_resume_with_other_model_or_data_order_is_refused(work, reference, capsy
 def test_resume_honours_explicit_default_values(work, reference):
     args = run.get_parser().parse_args(["--resume", "--max_steps", "0", "--save_every", "1000"])
     cfg = config.resolve_resume(reference, "ref.pt", **{k: getattr(args, k, None) for k in config.DEFAULTS})[2]
-    assert cfg.max_steps == 0 and cfg.save_every == 1000 and cfg.batch_size == 16  # not the saved 30 / 10
+    assert cfg.max_steps == 0 and cfg.save_every == 1000 and cfg.batch_size == 16  # not the saved 15 / 5
 
 
 def test_new_run_over_an_unfinished_one_is_refused(work, reference, capsys, monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    ckpt = dict(reference, step=20)  # an interrupted run: 20 of 30 steps
+    ckpt = dict(reference, step=10)  # an interrupted run: 10 of 15 steps
     checkpoint.save(str(tmp_path / "ddpm_trained.pt"), ckpt)
     expect_user_error(capsys, run.main, ["--data_dir", str(work / "data"), "--device", "cpu"],
-                      "holds an unfinished run (step 20 of 30)")
-    assert checkpoint.load(tmp_path / "ddpm_trained.pt")["step"] == 20
+                      "holds an unfinished run (step 10 of 15)")
+    assert checkpoint.load(tmp_path / "ddpm_trained.pt")["step"] == 10
 
 
 def test_checkpoint_with_pickled_code_is_refused_and_not_run(tmp_path, capsys):
