@@ -52,7 +52,13 @@ def flags_doc():
     return text, f"{head}{TABLE_MARKERS[0]}\n{flags_table()}\n{TABLE_MARKERS[1]}{tail}"
 
 
+def main(argv=None):
+    common.parser(__doc__).parse_args(argv)  # no flags: --help, and a clear error for anything else
+    old, new = flags_doc()
+    if new != old:
+        common.atomic_write(FLAGS_DOC, lambda f: f.write(new.encode()))
+    print(f"{FLAGS_DOC}: {'rewritten' if new != old else 'up to date'}")
+
+
 if __name__ == "__main__":
-    new = flags_doc()[1]
-    with open(FLAGS_DOC, "w") as f:
-        f.write(new)
+    common.run_main(main)

@@ -41,10 +41,6 @@ import pytest
 import utils
 from conftest import ROOT
 
-# Scripts that other branches add and this one documents already. A command naming one is skipped (with
-# the reason) only while its file is missing; empty this set once they are merged.
-PENDING = {"experiments/flags_doc.py"}
-
 LAUNCHERS = {"python", "python3", "sh", "bash", "torchrun"}
 SPLIT = {";", "&&", "||", "|", "&"}
 PLACEHOLDER = re.compile(r"^(<[^>]*>|[A-Z][A-Z0-9_]*(\.[a-z0-9]+)?)$")
@@ -270,8 +266,6 @@ def check_evaluate_flags(flags, capsys, where):
 def test_quoted_command_parses(name, line, code, path, args, envs, parse_only, capsys, monkeypatch):
     where = f"{name}:{line}: `{code}`"
     if not os.path.exists(os.path.join(ROOT, path)):
-        if path in PENDING:
-            pytest.skip(f"{path} is pending (added by another branch)")
         pytest.fail(f"{where}: {path} does not exist")
     if not path.endswith(".py"):
         text = open(os.path.join(ROOT, path)).read()
