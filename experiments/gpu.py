@@ -139,8 +139,9 @@ def export_and_sample(args, ckpt, record):
     _, record["exported_sha256"] = checkpoint.save_published(exported, checkpoint.export(ckpt, "float16"))
     record["samples"] = os.path.join(args.out, "samples.npz")
     common.evaluate("--checkpoint", exported, "--device", args.device, "--n_samples", args.n_samples, "--batch_size",
-                    min(args.n_samples, 1000), "--seed", 0, "--no_progress", *samplers.RECOMMENDED, "--out",
-                    os.path.join(args.out, "samples.png"), "--save_samples", record["samples"], in_process=True)
+                    min(args.n_samples, 1000), "--seed", 0, "--no_progress", *samplers.as_flags(samplers.RECOMMENDED),
+                    "--out", os.path.join(args.out, "samples.png"), "--save_samples", record["samples"],
+                    in_process=True)
 
 
 def get_args(argv):
