@@ -115,7 +115,7 @@ def test_the_repos_sampler_settings_are_the_flags_as_flags_gives():
 
     for setting in (samplers.RECOMMENDED, samplers.EVAL_SAMPLER):
         args = evaluate.get_parser().parse_args(samplers.as_flags(setting))
-        assert sampler_kwargs(args, 1000) == {"spacing": SAMPLERS[setting["sampler"]].spacing, **setting}
+        assert sampler_kwargs(args, GaussianDiffusion()) == {"spacing": SAMPLERS[setting["sampler"]].spacing, **setting}
     assert samplers.as_flags(samplers.RECOMMENDED) == ["--sampler", "dpm++2m-sde", "--sampling_steps", "50"]
 
 
