@@ -70,7 +70,8 @@ def make_optimizer(model, device, cfg, ddp=False):
     With --compile on CUDA: channels_last weights, a fused Adam and torch.compile's own CUDA graphs of the
     network (mode "reduce-overhead"), the measured path. With --graph_step the network is compiled without
     graphs of its own and Adam reads its learning rate from a device tensor: cuda_graph.GraphedStep captures
-    the whole step instead. Neither changes the arithmetic on a CPU.
+    the whole step instead. On a CPU neither captures anything; --graph_step's device-scalar EMA update
+    (sub, mul, add instead of lerp) agrees with the eager one to float32 rounding (tests/test_device_step.py).
     """
     cuda_compile = cfg.compile and device.type == "cuda"
     if cuda_compile:
@@ -393,6 +394,8 @@ def _train(model, diffusion, images, labels, cfg, path, device, rank, world, res
         step_fn = GraphedStep(step_fn, [model, *emas.values()], opt, run.noise_gen, device, len(emas))
 
     session, saved, pending, perms = Session(device, world, run.step), resume is not None, [], {}
+    check_grads = not run.scaler.is_enabled()  # fp16's GradScaler skips steps with inf gradients by design
+    final = None  # the checkpoint dict of the last save: at the end, what the file holds
 
     def state():
         return checkpoint_dict(run, cfg, diffusion, meta, steps_per_epoch, total, device, session)
@@ -412,7 +415,7 @@ def _train(model, diffusion, images, labels, cfg, path, device, rank, world, res
             bar.update(1)
             last, signum = run.step == total, agreed_signal(stop.signum, world, run.step, cfg.log_every, device)
             if run.step % cfg.log_every == 0 or last or signum:
-                flush(run, pending, world, not run.scaler.is_enabled(), diverged)
+                flush(run, pending, world, check_grads, diverged)
                 if rank == 0:
                     session.report_speed(run.step, total, device, hint)
                 bar.set_postfix(epoch=run.step // steps_per_epoch, loss=f"{run.losses[-1]:.4f}", refresh=False)
@@ -420,16 +423,16 @@ def _train(model, diffusion, images, labels, cfg, path, device, rank, world, res
                 session.eval_seconds += evaluate(run, emas[cfg.ema_decay], diffusion, judge, cfg.eval_samples,
                                                  device, num_classes)
             if run.step % cfg.save_every == 0 or last or signum:
-                flush(run, pending, world, not run.scaler.is_enabled(), diverged)
-                save(path, state(), run, rank, world, diverged)
+                flush(run, pending, world, check_grads, diverged)
+                final = state()
+                save(path, final, run, rank, world, diverged)
                 saved = True
             if signum:
                 bar.close()
                 if rank == 0:
                     session.report_average(run.step, device)
                 raise TrainingInterrupted(run.step, path, signum)
-    bar.close()
-    flush(run, pending, world, not run.scaler.is_enabled(), diverged)
+    bar.close()  # the last step saved (and so flushed): nothing is pending
     if rank == 0:
         session.report_average(run.step, device)
-    return state(), emas[cfg.ema_decay]
+    return (final if final is not None else state()), emas[cfg.ema_decay]
